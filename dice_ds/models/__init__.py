@@ -1,0 +1,4 @@
+"""DiT-MoE model code (single-device; parallelism is applied by dice_ds.parallel)."""
+from dice_ds.models.dit_moe import DiTMoE, build_model, init_weights
+
+__all__ = ["DiTMoE", "build_model", "init_weights"]

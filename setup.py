@@ -1,0 +1,35 @@
+"""dice_ds: DiT-MoE on megatron-core MoE layers with DICE parallel inference.
+
+Core dependencies are pinned exactly: megatron-core's dispatcher API changes between minor versions,
+and torch must stay the build already installed (install ``torch==2.13.0`` first on CPU machines; the
+pin is then satisfied and nothing pulls a CUDA build). ``patches/`` installs as ``dice_ds.patches``.
+"""
+from setuptools import setup
+
+CORE = [
+    "torch==2.13.0",
+    "megatron-core==0.16.1",
+    "deepspeed==0.19.8",
+    "diffusers==0.42.1",
+    "safetensors>=0.4",
+    "numpy>=1.24",
+    "pillow>=10",
+    "tqdm>=4.66",
+]
+
+setup(
+    name="dice_ds",
+    version="0.1.0",
+    description="Parallel inference of Mixture-of-Experts diffusion transformers (DiT-MoE, DICE)",
+    python_requires=">=3.10",
+    packages=["dice_ds", "dice_ds.models", "dice_ds.moe", "dice_ds.parallel", "dice_ds.patches"],
+    package_dir={"dice_ds": "dice_ds", "dice_ds.patches": "patches"},
+    include_package_data=True,
+    install_requires=CORE,
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "eval": ["scikit-learn>=1.3", "scipy>=1.10", "torch-fidelity==0.3.0"],
+        "dev": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10"],
+    },
+    entry_points={"console_scripts": ["dice-ds=dice_ds.cli:main"]},
+)
