@@ -2,20 +2,39 @@
 
 Owns: ``init_distributed`` (torchrun / deepspeed launcher / slurm environment, or a 1-rank gloo world
 for a plain ``python`` run: megatron's linear layers need an initialised default group even alone)
-and ``ModelGroups``, the one object that carries every group the model uses. Modules never call a
-global group getter; they receive a ``ProcessGroupCollection`` built from ``ModelGroups``.
+and ``ModelGroups``, the one object that carries every group the model uses, built by
+``build_model_groups``. Modules never call a global group getter; they receive a
+``ProcessGroupCollection`` built from ``ModelGroups``.
+
+Layout (EP inside DP; identical for both group backends): with world W and EP size e, the EP groups
+are the contiguous blocks [0, e), [e, 2e), ...; the expert-data-parallel groups join the ranks that
+hold the same experts, {r, r + e, r + 2e, ...}. World 4, EP 2: ep [0,1] [2,3], expt_dp [0,2] [1,3].
+Inside an EP group, megatron places experts contiguously: EP rank k holds global experts
+[k·E/e, (k+1)·E/e).
+
+Group backends: 'deepspeed' creates the EP / expert-DP groups with DeepSpeed's
+``groups._create_expert_and_data_parallel`` (on the existing torch default group; its shm-op JIT
+build is stubbed by ``dice_ds.patches.deepspeed_cpu``); 'torch' creates the same groups with
+``torch.distributed.new_group``. Both return plain ``torch.distributed.ProcessGroup``s.
+
+Invariant: every function that creates groups is a collective: all ranks of the world call it, with
+the same arguments, in the same order.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from dice_ds.config import ConfigError
+
 DEFAULT_TIMEOUT = timedelta(minutes=int(os.environ.get("DICE_DS_PG_TIMEOUT_MIN", "30")))
+GROUP_BACKENDS = ("deepspeed", "torch")
 
 
 def _env_rank_world() -> tuple[int, int] | None:
@@ -57,14 +76,6 @@ def init_distributed(device: torch.device | str = "cpu", init_method: str | None
     return dist.get_rank(), dist.get_world_size()
 
 
-def _subgroups_of(size: int, contiguous: bool) -> list[list[int]]:
-    world = dist.get_world_size()
-    if contiguous:
-        return [list(range(s, s + size)) for s in range(0, world, size)]
-    stride = size and world // size
-    return [list(range(s, world, stride)) for s in range(stride)]
-
-
 def _new_group_containing_me(rank_lists: list[list[int]]) -> dist.ProcessGroup:
     """Create every group in ``rank_lists`` (a collective: all ranks call it) and return mine."""
     me = dist.get_rank()
@@ -77,6 +88,13 @@ def _new_group_containing_me(rank_lists: list[list[int]]) -> dist.ProcessGroup:
     return mine
 
 
+def ep_rank_lists(world_size: int, ep_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(EP groups, expert-DP groups) as rank lists: contiguous EP blocks, strided expert-DP."""
+    ep = [list(range(s, s + ep_size)) for s in range(0, world_size, ep_size)]
+    expt_dp = [list(range(s, world_size, ep_size)) for s in range(ep_size)]
+    return ep, expt_dp
+
+
 @dataclass
 class ModelGroups:
     """Every process group the model uses; built once, passed explicitly."""
@@ -87,6 +105,8 @@ class ModelGroups:
     """Ranks holding the same experts (size world / ep_size)."""
     single: dist.ProcessGroup
     """A group of this rank alone: tensor/context parallel dimensions are 1."""
+    backend: str = field(default="torch")
+    """Which library created ``ep`` / ``expt_dp``: 'deepspeed' or 'torch'."""
 
     @property
     def ep_size(self) -> int:
@@ -95,6 +115,16 @@ class ModelGroups:
     @property
     def ep_rank(self) -> int:
         return self.ep.rank()
+
+    def describe(self) -> dict:
+        """Global ranks of this rank's groups (JSON-able, for run.json and logs)."""
+        return {
+            "group_backend": self.backend,
+            "ep_size": self.ep_size,
+            "ep_rank": self.ep_rank,
+            "ep_ranks": dist.get_process_group_ranks(self.ep),
+            "expt_dp_ranks": dist.get_process_group_ranks(self.expt_dp),
+        }
 
     def pg_collection(self):
         """megatron-core ``ProcessGroupCollection`` for a MoE layer."""
@@ -109,18 +139,65 @@ class ModelGroups:
         return pg
 
 
-def build_model_groups(ep_size: int = 1) -> ModelGroups:
-    """Collective: build EP groups of ``ep_size`` contiguous ranks (EP inside DP groups)."""
+def default_group_backend() -> str:
+    """'deepspeed' when DeepSpeed is importable, else 'torch'."""
+    return "deepspeed" if importlib.util.find_spec("deepspeed") is not None else "torch"
+
+
+def _torch_expert_groups(ep_size: int, single: dist.ProcessGroup
+                         ) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    ep_lists, dp_lists = ep_rank_lists(dist.get_world_size(), ep_size)
+    ep = single if ep_size == 1 else _new_group_containing_me(ep_lists)
+    return ep, _new_group_containing_me(dp_lists)
+
+
+def _deepspeed_expert_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """DeepSpeed's expert / expert-data-parallel groups on the existing torch default group.
+
+    DeepSpeed caches them by name (``ep_size_{n}``) in module globals, so a second call with the same
+    size returns the same groups on every rank (and creates none, on every rank alike).
+    """
+    from dice_ds.patches.deepspeed_cpu import apply_deepspeed_cpu_patches
+
+    apply_deepspeed_cpu_patches()
+    import deepspeed.comm as ds_comm
+    from deepspeed.utils import groups as ds_groups
+
+    # wraps the initialised torch default group (no new rendezvous): DeepSpeed's cdb short-circuit
+    ds_comm.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
+                             verbose=False)
+    name = f"ep_size_{ep_size}"
+    ds_groups._create_expert_and_data_parallel(ep_size)
+    return (ds_groups._get_expert_parallel_group(name),
+            ds_groups._get_expert_data_parallel_group(name))
+
+
+def build_model_groups(ep_size: int = 1, group_backend: str | None = None) -> ModelGroups:
+    """Collective: EP groups of ``ep_size`` contiguous ranks (EP inside DP groups).
+
+    ``group_backend``: 'deepspeed' or 'torch' (None: 'deepspeed' when importable). Both give the
+    same rank layout (module docstring).
+    """
     world = dist.get_world_size()
     if ep_size < 1 or world % ep_size:
-        raise ValueError(f"ep_size={ep_size} must divide the world size {world}")
+        raise ConfigError(f"ep_size={ep_size} (--ep-size) must divide the world size {world}")
+    backend = group_backend or default_group_backend()
+    if backend not in GROUP_BACKENDS:
+        raise ConfigError(f"group_backend={backend!r}: use one of {GROUP_BACKENDS}")
     single = _new_group_containing_me([[r] for r in range(world)])
-    ep = single if ep_size == 1 else _new_group_containing_me(_subgroups_of(ep_size, True))
-    expt_dp_ranks = [list(range(s, world, ep_size)) for s in range(ep_size)]
-    expt_dp = _new_group_containing_me(expt_dp_ranks)
-    return ModelGroups(ep=ep, expt_dp=expt_dp, single=single)
+    if backend == "deepspeed":
+        ep, expt_dp = _deepspeed_expert_groups(ep_size)
+    else:
+        ep, expt_dp = _torch_expert_groups(ep_size, single)
+    if ep_size == 1:
+        ep = single  # identical membership; megatron then short-circuits every EP collective
+    return ModelGroups(ep=ep, expt_dp=expt_dp, single=single, backend=backend)
 
 
 def local_model_groups() -> ModelGroups:
-    """Groups for a model that runs alone on this rank (DP, or a single process)."""
-    return build_model_groups(1)
+    """Groups for a model that runs alone on this rank (DP, or a single process).
+
+    Collective like ``build_model_groups``; uses the 'torch' backend (nothing is sharded, so
+    DeepSpeed would add only its import time).
+    """
+    return build_model_groups(1, group_backend="torch")
