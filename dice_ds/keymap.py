@@ -10,13 +10,15 @@ Owns the pure renaming/reshaping of MoE keys; everything else keeps its released
 | ``blocks.b.moe.shared_experts.{gate,up}_proj.weight``| ``blocks.b.moe.shared_experts.linear_fc1.weight``         |
 | ``blocks.b.moe.shared_experts.down_proj.weight``     | ``blocks.b.moe.shared_experts.linear_fc2.weight``         |
 
-``i`` is the local index of global expert ``e`` on this rank (megatron places experts contiguously:
-rank r of an EP group of size W holds experts [r·E/W, (r+1)·E/W)).
+``i`` is the local index of global expert ``e`` on this rank: its position in the rank's list of
+global expert ids (megatron places experts contiguously: rank r of an EP group of size W holds
+experts [r·E/W, (r+1)·E/W), so ``i = e - r·E/W``; any other placement is passed as an explicit list).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -25,20 +27,22 @@ _SHARED = re.compile(r"^blocks\.(\d+)\.moe\.shared_experts\.(gate_proj|up_proj|d
 _GATE = re.compile(r"^blocks\.(\d+)\.moe\.gate\.weight$")
 
 
-def released_to_mcore(sd: dict[str, torch.Tensor], local_experts: range | None = None,
+def released_to_mcore(sd: dict[str, torch.Tensor], local_experts: Sequence[int] | None = None,
                       ) -> dict[str, torch.Tensor]:
     """Rename a released state dict to dice_ds keys, keeping only ``local_experts`` (global ids).
 
-    ``local_experts=None`` keeps every expert. Keys that are not MoE keys pass through unchanged;
-    an expert projection without its partner raises ``KeyError``.
+    ``local_experts`` (a ``range`` or any sequence of distinct global ids) lists this rank's experts
+    in local order; ``None`` keeps every expert under its global id. Keys that are not MoE keys pass
+    through unchanged; an expert projection without its partner raises ``KeyError``.
     """
+    local_index = None if local_experts is None else {e: i for i, e in enumerate(local_experts)}
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     shared: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
         if m := _EXPERT.match(key):
             b, e, part = int(m.group(1)), int(m.group(2)), m.group(3)
-            if local_experts is None or e in local_experts:
+            if local_index is None or e in local_index:
                 experts.setdefault((b, e), {})[part] = value
         elif m := _SHARED.match(key):
             shared.setdefault(int(m.group(1)), {})[m.group(2)] = value
@@ -46,9 +50,9 @@ def released_to_mcore(sd: dict[str, torch.Tensor], local_experts: range | None =
             out[f"blocks.{m.group(1)}.moe.router.weight"] = value
         else:
             out[key] = value
-    first = local_experts.start if local_experts is not None else 0
     for (b, e), parts in experts.items():
-        prefix = f"blocks.{b}.moe.experts.local_experts.{e - first}"
+        i = e if local_index is None else local_index[e]
+        prefix = f"blocks.{b}.moe.experts.local_experts.{i}"
         out.update(_mlp_to_mcore(prefix, parts, f"blocks.{b}.moe.experts.{e}"))
     for b, parts in shared.items():
         out.update(_mlp_to_mcore(f"blocks.{b}.moe.shared_experts", parts,
@@ -71,10 +75,12 @@ _MC_SHARED = re.compile(r"^blocks\.(\d+)\.moe\.shared_experts\.(linear_fc1|linea
 _MC_ROUTER = re.compile(r"^blocks\.(\d+)\.moe\.router\.weight$")
 
 
-def mcore_to_released(sd: dict[str, torch.Tensor], first_expert: int = 0) -> dict[str, torch.Tensor]:
+def mcore_to_released(sd: dict[str, torch.Tensor], first_expert: int = 0,
+                      expert_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """Inverse of :func:`released_to_mcore` (drops megatron ``_extra_state`` entries).
 
-    ``first_expert`` is the global id of local expert 0 (0 for a single-process model).
+    ``first_expert`` is the global id of local expert 0 (0 for a single-process model), for
+    contiguous placement; ``expert_ids`` (global id of each local expert, in local order) overrides it.
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
@@ -82,7 +88,8 @@ def mcore_to_released(sd: dict[str, torch.Tensor], first_expert: int = 0) -> dic
             continue
         if m := _MC_EXPERT.match(key):
             b, i, which = m.group(1), int(m.group(2)), m.group(3)
-            out.update(_mlp_to_released(f"blocks.{b}.moe.experts.{i + first_expert}", which, value))
+            e = i + first_expert if expert_ids is None else expert_ids[i]
+            out.update(_mlp_to_released(f"blocks.{b}.moe.experts.{e}", which, value))
         elif m := _MC_SHARED.match(key):
             out.update(_mlp_to_released(f"blocks.{m.group(1)}.moe.shared_experts", m.group(2), value))
         elif m := _MC_ROUTER.match(key):
