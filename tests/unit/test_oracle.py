@@ -1,0 +1,151 @@
+"""dice_ds's DiT-MoE against the independent oracle (tests/oracle_dit_moe.py), through the loader.
+
+The oracle's state dict uses the released key names, so every test here also exercises
+``dice_ds.checkpoint`` and ``dice_ds.keymap`` on the path a real checkpoint takes.
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from oracle_dit_moe import ORACLE_SIZES, OracleDiTMoE, oracle_inputs, randomize_, sincos_table
+
+from dice_ds.checkpoint import (
+    config_for_checkpoint,
+    export_released_state_dict,
+    inspect_checkpoint,
+    load_into_model,
+    read_state_dict,
+    save_checkpoint,
+)
+from dice_ds.config import get_flavor
+from dice_ds.keymap import released_to_mcore
+from dice_ds.models import build_model
+
+ATOL = 1e-5  # fp32; observed max diffs are ~1e-6 (op order differs: SDPA, megatron's prob placement)
+
+VARIANTS = {
+    "debug-timm": replace(ORACLE_SIZES["debug"], flash=False),
+    "debug-flash": replace(ORACLE_SIZES["debug"], flash=True),
+    "E8-3blocks-timm": replace(ORACLE_SIZES["debug"], experts=8, depth=3),
+    "E8-3blocks-flash": replace(ORACLE_SIZES["debug"], experts=8, depth=3, flash=True),
+}
+
+
+def _oracle(ocfg, seed=1):
+    return randomize_(OracleDiTMoE(ocfg), seed).eval()
+
+
+def _ours_from(sd, depth=2):
+    model = build_model(config_for_checkpoint(get_flavor("debug").replace(depth=depth), sd))
+    load_into_model(model, sd)
+    return model
+
+
+def _outputs(a, b, ocfg, n=8):
+    x, t, y = oracle_inputs(ocfg, n, seed=5)
+    with torch.no_grad():
+        return a(x, t, y), b(x, t, y)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_model_matches_oracle(name):
+    ocfg = VARIANTS[name]
+    oracle = _oracle(ocfg)
+    ours = _ours_from(oracle.state_dict(), ocfg.depth)
+    assert ours.cfg.num_experts == ocfg.experts and ours.cfg.depth == ocfg.depth
+    assert ours.cfg.attn_layout == ("flash" if ocfg.flash else "timm")
+    ref, out = _outputs(oracle, ours, ocfg)
+    assert out.shape == ref.shape == (8, 8, ocfg.input_size, ocfg.input_size)
+    assert ref.std() > 0.3, "outputs too small for the comparison to mean anything"
+    assert (out - ref).abs().max().item() <= ATOL
+    # the routing is non-trivial: several experts receive tokens in the first layer
+    u = torch.randn(64, ocfg.hidden, generator=torch.Generator().manual_seed(0))
+    ids, w = oracle.blocks[0].moe.route(u)
+    assert len(ids.unique()) >= min(4, ocfg.experts) and (w.sum(-1) < 1).all()
+
+
+def test_comparison_detects_a_swapped_projection():
+    """Control: the tolerance is far below the effect of a plausible key-map bug (gate <-> up)."""
+    ocfg = VARIANTS["debug-timm"]
+    oracle = _oracle(ocfg)
+    sd = dict(oracle.state_dict())
+    g, u = "blocks.0.moe.experts.1.gate_proj.weight", "blocks.0.moe.experts.1.up_proj.weight"
+    sd[g], sd[u] = sd[u], sd[g]
+    ref, out = _outputs(oracle, _ours_from(sd), ocfg)
+    assert (out - ref).abs().max().item() > 1e-3
+
+
+def test_pos_embed_table_matches_oracle():
+    """The model's own sin-cos table (used when pos_embed is regenerated) equals the MAE table."""
+    ours = build_model(get_flavor("debug"))
+    assert torch.allclose(ours.pos_embed[0], sincos_table(64, 4), atol=1e-6)
+
+
+def test_export_round_trip_is_exact():
+    ocfg = VARIANTS["debug-flash"]
+    oracle = _oracle(ocfg)
+    exported = export_released_state_dict(_ours_from(oracle.state_dict()))
+    ref = oracle.state_dict()
+    assert exported.keys() == ref.keys()
+    assert all(torch.equal(exported[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("form", ["raw", "ema", "model", "ema+model", "safetensors"])
+def test_released_file_forms(tmp_path, form):
+    ocfg = VARIANTS["debug-timm"]
+    oracle = _oracle(ocfg)
+    sd = oracle.state_dict()
+    decoy = _oracle(ocfg, seed=99).state_dict()  # the non-EMA weights of a training checkpoint
+    path = tmp_path / ("ckpt.safetensors" if form == "safetensors" else "ckpt.pt")
+    if form == "safetensors":
+        save_checkpoint(_ours_from(sd), path)
+    else:
+        obj = {"raw": sd, "ema": {"ema": sd}, "model": {"model": sd},
+               "ema+model": {"model": decoy, "ema": sd, "opt": {}}}[form]
+        torch.save(obj, path)
+    loaded = read_state_dict(path)
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    ref, out = _outputs(oracle, _ours_from(loaded), ocfg)
+    assert (out - ref).abs().max().item() <= ATOL
+
+
+def test_fp16_storage_round_trip(tmp_path):
+    ocfg = VARIANTS["debug-timm"]
+    path = save_checkpoint(_ours_from(_oracle(ocfg).state_dict()), tmp_path / "half.pt",
+                           dtype=torch.float16)
+    loaded = read_state_dict(path)
+    assert {v.dtype for v in loaded.values()} == {torch.float16}
+    assert len(loaded) == len(_oracle(ocfg).state_dict())
+
+
+# ----------------------------------------------------------------------------- real key tables
+def _meta_ours(cfg):
+    from dice_ds.models.dit_moe import DiTMoE
+    from dice_ds.parallel.groups import init_distributed, local_model_groups
+    from dice_ds.patches.megatron_cpu import apply_megatron_cpu_patches
+
+    apply_megatron_cpu_patches()
+    init_distributed("cpu")
+    pg = local_model_groups().pg_collection()
+    with torch.device("meta"):
+        return DiTMoE(cfg, pg)
+
+
+@pytest.mark.parametrize("name,count", [("DiT-S/2", 420), ("DiT-XL/2", 1076), ("DiT-G/2", 2492)])
+def test_real_key_table(name, count):
+    """At the real sizes (meta device) every released key maps onto a model key of equal shape."""
+    with torch.device("meta"):
+        released = OracleDiTMoE(ORACLE_SIZES[name]).state_dict()
+    assert len(released) == count
+    flavor = get_flavor(name)
+    cfg = config_for_checkpoint(flavor, released)
+    assert cfg == flavor  # the flavor table agrees with the released checkpoint
+    facts = inspect_checkpoint(released)
+    assert facts["attn_layout"] == flavor.attn_layout and facts["learn_sigma"]
+    assert facts["num_experts"] == ORACLE_SIZES[name].experts and facts["input_size"] == 32
+    mapped = {k: tuple(v.shape) for k, v in released_to_mcore(released).items()}
+    ours = {k: tuple(v.shape) for k, v in _meta_ours(cfg).state_dict().items()
+            if not k.endswith("._extra_state")}
+    assert sorted(set(mapped) - set(ours)) == [] and sorted(set(ours) - set(mapped)) == []
+    assert {k: s for k, s in mapped.items() if ours[k] != s} == {}
