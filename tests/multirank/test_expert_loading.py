@@ -1,0 +1,69 @@
+"""Per-rank expert loading: at EP=2 each rank loads only its E/2 experts from a released checkpoint.
+
+The test process writes a released-format checkpoint (``{"ema": sd}``, keys
+``blocks.b.moe.experts.e.{gate,up,down}_proj.weight``) from a full single-process model; two gloo
+ranks read it and load it into an EP=2 model with ``dice_ds.checkpoint.load_into_model``. Each rank
+must hold exactly E/2 experts per layer (megatron's contiguous placement: EP rank r holds
+[r·E/2, (r+1)·E/2)), equal to the checkpoint's tensors, hold fewer parameter bytes than the full
+model by exactly E/2 experts' worth, and its sync-EP forward must equal the full model loaded from
+the same file.
+"""
+import torch
+
+from distributed import run_ranks
+
+
+def _load_on_rank(rank, world, path):
+    from dice_ds.checkpoint import load_into_model, read_state_dict
+    from dice_ds.config import get_flavor
+    from dice_ds.models import build_model, init_weights
+    from dice_ds.parallel.groups import build_model_groups, local_model_groups
+
+    cfg = get_flavor("debug")
+    sd = read_state_dict(path)
+    model = init_weights(build_model(cfg, build_model_groups(world)), "random", seed=99)
+    result = load_into_model(model, sd)
+    full = build_model(cfg, local_model_groups())
+    load_into_model(full, sd)
+    per_expert_equal = []
+    for b, moe in enumerate(model.moe_layers()):
+        for i, expert in enumerate(moe.experts.local_experts):
+            e = moe.local_expert_indices[i]
+            pre = f"blocks.{b}.moe.experts.{e}."
+            fc1 = torch.cat([sd[pre + "gate_proj.weight"], sd[pre + "up_proj.weight"]])
+            per_expert_equal.append(torch.equal(expert.linear_fc1.weight, fc1)
+                                    and torch.equal(expert.linear_fc2.weight, sd[pre + "down_proj.weight"]))
+    g = torch.Generator().manual_seed(rank)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g)
+    y = torch.randint(0, 1000, (2,), generator=g)
+    with torch.no_grad():
+        forward_equal = torch.equal(model(x, t, y), full(x, t, y))
+    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    expert_keys = [k for k, _ in model.named_parameters() if ".experts.local_experts." in k]
+    return {"local_experts": [list(m.local_expert_indices) for m in model.moe_layers()],
+            "num_local": [len(m.experts.local_experts) for m in model.moe_layers()],
+            "expert_keys": len(expert_keys), "dropped": result.dropped_expert_keys,
+            "per_expert_equal": per_expert_equal, "forward_equal": forward_equal,
+            "bytes": nbytes(model), "full_bytes": nbytes(full),
+            "expert_bytes": sum(p.numel() * p.element_size()
+                                for m in full.moe_layers() for p in m.experts.local_experts[0].parameters())}
+
+
+def test_ep2_ranks_load_only_their_experts(tmp_path):
+    from dice_ds.checkpoint import save_checkpoint
+    from dice_ds.config import get_flavor
+    from dice_ds.models import build_model, init_weights
+
+    cfg = get_flavor("debug")
+    path = save_checkpoint(init_weights(build_model(cfg), "random", seed=5), tmp_path / "ckpt.pt")
+    results = run_ranks(_load_on_rank, 2, tmp_path, str(path))
+    half = cfg.num_experts // 2
+    for rank, r in enumerate(results):
+        assert r["local_experts"] == [list(range(rank * half, (rank + 1) * half))] * cfg.depth
+        assert r["num_local"] == [half] * cfg.depth
+        assert r["expert_keys"] == half * cfg.depth * 2  # linear_fc1 + linear_fc2 per expert
+        assert r["dropped"] == half * cfg.depth * 3      # gate/up/down of the other rank's experts
+        assert len(r["per_expert_equal"]) == half * cfg.depth and all(r["per_expert_equal"])
+        assert r["forward_equal"]
+        # expert_bytes = one expert of every layer; the other rank's half is absent
+        assert r["full_bytes"] - r["bytes"] == half * r["expert_bytes"]
