@@ -1,0 +1,411 @@
+"""Run options of ``dice-ds sample``: one dataclass, its argparse parser, JSON config merge, validation.
+
+Owns ``RunOptions`` (every flag; field name = argparse dest = JSON config key), ``parse_options``
+(defaults < ``--config FILE.json`` < flags given on the command line), ``validate_options`` (every
+check that needs no checkpoint and no process group) and the mapping to ``ParallelPlan``.
+
+Invariants: nothing here imports torch or starts a process group; every bad input raises
+``ConfigError`` with one line naming the flag and the fix. Which flags were given explicitly (on the
+command line or in the JSON file) is recorded in ``RunOptions.explicit``: the parser has no defaults,
+so only given flags appear in its namespace.
+
+Reference-compatible flags (DICE ``sample_ddp.py``, spec §2.0) keep their names; where a reference
+flag is misleading the mapping is documented in its help text (``--ep-score-use-latest``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from dice_ds.config import ConfigError, get_flavor
+
+
+def _opt(default, kind, help_, flags=None, choices=None):
+    return field(default=default, metadata={"kind": kind, "help": help_, "flags": flags,
+                                            "choices": choices})
+
+
+@dataclass
+class RunOptions:
+    """Every option of one sampling run (see ``dice-ds sample --help``)."""
+
+    # model and weights
+    model: str = _opt("DiT-XL/2", str, "model flavor: debug, DiT-S/2, DiT-B/2, DiT-XL/2, DiT-G/2")
+    num_experts: int | None = _opt(None, int, "routed experts E; read from --ckpt (an explicit "
+                                   "value must match it); without --ckpt the flavor's")
+    ckpt: str | None = _opt(None, str, "checkpoint file (released DiT-MoE .pt or dice_ds)")
+    init: str | None = _opt(None, str, "no checkpoint: initialise weights ('random': N(0, 0.02) "
+                            "everywhere, non-trivial outputs for smoke runs; 'dit': DiT's init, "
+                            "whose zeroed output layer gives zero predictions)",
+                            choices=("random", "dit"))
+    init_seed: int = _opt(0, int, "seed of --init")
+    # sampling
+    sampler: str | None = _opt(None, str, "rf | ddpm | ddim (default: the flavor's: RF for XL/G, "
+                               "DDPM for S/B)", choices=("rf", "ddpm", "ddim"))
+    num_sampling_steps: int | None = _opt(None, int, "sampling steps S (default 50 for rf, 250 for "
+                                          "ddpm/ddim); honoured on every path")
+    cfg_scale: float = _opt(1.5, float, "classifier-free guidance scale (>= 1; 1 skips the "
+                            "doubled batch)")
+    image_size: int | None = _opt(None, int, "image side in pixels (default: the flavor's native "
+                                  "size: latent side x 8, or x 1 with --vae identity)")
+    per_proc_batch_size: int = _opt(32, int, "samples per rank per batch")
+    num_fid_samples: int = _opt(50000, int, "number of samples to write")
+    global_seed: int = _opt(0, int, "global seed; sample i's noise and label depend only on "
+                            "(global seed, i)")
+    # numerics and device
+    device: str | None = _opt(None, str, "cpu | cuda (default: cuda when available)",
+                              choices=("cpu", "cuda"))
+    dtype: str = _opt("fp32", str, "model parameter dtype", choices=("fp32", "bf16", "fp16"))
+    tf32: bool = _opt(False, bool, "allow TF32 matmuls (CUDA only)")
+    # VAE and outputs
+    vae: str = _opt("sd", str, "sd: AutoencoderKL from --vae-path; identity: the model output is "
+                    "the image in [-1, 1] (1 or 3 channels); none: write latents only",
+                    choices=("sd", "identity", "none"))
+    vae_path: str | None = _opt(None, str, "local diffusers AutoencoderKL directory (--vae sd)")
+    sample_dir: str | None = _opt(None, str, "output directory (default: samples/[EXTRA_FOLDER/]"
+                                  "<name encoding model, mode and flags>[-EXTRA_NAME])")
+    extra_name: str | None = _opt(None, str, "suffix of the automatic output directory name")
+    extra_folder_name: str | None = _opt(None, str, "folder between samples/ and the automatic name")
+    trim_samples: bool = _opt(False, bool, "decode and write only the first sample of each batch "
+                              "(timing runs; no samples.npz)")
+    # expert parallelism and DICE
+    ep: bool = _opt(False, bool, "expert parallelism (sync EP); EP size = --ep-size or world size")
+    ep_size: int | None = _opt(None, int, "expert-parallel group size (implies --ep; must divide "
+                               "the world size and E)")
+    ep_async: bool = _opt(False, bool, "displaced EP (needs --ep): 2-step-stale expert outputs")
+    ep_async_pipeline: bool = _opt(False, bool, "interweaved EP (needs --ep-async): 1-step stale")
+    ep_async_mode: str = _opt("shallow", str, "which MoE layers run async (the others stay sync): "
+                              "all | shallow (l < L/2; DICE's setting = the paper's 'deep sync') | "
+                              "deep (l >= L/2) | interleaved (even l)",
+                              choices=("all", "shallow", "deep", "interleaved"))
+    ep_async_layers: str | None = _opt(None, str, "explicit async layer indices, e.g. '0,1,5' "
+                                       "(instead of --ep-async-mode)")
+    ep_async_warm_up: int = _opt(0, int, "steps rev = 0..w run sync (w+1 sync steps)")
+    ep_async_cool_down: int = _opt(0, int, "the last c steps run sync (works on its own)")
+    strided_sync: int = _opt(0, int, "steps with i % s == 0 run sync (0: off)")
+    ep_async_noskip_step: int = _opt(1, int, "conditional communication: skip one slot per token "
+                                     "on steps with i % P != 0 (1: off)")
+    ep_async_skip_strategy: str | None = _opt(None, str, "slot to skip (needs P > 1)",
+                                              choices=("low", "high", "rand"))
+    stale_output_weights: str | None = _opt(None, str, "router weights multiplying stale expert "
+                                            "outputs: cached (the outputs' own step; default) | "
+                                            "current (this step's)", choices=("cached", "current"))
+    ep_score_use_latest: bool = _opt(False, bool, "reference flag; in the reference its presence "
+                                     "selects the CACHED weights (the reverse of its name, spec "
+                                     "§2.2.4), so here it means --stale-output-weights cached")
+    a2a_dtype: str | None = _opt(None, str, "all-to-all payload dtype (default: activation dtype)",
+                                 choices=("fp32", "bf16", "fp16"))
+    auto_gc: bool = _opt(False, bool, "reference flag (needs --ep-async); dice_ds always frees "
+                         "consumed exchange buffers, so it only marks the run")
+    # sequence parallelism: not implemented yet (rejected by validate_options)
+    sp: bool = _opt(False, bool, "sequence parallelism (not implemented yet)")
+    sp_async: bool = _opt(False, bool, "displaced SP / DistriFusion (not implemented yet)")
+    sp_legacy_cache: bool = _opt(False, bool, "per-layer SP K/V cache (not implemented yet)")
+    single_img: bool = _opt(False, bool, "SP without gathering the batch (not implemented yet)")
+    sp_async_warm_up: int = _opt(0, int, "SP warm-up steps (not implemented yet)")
+
+    explicit: frozenset = field(default=frozenset(), metadata={"kind": None})
+    """Names of the options given on the command line or in the JSON config."""
+    local_rank: int | None = field(default=None, metadata={"kind": None})
+    """``--local_rank`` appended by the deepspeed launcher (the device index on CUDA)."""
+
+
+_SP_FLAGS = ("sp", "sp_async", "sp_legacy_cache", "single_img", "sp_async_warm_up")
+_ASYNC_ONLY = ("ep_async_pipeline", "ep_async_mode", "ep_async_layers", "ep_async_warm_up",
+               "ep_async_cool_down", "strided_sync", "stale_output_weights", "ep_score_use_latest",
+               "auto_gc")
+
+
+def option_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(RunOptions) if f.metadata.get("kind") is not None]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "dice-ds sample") -> argparse.ArgumentParser:
+    """The parser; it has no defaults, so its namespace holds only the flags actually given."""
+    p = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS,
+                                description="Sample images from a DiT-MoE, data- or "
+                                            "expert-parallel (DICE).")
+    p.add_argument("--config", help="JSON file of options (keys = option names with underscores, "
+                                    "e.g. per_proc_batch_size); command-line flags override it")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
+                   help=argparse.SUPPRESS)
+    for f in option_fields():
+        kind, h = f.metadata["kind"], f.metadata["help"]
+        if kind is bool:
+            p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=h)
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, type=kind, help=h,
+                           choices=f.metadata["choices"])
+    return p
+
+
+def _check_json_value(f: dataclasses.Field, value):
+    kind, flag = f.metadata["kind"], _flag(f.name)
+    if value is None:
+        if f.default is None:
+            return None
+        raise ConfigError(f"config key {f.name!r} ({flag}) cannot be null")
+    ok = (isinstance(value, bool) if kind is bool
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+          else isinstance(value, int) and not isinstance(value, bool) if kind is int
+          else isinstance(value, str))
+    if not ok:
+        raise ConfigError(f"config key {f.name!r} ({flag}) must be {kind.__name__}, got {value!r}")
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        raise ConfigError(f"config key {f.name!r} ({flag}) = {value!r}: choose one of "
+                          f"{', '.join(f.metadata['choices'])}")
+    return float(value) if kind is float else value
+
+
+def load_json_config(path: str) -> dict:
+    """Options from a JSON object whose keys are option names; unknown keys are named in the error."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: must hold a JSON object of option names")
+    fields = {f.name: f for f in option_fields()}
+    unknown = sorted(k for k in data if k not in fields)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are option "
+                          "names with underscores (see dice-ds sample --help)")
+    return {k: _check_json_value(fields[k], v) for k, v in data.items()}
+
+
+def parse_options(argv: list[str] | None = None) -> RunOptions:
+    """Parse flags, merge ``--config``; raises ConfigError (argparse errors exit with code 2)."""
+    given = vars(build_parser().parse_args(argv))
+    config_path = given.pop("config", None)
+    local_rank = given.pop("local_rank", None)
+    values = load_json_config(config_path) if config_path else {}
+    values.update(given)
+    return RunOptions(**values, explicit=frozenset(values), local_rank=local_rank)
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation and derived values (no checkpoint, no process group)
+# ---------------------------------------------------------------------------------------------------
+
+DEFAULT_STEPS = {"rf": 50, "ddpm": 250, "ddim": 250}
+DDPM_TRAIN_STEPS = 1000
+
+
+def env_world_size() -> int:
+    """World size announced by the launcher (torchrun/deepspeed ``WORLD_SIZE``, slurm), else 1."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_NTASKS" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
+def env_rank() -> int:
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def sampler_of(opts: RunOptions) -> str:
+    return opts.sampler or get_flavor(opts.model).sampler
+
+
+def steps_of(opts: RunOptions) -> int:
+    return opts.num_sampling_steps or DEFAULT_STEPS[sampler_of(opts)]
+
+
+def pixels_per_latent(opts: RunOptions) -> int:
+    """Image pixels per latent cell: 8 for the SD VAE (and latents-only runs), 1 for identity."""
+    return 1 if opts.vae == "identity" else 8
+
+
+def image_size_of(opts: RunOptions) -> int:
+    return opts.image_size or get_flavor(opts.model).input_size * pixels_per_latent(opts)
+
+
+def latent_side(opts: RunOptions) -> int:
+    return image_size_of(opts) // pixels_per_latent(opts)
+
+
+def async_layers_of(opts: RunOptions):
+    if opts.ep_async_layers is None:
+        return opts.ep_async_mode
+    try:
+        layers = tuple(int(s) for s in opts.ep_async_layers.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--ep-async-layers {opts.ep_async_layers!r}: use comma-separated layer "
+                          "indices, e.g. 0,1,2") from None
+    return layers
+
+
+def ep_size_of(opts: RunOptions, world_size: int) -> int:
+    """EP group size: --ep-size, else the world size with --ep, else 1 (pure data parallelism)."""
+    if opts.ep_size is not None:
+        return opts.ep_size
+    return world_size if opts.ep else 1
+
+
+def stale_weights_of(opts: RunOptions) -> str:
+    if opts.ep_score_use_latest and opts.stale_output_weights == "current":
+        raise ConfigError("--ep-score-use-latest selects the cached weights (spec §2.2.4) and "
+                          "contradicts --stale-output-weights current: drop one of them")
+    return "cached" if opts.ep_score_use_latest else (opts.stale_output_weights or "cached")
+
+
+def _validate_parallel_flags(opts: RunOptions) -> None:
+    given = opts.explicit
+    for name in _SP_FLAGS:
+        if getattr(opts, name):
+            raise ConfigError(f"{_flag(name)}: sequence parallelism is not implemented yet in "
+                              "dice_ds (separate issue); use data parallelism or --ep")
+    ep_on = opts.ep or (opts.ep_size or 1) > 1
+    if opts.ep_size is not None and opts.ep_size < 1:
+        raise ConfigError(f"--ep-size {opts.ep_size} must be >= 1")
+    if opts.ep_async and not ep_on:
+        raise ConfigError("--ep-async needs --ep (displaced EP runs on an expert-parallel group)")
+    if opts.ep_async_pipeline and not opts.ep_async:
+        raise ConfigError("--ep-async-pipeline needs --ep-async (interweaved EP is a variant of "
+                          "displaced EP)")
+    skip_on = opts.ep_async_noskip_step != 1
+    for name in _ASYNC_ONLY:
+        weights_flag = name in ("stale_output_weights", "ep_score_use_latest")
+        if name in given and getattr(opts, name) and not opts.ep_async \
+                and not (weights_flag and skip_on):
+            raise ConfigError(f"{_flag(name)} needs --ep-async (it only affects asynchronous EP)")
+    if "ep_async_mode" in given and "ep_async_layers" in given:
+        raise ConfigError("--ep-async-mode and --ep-async-layers both name the async layers: "
+                          "give one of them")
+    if opts.ep_async_skip_strategy is not None and not skip_on:
+        raise ConfigError("--ep-async-skip-strategy has no effect with --ep-async-noskip-step 1: "
+                          "set --ep-async-noskip-step P > 1 (e.g. 2) or drop it")
+    if skip_on and not ep_on:
+        raise ConfigError("--ep-async-noskip-step > 1 (conditional communication) needs --ep")
+    stale_weights_of(opts)
+    async_layers_of(opts)
+
+
+def _validate_weights_and_vae(opts: RunOptions) -> None:
+    if opts.ckpt is None and opts.init is None:
+        raise ConfigError("no weights: pass --ckpt PATH, or --init random|dit for an untrained "
+                          "smoke run")
+    if opts.ckpt is not None and opts.init is not None:
+        raise ConfigError("--ckpt and --init both set the weights: give one of them")
+    if opts.ckpt is not None and not os.path.isfile(opts.ckpt):
+        raise ConfigError(f"--ckpt {opts.ckpt}: no such file")
+    if opts.vae == "sd":
+        if opts.vae_path is None:
+            raise ConfigError("--vae sd needs --vae-path DIR (a local diffusers AutoencoderKL, e.g. "
+                              "sd-vae-ft-mse), or use --vae none to write latents only")
+        if not os.path.isdir(opts.vae_path):
+            raise ConfigError(f"--vae-path {opts.vae_path}: no such directory")
+    elif opts.vae_path is not None:
+        raise ConfigError(f"--vae-path is only used with --vae sd (got --vae {opts.vae})")
+    if opts.trim_samples and opts.vae == "none":
+        raise ConfigError("--trim-samples limits VAE decoding and has no effect with --vae none")
+
+
+def _validate_sampling(opts: RunOptions) -> None:
+    flavor = get_flavor(opts.model)
+    if opts.cfg_scale < 1.0:
+        raise ConfigError(f"--cfg-scale {opts.cfg_scale} must be >= 1 (1 disables guidance)")
+    for name in ("per_proc_batch_size", "num_fid_samples"):
+        if getattr(opts, name) < 1:
+            raise ConfigError(f"{_flag(name)} {getattr(opts, name)} must be >= 1")
+    sampler, steps = sampler_of(opts), steps_of(opts)
+    if steps < 1 or (sampler != "rf" and steps > DDPM_TRAIN_STEPS):
+        raise ConfigError(f"--num-sampling-steps {steps} must be in [1, {DDPM_TRAIN_STEPS}] for "
+                          f"{sampler} (>= 1 for rf)")
+    if opts.num_experts is not None and opts.num_experts < flavor.top_k:
+        raise ConfigError(f"--num-experts {opts.num_experts} must be >= top-k {flavor.top_k}")
+    unit = pixels_per_latent(opts) * flavor.patch_size
+    size = image_size_of(opts)
+    if size < unit or size % unit:
+        where = "x patch size" if unit == flavor.patch_size else "8 x patch size (SD VAE)"
+        raise ConfigError(f"--image-size {size} must be a positive multiple of {unit} ({where}) for "
+                          f"{flavor.name}")
+    if opts.device == "cpu" and opts.tf32:
+        raise ConfigError("--tf32 only affects CUDA matmuls: drop it or use --device cuda")
+    if opts.sample_dir is not None and (opts.extra_name or opts.extra_folder_name):
+        raise ConfigError("--extra-name/--extra-folder-name shape the automatic output directory "
+                          "and are unused with --sample-dir: give one or the other")
+
+
+def validate_options(opts: RunOptions) -> RunOptions:
+    """Every check that needs neither the checkpoint nor a process group; raises ConfigError."""
+    get_flavor(opts.model)
+    _validate_parallel_flags(opts)
+    _validate_weights_and_vae(opts)
+    _validate_sampling(opts)
+    return opts
+
+
+def build_plan(opts: RunOptions, *, world_size: int, num_experts: int, depth: int):
+    """The validated ``ParallelPlan`` of these options (needs the real expert count E)."""
+    from dice_ds.parallel.plan import ParallelPlan
+
+    mode = ("interweaved" if opts.ep_async_pipeline else "displaced") if opts.ep_async else "sync"
+    plan = ParallelPlan(
+        ep_size=ep_size_of(opts, world_size),
+        mode=mode,
+        async_layers=async_layers_of(opts),
+        warmup=opts.ep_async_warm_up,
+        cooldown=opts.ep_async_cool_down,
+        strided=opts.strided_sync,
+        stale_output_weights=stale_weights_of(opts),
+        skip_period=opts.ep_async_noskip_step,
+        skip_strategy=opts.ep_async_skip_strategy,
+        skip_seed=opts.global_seed,
+        payload_dtype=opts.a2a_dtype,
+    )
+    return plan.validate(world_size=world_size, num_experts=num_experts, depth=depth,
+                         sampler=sampler_of(opts))
+
+
+def mode_name(plan) -> str:
+    """'dp', 'ep' (sync), 'displaced' or 'interweaved'."""
+    if not plan.ep_enabled:
+        return "dp"
+    return "ep" if plan.mode == "sync" else plan.mode
+
+
+def _mode_tag(opts: RunOptions, plan) -> str:
+    if not plan.ep_enabled:
+        return "DP"
+    tag = {"sync": "EP", "displaced": "DiEP", "interweaved": "IwEP"}[plan.mode] + str(plan.ep_size)
+    if plan.async_enabled:
+        layers = plan.async_layers
+        tag += "-" + (layers if isinstance(layers, str) else "L" + ".".join(map(str, layers)))
+        for short, value in (("wu", plan.warmup), ("cd", plan.cooldown), ("st", plan.strided)):
+            tag += f"-{short}{value}" if value else ""
+        tag += f"-w{plan.stale_output_weights}"
+        tag += "-gc" if opts.auto_gc else ""
+    if plan.skip_period > 1:
+        tag += f"-skip{plan.skip_period}{plan.skip_strategy}"
+    return tag + (f"-a2a{plan.payload_dtype}" if plan.payload_dtype else "")
+
+
+def auto_sample_dir(opts: RunOptions, plan, world_size: int, root: str = "samples") -> str:
+    """``samples/[extra folder/]<model>-<weights>-<size>-<sampler+steps>-cfg-seed-bs-dtype-<mode>-W``."""
+    weights = (os.path.splitext(os.path.basename(opts.ckpt))[0] if opts.ckpt
+               else f"init{opts.init}{opts.init_seed}")
+    parts = [opts.model.replace("/", "-"), weights, f"{image_size_of(opts)}px", f"vae{opts.vae}",
+             f"{sampler_of(opts)}{steps_of(opts)}", f"cfg{opts.cfg_scale:g}",
+             f"seed{opts.global_seed}", f"bs{opts.per_proc_batch_size}", opts.dtype,
+             _mode_tag(opts, plan), f"W{world_size}"]
+    if opts.trim_samples:
+        parts.append("trim")
+    name = "-".join(parts) + (f"-{opts.extra_name}" if opts.extra_name else "")
+    folder = os.path.join(root, opts.extra_folder_name) if opts.extra_folder_name else root
+    return os.path.join(folder, name)

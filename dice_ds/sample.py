@@ -1,0 +1,321 @@
+"""``python -m dice_ds.sample`` / ``dice-ds sample``: data- or expert-parallel sampling of a DiT-MoE.
+
+Owns the run: options -> ``prepare`` (checkpoint read, model config, parallel plan; every ConfigError
+is raised here, before any process group starts) -> ``run`` (process groups, model, optional EP
+runtime, the batch loop, outputs, ``run.json``).
+
+Launch with ``torchrun --nproc_per_node W -m dice_ds.sample ...``, the deepspeed launcher
+(``deepspeed --num_gpus W --module dice_ds.sample ...``; its ``--local_rank=N`` is accepted), slurm
+(``srun`` with MASTER_ADDR/MASTER_PORT set), or plain ``python`` (one rank). Backend: gloo on CPU,
+NCCL on CUDA.
+
+Invariants:
+- Sample index j's noise and label come from a generator seeded by (global seed, j) (see
+  ``dice_ds.diffusion``), and ranks take indices by the reference's formula (``dice_ds.outputs``), so
+  any world size writes the same image for every index, and a resumed run equals an uninterrupted one.
+  The global torch RNG is still seeded DiT-style with ``global_seed·W + rank``; no draw uses it.
+- Every rank runs the same batches (EP ranks exchange tokens each step): a batch is skipped on resume
+  only when its files exist on every rank (one all-reduce before the loop).
+- A failing rank prints its traceback with its rank and exits at once with ``os._exit(1)``; the
+  launcher (torchrun, deepspeed) then stops the other ranks instead of leaving them in a collective.
+- ``sampling_seconds`` times the sampler loops only (VAE decoding and file writes excluded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+
+from dice_ds.config import ConfigError, ModelConfig, get_flavor
+from dice_ds.options import (
+    RunOptions,
+    auto_sample_dir,
+    build_plan,
+    env_rank,
+    env_world_size,
+    image_size_of,
+    latent_side,
+    mode_name,
+    parse_options,
+    sampler_of,
+    steps_of,
+    validate_options,
+)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class Prepared:
+    """Everything decided before the process group starts."""
+
+    opts: RunOptions
+    model_cfg: ModelConfig
+    plan: object
+    world_size: int
+    device: str
+    sample_dir: str
+    state_dict: dict | None
+    parallelize: object | None
+    """``parallelize_dit_moe`` when the plan uses expert parallelism."""
+
+
+def _resolve_device(opts: RunOptions) -> str:
+    import torch
+
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    if opts.tf32 and opts.device is None and not torch.cuda.is_available():
+        raise ConfigError("--tf32 only affects CUDA matmuls and no CUDA device is available")
+    return opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model_config(opts: RunOptions) -> tuple[ModelConfig, dict | None]:
+    flavor = get_flavor(opts.model)
+    side = latent_side(opts)
+    if opts.ckpt is None:
+        cfg = flavor.replace(num_experts=opts.num_experts or flavor.num_experts)
+        return cfg.replace(input_size=side).validate(), None
+    from dice_ds.checkpoint import config_for_checkpoint, read_state_dict
+
+    sd = read_state_dict(opts.ckpt)
+    cfg = config_for_checkpoint(flavor, sd, num_experts=opts.num_experts)
+    if side != cfg.input_size:
+        warnings.warn(f"--image-size {image_size_of(opts)}: latent side {side} differs from the "
+                      f"checkpoint's {cfg.input_size}; pos_embed is regenerated and the "
+                      "images are for performance testing only (spec pitfall 17)", stacklevel=2)
+    return cfg.replace(input_size=side).validate(), sd
+
+
+def _parallelize_fn(plan):
+    if not plan.ep_enabled:
+        return None
+    try:
+        from dice_ds.parallel.apply import parallelize_dit_moe
+    except ImportError as e:
+        raise ConfigError(f"--ep: expert parallelism is not available in this build yet ({e}); "
+                          "run without --ep (data parallel)") from None
+    return parallelize_dit_moe
+
+
+def prepare(opts: RunOptions) -> Prepared:
+    """Resolve everything that can fail on bad input; raises ConfigError. Starts no process group."""
+    from dice_ds.vae import check_decoder
+
+    validate_options(opts)
+    world = env_world_size()
+    device = _resolve_device(opts)
+    cfg, sd = _model_config(opts)
+    check_decoder(opts.vae, opts.vae_path, cfg.in_channels)
+    plan = build_plan(opts, world_size=world, num_experts=cfg.num_experts, depth=cfg.depth)
+    sample_dir = opts.sample_dir or auto_sample_dir(opts, plan, world)
+    return Prepared(opts, cfg, plan, world, device, sample_dir, sd, _parallelize_fn(plan))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run (process groups exist from here on)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _local_rank(opts: RunOptions) -> int:
+    if opts.local_rank is not None:
+        return opts.local_rank
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
+def _build(prep: Prepared, groups):
+    """Model with weights, and the EP runtime (None for data parallelism)."""
+    import torch
+
+    from dice_ds.models import build_model, init_weights
+
+    opts = prep.opts
+    model = build_model(prep.model_cfg, groups, getattr(torch, DTYPES[opts.dtype]), prep.device)
+    if prep.state_dict is not None:
+        from dice_ds.checkpoint import load_into_model
+
+        load_into_model(model, prep.state_dict)
+        prep.state_dict = None
+    else:
+        init_weights(model, opts.init, seed=opts.init_seed)
+    runtime = prep.parallelize(model, prep.plan, groups) if prep.parallelize else None
+    return model, runtime
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _todo_batches(out, prep: Prepared, rank: int, world: int) -> list[int]:
+    """Batches that some rank still has to write (agreed by an all-reduce MIN over the world)."""
+    import torch
+    import torch.distributed as dist
+
+    from dice_ds.outputs import batch_indices, num_batches
+
+    opts = prep.opts
+    n, total = opts.per_proc_batch_size, opts.num_fid_samples
+    done = [out.has_all(_written(batch_indices(b, rank, world, n), total, opts.trim_samples))
+            for b in range(num_batches(total, world, n))]
+    flags = torch.tensor(done, dtype=torch.int32, device=prep.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [b for b, d in enumerate(flags.tolist()) if not d]
+
+
+def _written(indices: list[int], total: int, trim: bool) -> list[int]:
+    """The indices of a batch that get files: those < total; with --trim-samples only the first."""
+    kept = [i for i in indices if i < total]
+    return kept[:1] if trim else kept
+
+
+def _sample_loop(prep: Prepared, model, runtime, decoder, out, rank: int, world: int) -> dict:
+    """Run the batches still to do; returns this rank's timings."""
+    from tqdm import tqdm
+
+    from dice_ds.diffusion import draw_conditions, get_sampler
+    from dice_ds.outputs import batch_indices
+
+    opts, cfg = prep.opts, prep.model_cfg
+    sampler, steps = get_sampler(sampler_of(opts)), steps_of(opts)
+    todo = _todo_batches(out, prep, rank, world)
+    seconds = []
+    for b in tqdm(todo, desc="batches", disable=rank != 0, dynamic_ncols=True):
+        indices = batch_indices(b, rank, world, opts.per_proc_batch_size)
+        z, y, gens = draw_conditions(opts.global_seed, indices, cfg.in_channels, cfg.input_size,
+                                     cfg.num_classes)
+        _sync(prep.device)
+        t0 = time.perf_counter()
+        x = sampler(model, z.to(prep.device), y.to(prep.device), steps, opts.cfg_scale,
+                    runtime=runtime, generators=gens)
+        _sync(prep.device)
+        seconds.append(time.perf_counter() - t0)
+        keep = _written(indices, opts.num_fid_samples, opts.trim_samples)
+        x = x[:len(keep)]  # the kept indices are a prefix of the batch
+        if decoder is None:
+            out.write_latents(keep, x.cpu().numpy())
+        elif keep:
+            out.write_images(keep, decoder.decode(x))
+    return {"batch_seconds": seconds, "batches_run": len(todo)}
+
+
+def _peak_memory_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> dict:
+    opts, plan = prep.opts, prep.plan
+    info = dict(per_rank[0].get("runtime") or {})  # runtime.stats() of rank 0, then ours on top
+    info.update({
+        "model": opts.model, "mode": mode_name(plan), "world_size": prep.world_size,
+        "ep_size": plan.ep_size, "sampler": sampler_of(opts), "num_steps": steps_of(opts),
+        "num_samples": opts.num_fid_samples, "cfg_scale": opts.cfg_scale,
+        "image_size": image_size_of(opts),
+        "per_proc_batch_size": opts.per_proc_batch_size, "global_seed": opts.global_seed,
+        "dtype": opts.dtype, "device": prep.device, "vae": opts.vae,
+        "num_experts": prep.model_cfg.num_experts,
+        "sampling_seconds": max(sum(r["batch_seconds"]) for r in per_rank),
+        "batch_sampling_seconds": per_rank[0]["batch_seconds"],
+        "batches_total": num_batches_total, "batches_run": per_rank[0]["batches_run"],
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
+        "per_rank": per_rank,
+        "index_formula": "index = batch*per_proc_batch_size*world_size + i*world_size + rank",
+        "plan": dataclasses.asdict(plan),
+        "args": {k: v for k, v in dataclasses.asdict(opts).items() if k != "explicit"},
+        "explicit_args": sorted(opts.explicit),
+    })
+    return info
+
+
+def _finish(prep: Prepared, out, rank: int, world: int, mine: dict) -> dict | None:
+    """Gather per-rank measurements; rank 0 assembles npz, grid and run.json."""
+    import torch.distributed as dist
+
+    from dice_ds.diffusion import labels_for
+    from dice_ds.outputs import num_batches
+
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, mine)
+    if rank != 0:
+        return None
+    opts = prep.opts
+    info = _run_info(prep, per_rank, num_batches(opts.num_fid_samples, world,
+                                                 opts.per_proc_batch_size))
+    indices = list(range(opts.num_fid_samples))
+    if not opts.trim_samples:
+        info["npz"] = out.assemble(indices, labels_for(opts.global_seed, indices,
+                                                       prep.model_cfg.num_classes))
+    info["grid"] = out.write_grid(indices)
+    out.write_run_json(info)
+    return info
+
+
+def run(prep: Prepared) -> dict | None:
+    """The sampling run on this rank; returns rank 0's run.json content (None on other ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    from dice_ds.outputs import SampleDir
+    from dice_ds.parallel.groups import build_model_groups, init_distributed
+    from dice_ds.vae import build_decoder
+
+    opts = prep.opts
+    if prep.device == "cuda":
+        torch.cuda.set_device(_local_rank(opts))
+        torch.backends.cuda.matmul.allow_tf32 = opts.tf32
+        torch.backends.cudnn.allow_tf32 = opts.tf32
+    rank, world = init_distributed(prep.device)
+    if world != prep.world_size:
+        raise RuntimeError(f"world size {world} differs from the launcher's {prep.world_size}")
+    torch.manual_seed(opts.global_seed * world + rank)
+    model, runtime = _build(prep, build_model_groups(prep.plan.ep_size))
+    decoder = build_decoder(opts.vae, opts.vae_path, prep.device, prep.model_cfg.in_channels)
+    out = SampleDir(prep.sample_dir, latents_only=opts.vae == "none").create()
+    mine = _sample_loop(prep, model, runtime, decoder, out, rank, world)
+    mine.update(rank=rank, peak_memory_bytes=_peak_memory_bytes(prep.device),
+                runtime=runtime.stats() if runtime is not None else None)
+    info = _finish(prep, out, rank, world, mine)
+    dist.barrier()
+    if rank == 0:
+        print(f"dice-ds sample: wrote {opts.num_fid_samples} samples to {prep.sample_dir} "
+              f"(sampling {info['sampling_seconds']:.2f} s)", flush=True)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns 2 on bad input (before any process group), exits 1 if a rank fails."""
+    try:
+        prep = prepare(parse_options(argv))
+    except ConfigError as e:
+        if env_rank() == 0:
+            print(f"dice-ds sample: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        run(prep)
+    except BaseException as e:  # noqa: BLE001 - every failure must end this rank promptly
+        code = 2 if isinstance(e, ConfigError) else 1
+        print(f"[rank {env_rank()}] dice-ds sample failed:\n{traceback.format_exc()}",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
