@@ -4,7 +4,7 @@ Core dependencies are pinned exactly: megatron-core's dispatcher API changes bet
 and torch must stay the build already installed (install ``torch==2.13.0`` first on CPU machines; the
 pin is then satisfied and nothing pulls a CUDA build). ``patches/`` installs as ``dice_ds.patches``.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CORE = [
     "torch==2.13.0",
@@ -22,7 +22,8 @@ setup(
     version="0.1.0",
     description="Parallel inference of Mixture-of-Experts diffusion transformers (DiT-MoE, DICE)",
     python_requires=">=3.10",
-    packages=["dice_ds", "dice_ds.models", "dice_ds.moe", "dice_ds.parallel", "dice_ds.patches"],
+    # every dice_ds subpackage, plus patches/ installed as dice_ds.patches
+    packages=find_packages(include=["dice_ds", "dice_ds.*"]) + ["dice_ds.patches"],
     package_dir={"dice_ds": "dice_ds", "dice_ds.patches": "patches"},
     include_package_data=True,
     install_requires=CORE,

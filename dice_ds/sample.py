@@ -29,7 +29,6 @@ import resource
 import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 
 from dice_ds.config import ConfigError, ModelConfig, get_flavor
@@ -86,10 +85,7 @@ def _model_config(opts: RunOptions) -> tuple[ModelConfig, dict | None]:
 
     sd = read_state_dict(opts.ckpt)
     cfg = config_for_checkpoint(flavor, sd, num_experts=opts.num_experts)
-    if side != cfg.input_size:
-        warnings.warn(f"--image-size {image_size_of(opts)}: latent side {side} differs from the "
-                      f"checkpoint's {cfg.input_size}; pos_embed is regenerated and the "
-                      "images are for performance testing only (spec pitfall 17)", stacklevel=2)
+    # another image size than the flavor's: load_into_model regenerates pos_embed and warns
     return cfg.replace(input_size=side).validate(), sd
 
 
@@ -104,14 +100,21 @@ def _parallelize_fn(plan):
     return parallelize_dit_moe
 
 
-def prepare(opts: RunOptions) -> Prepared:
-    """Resolve everything that can fail on bad input; raises ConfigError. Starts no process group."""
+def prepare(opts: RunOptions, world_size: int | None = None) -> Prepared:
+    """Resolve everything that can fail on bad input; raises ConfigError. Starts no process group.
+
+    ``world_size``: the number of ranks the run will have (default: what the launcher announced in
+    the environment; tests that start ranks themselves pass it).
+    """
     from dice_ds.vae import check_decoder
 
     validate_options(opts)
-    world = env_world_size()
+    world = world_size or env_world_size()
     device = _resolve_device(opts)
     cfg, sd = _model_config(opts)
+    if sampler_of(opts) == "ddpm" and not cfg.learn_sigma:
+        raise ConfigError(f"--sampler ddpm needs a model with learned variance (learn_sigma); "
+                          f"{cfg.name} has none: use --sampler ddim or rf")
     check_decoder(opts.vae, opts.vae_path, cfg.in_channels)
     plan = build_plan(opts, world_size=world, num_experts=cfg.num_experts, depth=cfg.depth)
     sample_dir = opts.sample_dir or auto_sample_dir(opts, plan, world)

@@ -24,6 +24,7 @@ import torch
 from dice_ds.config import ConfigError
 
 SD_LATENT_SCALE = 0.18215
+SD_PIXELS_PER_LATENT = 8
 
 
 def to_uint8_nhwc(x_NCHW: torch.Tensor) -> np.ndarray:
@@ -77,7 +78,12 @@ def check_decoder(kind: str, path: str | None, channels: int) -> None:
             raise ConfigError(f"--vae-path {path}: no config.json (expected a diffusers "
                               "AutoencoderKL directory saved with save_pretrained)")
         with open(config) as fh:
-            latent = json.load(fh).get("latent_channels", 4)
+            conf = json.load(fh)
+        latent = conf.get("latent_channels", 4)
+        factor = 2 ** (len(conf.get("block_out_channels", (0,) * 4)) - 1)
+        if factor != SD_PIXELS_PER_LATENT:
+            raise ConfigError(f"--vae-path {path}: the VAE upsamples latents x{factor}, dice_ds "
+                              f"expects x{SD_PIXELS_PER_LATENT} (SD VAE layout, 4 resolution levels)")
         if latent != channels:
             raise ConfigError(f"--vae-path {path}: the VAE has {latent} latent channels but the "
                               f"model produces {channels}")

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import torch
 
-_SEED_MOD = 2**63 - 1
+_SEED_STRIDE = 0x9E3779B1  # odd, so index -> seed is a bijection mod 2^32 for every global seed
 
 
 def sample_seed(global_seed: int, index: int) -> int:
-    """Seed of sample ``index``'s generator: ``(global_seed · 2^32 + index) mod (2^63 − 1)``."""
-    return (int(global_seed) * 2**32 + int(index)) % _SEED_MOD
+    """Seed of sample ``index``'s generator: ``(index + global_seed · 0x9E3779B1) mod 2^32``.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so the seed is built in
+    32 bits: within one global seed, distinct indices always get distinct seeds.
+    """
+    return (int(index) + int(global_seed) * _SEED_STRIDE) % 2**32
 
 
 def draw_conditions(global_seed: int, indices: list[int], channels: int, side: int,
