@@ -237,7 +237,8 @@ def _to_model_keys(model, sd: dict, local: tuple[int, ...]) -> tuple[dict, int]:
     try:
         mapped = released_to_mcore(trimmed, local_experts=local)
     except KeyError as e:
-        raise CheckpointMismatchError(f"checkpoint does not match the model: missing {e.args[0]}")
+        raise CheckpointMismatchError(f"checkpoint does not match --model {model.cfg.name} (check "
+                                      f"--ckpt and --model): {e.args[0]}") from None
     for k in extra:  # experts beyond E would otherwise vanish silently in the trimming
         mapped[k] = sd[k]
     return mapped, dropped - len(extra)
