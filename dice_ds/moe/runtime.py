@@ -1,0 +1,352 @@
+"""``DiceRuntime``: the one object per model that runs every DiT-MoE MoE layer under a parallel plan.
+
+Owns the per-call orchestration of megatron's MoE phases (shared expert, route, preprocess,
+dispatch, expert compute, combine, postprocess) for sync, displaced and interweaved expert
+parallelism (spec §2.2-§2.5), the cross-layer interweaved ring, conditional communication, the
+payload dtype, and the run's measurements. ``DiTMoELayer.forward`` hands each call to
+``moe_forward(layer, h_S1D)``, which returns the layer output INCLUDING the shared expert.
+
+Who holds what:
+- ``states[l]`` (``LayerState``): layer l's exchanges held across steps and its slot cache;
+- the stale dispatchers (``dice_ds.moe.dispatcher``) own the communication of stale calls and move
+  records in and out of megatron's attributes; they read/write ``states`` given to them;
+- the runtime holds references to every layer, so an interweaved layer computes its ring
+  predecessor's experts; the seeded 'rand' skip generator; the timer and the comm ledger.
+
+Contract with the sampler: ``reset()`` at the start of each batch, ``begin_step(i, S)`` before EVERY
+model forward (i counts down S..1; the runtime never counts steps), ``finish()`` at batch end,
+``stats()`` afterwards. Schedule entries of ``stats()`` describe the last batch; traffic, cache and
+phase counters accumulate until ``reset_stats()``.
+
+Invariants:
+- a sync call runs megatron's own phases (its all-to-all dispatcher), so sync EP output equals
+  megatron's ``MoELayer.forward`` bitwise; at a sync step every in-flight exchange is waited on
+  before anything is cleared (pitfall 9), then async layers refill the exchanges the next async
+  step reads, with the fresh data and no handle;
+- conditional communication: a layer skips one slot per token on every step ``is_skip_step`` names
+  once it has launched a full exchange since ``reset()`` (the skipped slots are filled from its
+  slot cache, which needs one); the skipped (token, expert) entries are removed from the routing
+  map before megatron's preprocess, so they are neither permuted, sent nor computed. The 'rand'
+  mask is redrawn for every skipping (step, layer) from the runtime's generator, reseeded by
+  ``reset()`` (pitfall 10).
+
+Shape legend: S = T tokens of one call (N·T_img), D hidden, E experts, R permuted rows, 2 slots.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from dice_ds.moe import importance, policy
+from dice_ds.moe.dispatcher import DISPATCHERS, StaleAlltoAllTokenDispatcher, capture_record
+from dice_ds.moe.profile import CommLedger, PhaseTimer
+from dice_ds.moe.records import Exchange, LayerState, RecordExtras, SlotCache
+
+PAYLOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, eq=False)
+class _Routing:
+    """One call's slot bookkeeping: top-2 slot experts / probs and the skipped slot."""
+
+    slot_ids_T2: Optional[torch.Tensor] = None
+    slot_probs_T2: Optional[torch.Tensor] = None
+    skipped_slot_T: Optional[torch.Tensor] = None
+
+
+class DiceRuntime:
+    """Runs the MoE layers of one model under a ``ParallelPlan`` (built by ``parallelize_dit_moe``)."""
+
+    def __init__(self, layers, plan, groups, device: torch.device | str = "cpu"):
+        self.layers = {layer.moe_index: layer for layer in layers}
+        self.depth = len(self.layers)
+        self.plan = plan
+        self.groups = groups
+        self.ep_size = groups.ep_size
+        self.stale_enabled = plan.async_enabled
+        self.skip_enabled = plan.skip_period > 1 and self.ep_size > 1
+        self.current_weights = plan.stale_output_weights == "current"
+        self.async_layers = (policy.async_layer_indices(plan.async_layers, self.depth)
+                             if self.stale_enabled else ())
+        interweaved = plan.mode == "interweaved"
+        self.ring = {l: policy.ring_predecessor(l, self.async_layers) if interweaved else l
+                     for l in self.async_layers}
+        self.states = {l: LayerState(l) for l in self.layers}
+        self.timer = PhaseTimer(device)
+        self.ledger = CommLedger()
+        self.payload_dtype = PAYLOAD_DTYPES.get(plan.payload_dtype)
+        self._rand = torch.Generator()
+        self._megatron_dispatchers: dict = {}
+        self._clear_run()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _clear_run(self) -> None:
+        self._rand.manual_seed(self.plan.skip_seed)
+        self._step: Optional[int] = None
+        self._num_steps: Optional[int] = None
+        self._sync_steps: frozenset = frozenset()
+        self._step_sync = True
+        self._called: set = set()
+        self._skip_log: dict = defaultdict(list)
+
+    def install(self, make_pg_collection) -> "DiceRuntime":
+        """Attach to every layer; give async layers a stale dispatcher (megatron's is kept)."""
+        for l, layer in self.layers.items():
+            if l in self.async_layers:
+                old = layer.token_dispatcher
+                self._megatron_dispatchers[l] = old
+                layer.token_dispatcher = DISPATCHERS[self.plan.mode](
+                    old.num_local_experts, old.local_expert_indices, layer.config,
+                    make_pg_collection(), layer=l, state=self.states[l],
+                    source_state=self.states[self.ring[l]], ledger=self.ledger, timer=self.timer,
+                    on_store=self._observe_cache)
+            layer.runtime = self
+        return self
+
+    def detach(self) -> None:
+        """Undo ``install``: drain, restore megatron's dispatchers, detach from the layers."""
+        self.finish()
+        for l, disp in self._megatron_dispatchers.items():
+            self.layers[l].token_dispatcher = disp
+        self._megatron_dispatchers.clear()
+        for layer in self.layers.values():
+            layer.runtime = None
+
+    def reset(self) -> None:
+        """Start of a batch: wait on every in-flight handle, clear all state, reseed 'rand'."""
+        for st in self.states.values():
+            st.reset()
+        self._clear_run()
+
+    def reset_stats(self) -> None:
+        self.timer.reset()
+        self.ledger.reset()
+
+    def begin_step(self, step: int, num_steps: int) -> None:
+        """Before EVERY model forward: step i counts down from S (= num_steps) to 1."""
+        if num_steps < 1 or not 1 <= step <= num_steps:
+            raise ValueError(f"begin_step({step}, {num_steps}): need 1 <= step <= num_steps")
+        if num_steps != self._num_steps:
+            self._num_steps = num_steps
+            p = self.plan
+            self._sync_steps = (policy.sync_steps(num_steps, p.warmup, p.cooldown, p.strided)
+                                if self.stale_enabled else frozenset(range(1, num_steps + 1)))
+        self._step = step
+        self._step_sync = step in self._sync_steps
+        self._called.clear()
+        if self._step_sync:
+            with self.timer.phase("drain"):
+                for st in self.states.values():
+                    st.drain()
+
+    def finish(self) -> None:
+        """End of a batch: wait on everything in flight and free every held buffer."""
+        with self.timer.phase("drain"):
+            for st in self.states.values():
+                st.reset()
+        self._step = None
+
+    def inflight_handles(self) -> int:
+        return sum(st.inflight_handles() for st in self.states.values())
+
+    def held_bytes(self) -> int:
+        return sum(st.nbytes() for st in self.states.values())
+
+    def _observe_cache(self) -> None:
+        sends = sum(x.send_nbytes() for st in self.states.values() for x in st.exchanges())
+        self.ledger.observe_cache(self.held_bytes(), sends)
+
+    # -- per-call orchestration ----------------------------------------------------------------
+    def layer_is_stale(self, layer: int) -> bool:
+        return self.stale_enabled and not self._step_sync and layer in self.async_layers
+
+    def moe_forward(self, layer, h_S1D: torch.Tensor) -> torch.Tensor:
+        l = layer.moe_index
+        if self.stale_enabled or self.skip_enabled:
+            if self._step is None:
+                raise RuntimeError("DiceRuntime: call begin_step(i, S) before every model forward")
+            if l in self._called and self.stale_enabled:
+                raise RuntimeError(f"MoE layer {l} called twice in step {self._step}: call "
+                                   "begin_step before every model forward")
+            self._called.add(l)
+        if self.layer_is_stale(l):
+            return self._stale_forward(layer, h_S1D)
+        return self._sync_forward(layer, h_S1D)
+
+    def _route(self, layer, h_S1D):
+        with self.timer.phase("router"):
+            probs_TE, rmap_TE = layer.route(h_S1D)
+        # 'current' weights reweight stale rows by slot, so every record of an async layer needs
+        # its slots, also the sync-step records that the next async step consumes
+        async_current = self.current_weights and layer.moe_index in self.async_layers
+        if not (self.skip_enabled or async_current):
+            return probs_TE, rmap_TE, _Routing()
+        with self.timer.phase("importance"):
+            hi_T, lo_T = importance.slot_experts(probs_TE, rmap_TE)
+            slot_ids_T2 = torch.stack([hi_T, lo_T], dim=1)
+            slot_probs_T2 = probs_TE.gather(1, slot_ids_T2).float()
+            state, skipped_slot_T = self.states[layer.moe_index], None
+            if (self.skip_enabled and policy.is_skip_step(self._step, self.plan.skip_period)
+                    and state.full_launched):
+                skipped_TE = importance.skip_map(probs_TE, rmap_TE, self.plan.skip_strategy,
+                                                 self._rand)
+                # slot 0 (higher score) skipped where the skip mask hits the hi expert
+                skipped_slot_T = (~skipped_TE.gather(1, hi_T.unsqueeze(1)).squeeze(1)).long()
+                rmap_TE = rmap_TE & ~skipped_TE
+                self._skip_log[layer.moe_index].append(self._step)
+            else:
+                state.full_launched = True
+        return probs_TE, rmap_TE, _Routing(slot_ids_T2, slot_probs_T2, skipped_slot_T)
+
+    def _extras(self, layer, routing: _Routing, rmap_TE) -> RecordExtras:
+        """Slot of every permuted row (megatron's permutation is expert-major, tokens ascending)."""
+        if routing.slot_ids_T2 is None:
+            return RecordExtras()
+        rows_token_R = layer.token_dispatcher.reversed_local_input_permutation_mapping
+        experts = torch.arange(rmap_TE.shape[1], device=rmap_TE.device)
+        expert_R = torch.repeat_interleave(experts, rmap_TE.sum(dim=0))
+        row_slot_R = (expert_R != routing.slot_ids_T2[rows_token_R, 0]).to(torch.int8)
+        return RecordExtras(row_slot_R=row_slot_R, slot_probs_T2=routing.slot_probs_T2,
+                            skipped_slot_T=routing.skipped_slot_T)
+
+    def _to_payload(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.payload_dtype is None else x.to(self.payload_dtype)
+
+    def _count_sync(self, disp, layer: int, payload, probs, kind: str) -> None:
+        if self.ep_size == 1:
+            return
+        splits = disp.input_splits if kind == "dispatch" else disp.output_splits
+        me, rows = self.groups.ep_rank, int(payload.shape[0])
+        row_bytes = payload[0].numel() * payload.element_size() if rows else 0
+        self.ledger.sent(step=self._step, layer=layer, kind=kind, rows=rows,
+                         token_bytes=payload.numel() * payload.element_size(),
+                         prob_bytes=0 if probs is None else probs.numel() * probs.element_size(),
+                         remote_rows=rows - int(splits[me]), row_bytes=row_bytes)
+
+    def _refills(self, l: int) -> tuple[bool, bool]:
+        """(dispatch, combine) exchanges a sync call of layer l leaves for the next async step."""
+        if l not in self.async_layers:
+            return False, False
+        return DISPATCHERS[self.plan.mode].keeps_after_sync(l == self.async_layers[-1])
+
+    def _sync_forward(self, layer, h_S1D: torch.Tensor) -> torch.Tensor:
+        """megatron's phases, plus records for the exchanges the next async step reads."""
+        l, disp, act = layer.moe_index, layer.token_dispatcher, h_S1D.dtype
+        if isinstance(disp, StaleAlltoAllTokenDispatcher):
+            disp.begin_call(stale=False, step=self._step)
+        with self.timer.phase("shared"):
+            shared = layer.shared_experts_compute(h_S1D)
+        probs_TE, rmap_TE, routing = self._route(layer, h_S1D)
+        with self.timer.phase("preprocess"):
+            tokens_RD, probs_R = layer.preprocess(h_S1D, probs_TE, rmap_TE)
+        extras = self._extras(layer, routing, rmap_TE)
+        tokens_RD = self._to_payload(tokens_RD)
+        with self.timer.phase("dispatch"):
+            recv_RD, recv_probs = layer.dispatch(tokens_RD, probs_R)
+        self._count_sync(disp, l, tokens_RD, probs_R, "dispatch")
+        keep_dispatch, keep_combine = self._refills(l)
+        record = None
+        if self.ep_size > 1 and (keep_dispatch or keep_combine or extras.row_slot_R is not None):
+            record = capture_record(disp, step=self._step, layer=l, extras=extras)
+        if keep_dispatch:
+            self.states[l].put("dispatch", Exchange(record, recv_RD, recv_probs))
+        with self.timer.phase("experts"):
+            out_RD, _ = layer.routed_experts_compute(recv_RD.to(act), recv_probs)
+        out_RD = self._to_payload(out_RD)
+        with self.timer.phase("combine"):
+            rows_RD = layer.combine(out_RD)
+        self._count_sync(disp, l, out_RD, None, "combine")
+        if keep_combine:
+            self.states[l].put("combine", Exchange(record, rows_RD, weighted=True))
+        if keep_dispatch or keep_combine:
+            self._observe_cache()
+        with self.timer.phase("postprocess"):
+            return self._postprocess(layer, rows_RD.to(act), record, True, routing, shared, False)
+
+    def _stale_forward(self, layer, h_S1D: torch.Tensor) -> torch.Tensor:
+        """One async call: this step's tokens go out, a stale exchange is computed and returned."""
+        l, disp, act = layer.moe_index, layer.token_dispatcher, h_S1D.dtype
+        source = self.layers[self.ring[l]]
+        disp.begin_call(stale=True, step=self._step, experts_weighted=not self.current_weights)
+        with self.timer.phase("shared"):
+            shared = layer.shared_experts_compute(h_S1D)
+        probs_TE, rmap_TE, routing = self._route(layer, h_S1D)
+        with self.timer.phase("preprocess"):
+            tokens_RD, probs_R = layer.preprocess(h_S1D, probs_TE, rmap_TE)  # posts the counts
+        disp.extras = self._extras(layer, routing, rmap_TE)
+        with self.timer.phase("dispatch"):
+            recv_RD, recv_probs = disp.token_dispatch(self._to_payload(tokens_RD), probs_R)
+        with self.timer.phase("experts"):
+            recv_RD, tokens_per_expert, recv_probs = disp.dispatch_postprocess(
+                recv_RD.to(act), recv_probs)
+            if self.current_weights:
+                recv_probs = torch.ones_like(recv_probs)
+            out_RD, _ = source.experts(recv_RD, tokens_per_expert, recv_probs)
+            out_RD = disp.combine_preprocess(out_RD)
+        with self.timer.phase("combine"):
+            rows_RD = disp.token_combine(self._to_payload(out_RD))
+        own = disp.returned
+        with self.timer.phase("postprocess"):
+            return self._postprocess(layer, rows_RD.to(act), own.record, own.weighted, routing,
+                                     shared, True)
+
+    def _postprocess(self, layer, rows_RD, record, weighted: bool, routing: _Routing, shared,
+                     stale: bool) -> torch.Tensor:
+        """Router weights for stale rows, slot cache / skipped-slot fill, unpermute, + shared."""
+        if record is None or (not stale and record.extras.row_slot_R is None):
+            return layer.postprocess(rows_RD, shared)
+        fill_TD = None
+        if self.skip_enabled and record.extras.row_slot_R is not None:
+            st = self.states[layer.moe_index]
+            if record.is_full:
+                st.slots = SlotCache.from_rows(rows_RD, record, weighted)
+            else:
+                if st.slots is None:
+                    raise RuntimeError(f"layer {layer.moe_index}: skipped slots but no cache")
+                target = routing.slot_probs_T2 if self.current_weights else None
+                fill_TD = st.slots.fill_TD(record.extras.skipped_slot_T, target)
+        if stale and self.current_weights:
+            w_R = record.row_weights_R(routing.slot_probs_T2)
+            if weighted:
+                w_R = w_R / record.row_weights_R(record.extras.slot_probs_T2)
+            rows_RD = rows_RD * w_R.to(rows_RD.dtype).unsqueeze(-1)
+        y_S1D = layer.token_dispatcher.combine_postprocess(rows_RD)
+        if fill_TD is not None:
+            y_S1D = y_S1D + fill_TD.view_as(y_S1D)
+        return y_S1D + shared if shared is not None else y_S1D
+
+    # -- report --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """JSON-able measurements (module docstring: which entries are per batch)."""
+        secs = self.timer.seconds()
+        secs["wait"] = sum(v for k, v in secs.items() if k.startswith("wait_"))
+        for key in ("router", "dispatch", "experts", "combine"):
+            secs.setdefault(key, 0.0)
+        lg = self.ledger
+        return {
+            "ep_size": self.ep_size,
+            "mode": self.plan.mode,
+            "sync_steps": sorted(self._sync_steps),
+            "async_layers": list(self.async_layers),
+            "ring": {str(l): p for l, p in self.ring.items()} if self.plan.mode == "interweaved"
+            else {},
+            "stale_output_weights": self.plan.stale_output_weights,
+            "skip_period": self.plan.skip_period,
+            "skip_strategy": self.plan.skip_strategy,
+            "skip_steps": {str(l): steps for l, steps in sorted(self._skip_log.items())},
+            "ep_cache_peak_bytes": lg.cache_peak_bytes,
+            "ep_inflight_send_peak_bytes": lg.send_inflight_peak_bytes,
+            "skip_cache_bytes": sum(st.slots.nbytes() for st in self.states.values() if st.slots),
+            "a2a_bytes_sent": lg.bytes_sent,
+            "a2a_token_bytes_sent": lg.token_bytes_sent,
+            "a2a_rows_sent": lg.rows_sent,
+            "a2a_rows_sent_remote": lg.rows_sent_remote,
+            "a2a_bytes_sent_remote": lg.bytes_sent_remote,
+            "a2a_rows_by_step": lg.rows_by_step(),
+            "phase_seconds": secs,
+            "payload_dtype": self.plan.payload_dtype or "activation",
+        }
