@@ -16,7 +16,10 @@ Invariants:
 - the first step (i = S) is always a sync step: the stale modes have no previous step to return;
 - cool-down works on its own (the reference ignores it unless warm-up or strided sync is set,
   spec pitfall 4);
-- a skip step is never a sync step: a sync step refills every cache with full exchanges.
+- the first step never skips: a skipped slot is filled from the layer's slot cache of the last full
+  exchange, and there is none yet. Every later step the period names skips, sync steps and sync
+  layers included (spec §2.5: the mechanism also applies to sync layers); this is the schedule the
+  runtime (``dice_ds.moe.runtime``) realises.
 """
 
 from __future__ import annotations
@@ -121,11 +124,11 @@ def is_skip_step(step: int, skip_period: int) -> bool:
 
 
 def step_skips(step: int, num_steps: int, plan: "ParallelPlan") -> bool:
-    """True iff ``step`` skips a slot per token: a skip step by ``is_skip_step`` that is not a sync
-    step (sync steps exchange every slot and refill the caches) and that has EP enabled."""
+    """True iff ``step`` skips one slot per token in every MoE layer: EP is enabled, ``is_skip_step``
+    names the step, and it is not the first step (module invariants: no slot cache yet)."""
     if not plan.ep_enabled or not is_skip_step(step, plan.skip_period):
         return False
-    return step not in sync_steps(num_steps, plan.warmup, plan.cooldown, plan.strided)
+    return step != num_steps
 
 
 def describe_schedule(plan: "ParallelPlan", num_steps: int, depth: int) -> dict:

@@ -101,12 +101,15 @@ def test_is_skip_step():
         is_skip_step(3, 0)
 
 
-def test_step_skips_never_on_sync_steps():
+def test_step_skips_every_named_step_but_the_first():
     plan = ParallelPlan(ep_size=2, mode="interweaved", skip_period=2, skip_strategy="low", cooldown=1)
-    assert [i for i in range(9, 0, -1) if step_skips(i, 9, plan)] == [7, 5, 3]  # 9 first, 1 cool-down
+    # 9 is the first step (no slot cache yet); 1 is a cool-down sync step and still skips
+    assert [i for i in range(9, 0, -1) if step_skips(i, 9, plan)] == [7, 5, 3, 1]
+    assert [i for i in range(10, 0, -1) if step_skips(i, 10, plan)] == [9, 7, 5, 3, 1]
     assert not any(step_skips(i, 9, plan.replace(ep_size=1)) for i in range(1, 10))
     sync_plan = plan.replace(mode="sync")  # conditional communication also applies to sync EP
-    assert [i for i in range(9, 0, -1) if step_skips(i, 9, sync_plan)] == [7, 5, 3]
+    assert [i for i in range(9, 0, -1) if step_skips(i, 9, sync_plan)] == [7, 5, 3, 1]
+    assert [i for i in range(9, 0, -1) if step_skips(i, 9, plan.replace(skip_period=3))] == [8, 7, 5, 4, 2, 1]
 
 
 def test_describe_schedule_is_json_and_consistent():
@@ -117,7 +120,7 @@ def test_describe_schedule_is_json_and_consistent():
     assert d["sync_steps"] == [10, 5]
     assert d["async_layers"] == [0, 1, 2, 3] and d["sync_layers"] == [4, 5, 6, 7]
     assert d["ring"] == {"0": 3, "1": 0, "2": 1, "3": 2}
-    assert d["skip_steps"] == [9, 7, 3, 1]
+    assert d["skip_steps"] == [9, 7, 5, 3, 1]
     displaced = describe_schedule(plan.replace(mode="displaced"), 10, 8)
     assert displaced["ring"] == {} and displaced["async_layers"] == [0, 1, 2, 3]
     sync = describe_schedule(plan.replace(mode="sync", skip_period=1), 4, 8)
