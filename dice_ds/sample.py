@@ -62,7 +62,7 @@ class Prepared:
     sample_dir: str
     state_dict: dict | None
     parallelize: object | None
-    """``parallelize_dit_moe`` when the plan uses expert parallelism."""
+    """``dice_ds.parallel.apply.parallelize_dit_moe`` (None only if that module is absent)."""
 
 
 def _resolve_device(opts: RunOptions) -> str:
@@ -90,13 +90,14 @@ def _model_config(opts: RunOptions) -> tuple[ModelConfig, dict | None]:
 
 
 def _parallelize_fn(plan):
-    if not plan.ep_enabled:
-        return None
+    """``parallelize_dit_moe``: every plan goes through it (DP included: it then only measures)."""
     try:
         from dice_ds.parallel.apply import parallelize_dit_moe
     except ImportError as e:
-        raise ConfigError(f"--ep: expert parallelism is not available in this build yet ({e}); "
-                          "run without --ep (data parallel)") from None
+        if plan.ep_enabled:
+            raise ConfigError(f"--ep: expert parallelism is not available in this build ({e}); "
+                              "run without --ep (data parallel)") from None
+        return None
     return parallelize_dit_moe
 
 

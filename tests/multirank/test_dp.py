@@ -53,3 +53,22 @@ def test_two_ranks_write_the_same_images_as_one(tmp_path):
     assert len({img.tobytes() for img in npz1["arr_0"]}) == 7  # every sample differs
     run_json = json.load(open(os.path.join(two, "run.json")))
     assert run_json["world_size"] == 2 and run_json["mode"] == "dp" and run_json["sampler"] == "ddpm"
+
+
+def _latents(rank, world, flags):
+    from dice_ds.options import parse_options
+    from dice_ds.sample import prepare, run
+
+    info = run(prepare(parse_options(flags), world_size=world))
+    return None if info is None else (info["mode"], info["ep_size"])
+
+
+def test_sync_ep_run_writes_the_same_latents_as_a_single_process(tmp_path):
+    flags = ["--model", "debug", "--init", "random", "--vae", "none", "--num-sampling-steps", "4",
+             "--num-fid-samples", "6", "--per-proc-batch-size", "3", "--device", "cpu"]
+    (one,) = run_ranks(_latents, 1, tmp_path, flags + ["--sample-dir", str(tmp_path / "a")])
+    ep = run_ranks(_latents, 2, tmp_path, flags + ["--sample-dir", str(tmp_path / "b"), "--ep"])
+    assert one == ("dp", 1) and ep[0] == ("ep", 2)
+    a = np.load(tmp_path / "a" / "latents.npz")["arr_0"]
+    b = np.load(tmp_path / "b" / "latents.npz")["arr_0"]
+    assert a.shape == (6, 4, 8, 8) and np.array_equal(a, b)
