@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from dice_ds.config import ConfigError, get_flavor
+from dice_ds.config import FLAVORS, ConfigError, get_flavor
 
 
 def _opt(default, kind, help_, flags=None, choices=None):
@@ -34,7 +34,7 @@ class RunOptions:
     """Every option of one sampling run (see ``dice-ds sample --help``)."""
 
     # model and weights
-    model: str = _opt("DiT-XL/2", str, "model flavor: debug, DiT-S/2, DiT-B/2, DiT-XL/2, DiT-G/2")
+    model: str = _opt("DiT-XL/2", str, f"model flavor: {', '.join(FLAVORS)}")
     num_experts: int | None = _opt(None, int, "routed experts E; read from --ckpt (an explicit "
                                    "value must match it); without --ckpt the flavor's")
     ckpt: str | None = _opt(None, str, "checkpoint file (released DiT-MoE .pt or dice_ds)")
@@ -99,8 +99,8 @@ class RunOptions:
                                      "§2.2.4), so here it means --stale-output-weights cached")
     a2a_dtype: str | None = _opt(None, str, "all-to-all payload dtype (default: activation dtype)",
                                  choices=("fp32", "bf16", "fp16"))
-    auto_gc: bool = _opt(False, bool, "reference flag (needs --ep-async); dice_ds always frees "
-                         "consumed exchange buffers, so it only marks the run")
+    auto_gc: bool = _opt(False, bool, "reference flag (needs --ep-async); the dice_ds runtime "
+                         "manages exchange-buffer lifetimes itself, so it is only recorded")
     # sequence parallelism: not implemented yet (rejected by validate_options)
     sp: bool = _opt(False, bool, "sequence parallelism (not implemented yet)")
     sp_async: bool = _opt(False, bool, "displaced SP / DistriFusion (not implemented yet)")
