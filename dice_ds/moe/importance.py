@@ -1,6 +1,7 @@
 """Token importance for conditional communication: which of a token's two routed slots is skipped.
 
-Owns the pure tensor functions that turn a router's output into slot ids and skip masks (spec §2.5).
+Owns the pure tensor functions that turn a router's output into slot ids and skip masks
+(spec §2.5).
 No process group, no state: the 'rand' strategy takes an explicit ``torch.Generator`` owned by the
 caller's per-run state (spec pitfall 10), so a mask is reproducible from (inputs, generator state).
 
@@ -39,7 +40,8 @@ def _check_top2(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor) -> None:
                          f"token); found tokens routed to {bad} experts")
 
 
-def slot_experts(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_experts(probs_TE: torch.Tensor,
+                 routing_map_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ids of each token's higher- and lower-scored routed slot: ``(hi_T, lo_T)``."""
     _check_top2(probs_TE, routing_map_TE)
     masked_TE = probs_TE.float().masked_fill(~routing_map_TE, float("-inf"))
@@ -56,8 +58,8 @@ def skip_map(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, strategy: str
     """Bool ``skipped_TE`` with exactly one skipped routed slot per token.
 
     'low' skips the lower-scored slot (DICE's choice), 'high' the higher-scored one, 'rand' one of
-    the two with probability 1/2 each, drawn from ``generator`` (required; CPU generator, T draws per
-    call, so the caller's generator state fully determines the mask sequence).
+    the two with probability 1/2 each, drawn from ``generator`` (required; T draws per call, so
+    the caller's generator state fully determines the mask sequence).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"skip strategy {strategy!r}: use one of {STRATEGIES}")
@@ -68,7 +70,8 @@ def skip_map(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, strategy: str
         skip_T = hi_T
     else:
         if generator is None:
-            raise ValueError("skip strategy 'rand' needs an explicit torch.Generator (per-run state)")
+            raise ValueError("skip strategy 'rand' needs an explicit torch.Generator "
+                             "(per-run state)")
         coin_T = torch.randint(0, 2, (hi_T.numel(),), generator=generator,
                                device=generator.device).to(hi_T.device).bool()
         skip_T = torch.where(coin_T, hi_T, lo_T)

@@ -34,7 +34,8 @@ AsyncLayersSpec = Union[str, tuple[int, ...], list[int]]
 NAMED_LAYER_SETS = ("all", "shallow", "deep", "interleaved")
 
 
-def sync_steps(num_steps: int, warmup: int = 0, cooldown: int = 0, strided: int = 0) -> frozenset[int]:
+def sync_steps(num_steps: int, warmup: int = 0, cooldown: int = 0,
+               strided: int = 0) -> frozenset[int]:
     """Steps i in [1, S] on which every layer runs synchronous EP.
 
     Union of: the first step (i = S); warm-up steps rev = 0..warmup; strided steps
@@ -124,8 +125,8 @@ def is_skip_step(step: int, skip_period: int) -> bool:
 
 
 def step_skips(step: int, num_steps: int, plan: "ParallelPlan") -> bool:
-    """True iff ``step`` skips one slot per token in every MoE layer: EP is enabled, ``is_skip_step``
-    names the step, and it is not the first step (module invariants: no slot cache yet)."""
+    """True iff ``step`` skips one slot per token in every MoE layer: EP is enabled,
+    ``is_skip_step`` names the step, and it is not the first step (no slot cache yet)."""
     if not plan.ep_enabled or not is_skip_step(step, plan.skip_period):
         return False
     return step != num_steps

@@ -154,8 +154,8 @@ def _torch_expert_groups(ep_size: int, single: dist.ProcessGroup
 def _deepspeed_expert_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """DeepSpeed's expert / expert-data-parallel groups on the existing torch default group.
 
-    DeepSpeed caches them by name (``ep_size_{n}``) in module globals, so a second call with the same
-    size returns the same groups on every rank (and creates none, on every rank alike).
+    DeepSpeed caches them by name (``ep_size_{n}``) in module globals, so a second call with the
+    same size returns the same groups on every rank (and creates none, on every rank alike).
     """
     from dice_ds.patches.deepspeed_cpu import apply_deepspeed_cpu_patches
 
