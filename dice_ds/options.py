@@ -86,9 +86,9 @@ class RunOptions:
                                        "(instead of --ep-async-mode)")
     ep_async_warm_up: int = _opt(0, int, "steps rev = 0..w run sync (w+1 sync steps)")
     ep_async_cool_down: int = _opt(0, int, "the last c steps run sync (works on its own)")
-    strided_sync: int = _opt(0, int, "steps with i % s == 0 run sync (0: off)")
+    strided_sync: int = _opt(0, int, "steps with i %% s == 0 run sync (0: off)")
     ep_async_noskip_step: int = _opt(1, int, "conditional communication: skip one slot per token "
-                                     "on steps with i % P != 0 (1: off)")
+                                     "on steps with i %% P != 0 (1: off)")
     ep_async_skip_strategy: str | None = _opt(None, str, "slot to skip (needs P > 1)",
                                               choices=("low", "high", "rand"))
     stale_output_weights: str | None = _opt(None, str, "router weights multiplying stale expert "
