@@ -188,3 +188,15 @@ def test_cli_dispatch(capsys):
     assert main([]) == 2 and "usage: dice-ds" in capsys.readouterr().out
     assert main(["--help"]) == 0
     assert main(["frobnicate"]) == 2 and "unknown command" in capsys.readouterr().err
+
+
+def test_readme_documents_every_flag_and_ci_runs_the_readme_test_command():
+    from dice_ds.options import _flag, option_fields
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    missing = [_flag(f.name) for f in option_fields() if f"`{_flag(f.name)}`" not in readme]
+    assert not missing, f"README flag table lacks {missing}"
+    assert "```bash\nbash scripts/run_main.sh\n```" in readme
+    assert "```bash\nbash scripts/test.sh\n```" in readme
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert "\nbash scripts/test.sh\n" in ci
