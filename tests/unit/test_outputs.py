@@ -110,3 +110,18 @@ def test_sd_vae_output_size_follows_the_image_size(tmp_path, size):
     vae = tiny_vae(tmp_path / "vae")
     _run(tmp_path / "s", vae, "--image-size", str(size), "--num-fid-samples", "1")
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (1, size, size, 3)
+
+
+def test_pixel_conversion_follows_the_reference_formula():
+    import torch
+
+    from dice_ds.config import ConfigError
+    from dice_ds.vae import IdentityDecoder, to_uint8_nhwc
+
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 1, 6)
+    img = to_uint8_nhwc(x)  # clamp(127.5 x + 128, 0, 255), truncated, 1 channel -> RGB
+    assert img.shape == (1, 1, 6, 3) and img.dtype == np.uint8
+    assert img[0, 0, :, 0].tolist() == [0, 64, 128, 255, 255, 255] and (img[..., 0] == img[..., 2]).all()
+    assert IdentityDecoder(3).decode(torch.zeros(2, 3, 4, 4)).shape == (2, 4, 4, 3)
+    with pytest.raises(ConfigError, match="1 or 3 image channels"):
+        IdentityDecoder(4)
