@@ -92,6 +92,9 @@ def _register(registry: dict, cfg: ModelConfig) -> None:
 FLAVORS: dict[str, ModelConfig] = {}
 for _cfg in (
     ModelConfig("debug", depth=2, hidden_size=64, num_heads=4, num_experts=4, input_size=8),
+    # the shipped trained model (dice_ds/assets): pixel space (identity "VAE"), 16×16 grayscale digits
+    ModelConfig("digits", depth=4, hidden_size=64, num_heads=4, num_experts=8, in_channels=1,
+                input_size=16, num_classes=10, learn_sigma=False, attn_layout="flash"),
     ModelConfig("DiT-S/2", depth=12, hidden_size=384, num_heads=6, sampler="ddpm"),
     ModelConfig("DiT-B/2", depth=12, hidden_size=768, num_heads=12, sampler="ddpm"),
     ModelConfig("DiT-XL/2", depth=28, hidden_size=1152, num_heads=16, attn_layout="flash"),
