@@ -182,6 +182,18 @@ def test_expert_count_disagreeing_with_the_checkpoint_is_a_config_error(tmp_path
     assert main(flags + ["--model", "DiT-S/2"]) == 2  # flavor does not match the checkpoint
 
 
+
+def test_ddpm_needs_a_learned_variance(monkeypatch, capsys):
+    from dice_ds.config import FLAVORS, get_flavor
+    from dice_ds.sample import main
+
+    monkeypatch.setitem(FLAVORS, "nosigma", get_flavor("debug").replace(name="nosigma",
+                                                                         learn_sigma=False))
+    assert main(["--model", "nosigma", "--init", "random", "--vae", "none", "--sampler",
+                 "ddpm"]) == 2
+    assert "needs a model with learned variance" in capsys.readouterr().err
+
+
 def test_cli_dispatch(capsys):
     from dice_ds.cli import main
 
