@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import resource
 import sys
@@ -255,6 +256,11 @@ def _finish(prep: Prepared, out, rank: int, world: int, mine: dict) -> dict | No
     if rank != 0:
         return None
     opts = prep.opts
+    previous = os.path.join(out.path, "run.json")
+    if mine["batches_run"] == 0 and os.path.isfile(previous):
+        # every batch was already done: keep the measurements of the run that produced them
+        with open(previous) as fh:
+            return {**json.load(fh), "already_complete": True}
     info = _run_info(prep, per_rank, num_batches(opts.num_fid_samples, world,
                                                  opts.per_proc_batch_size))
     indices = list(range(opts.num_fid_samples))
@@ -292,9 +298,13 @@ def run(prep: Prepared) -> dict | None:
                 runtime=runtime.stats() if runtime is not None else None)
     info = _finish(prep, out, rank, world, mine)
     dist.barrier()
-    if rank == 0:
+    if rank == 0 and info.get("already_complete"):
+        print(f"dice-ds sample: all {opts.num_fid_samples} samples already exist in "
+              f"{prep.sample_dir}; nothing to do (delete it to sample again)", flush=True)
+    elif rank == 0:
         print(f"dice-ds sample: wrote {opts.num_fid_samples} samples to {prep.sample_dir} "
-              f"(sampling {info['sampling_seconds']:.2f} s)", flush=True)
+              f"(sampling {info['sampling_seconds']:.2f} s, {info['batches_run']} of "
+              f"{info['batches_total']} batches run)", flush=True)
     return info
 
 

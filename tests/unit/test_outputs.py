@@ -95,6 +95,10 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
                 "peak_memory_bytes", "args"):
         assert key in run_json
     assert run_json["mode"] == "dp" and run_json["num_steps"] == 4 and run_json["peak_memory_bytes"] > 0
+    # a complete directory: nothing is sampled and the measurements of the real run are kept
+    again = _run(part, vae)
+    assert again["already_complete"] and again["batches_run"] == 1
+    assert json.load(open(part / "run.json")) == run_json
 
 
 def test_trimmed_run_writes_one_image_per_batch(tmp_path):
