@@ -59,11 +59,10 @@ def load_digits_tensors(split: str = "all", size: int = DIGITS_SIZE
 
 
 def to_uint8(x_NCHW: torch.Tensor) -> np.ndarray:
-    """[-1, 1] pixels -> uint8 [N, H, W, 3] (channels replicated to RGB when C = 1)."""
-    u8 = (127.5 * x_NCHW.float() + 128.0).clamp(0, 255).to(torch.uint8)
-    if u8.shape[1] == 1:
-        u8 = u8.expand(-1, 3, -1, -1)
-    return u8.permute(0, 2, 3, 1).contiguous().numpy()
+    """[-1, 1] pixels -> uint8 [N, H, W, 3], exactly as ``--vae identity`` writes samples."""
+    from dice_ds.vae import to_uint8_nhwc
+
+    return to_uint8_nhwc(x_NCHW)
 
 
 def from_uint8(images_NHWC: np.ndarray) -> torch.Tensor:

@@ -1,0 +1,133 @@
+"""``dice-ds eval``: offline quality metrics of sample sets (``main(argv)``; dispatched by dice_ds.cli).
+
+Owns the three entry points and their flags; bad input is a one-line error (exit 2), no traceback:
+
+- ``dice-ds eval SAMPLES [--reference REF] [--classifier PATH] [--json OUT]``: digits metrics of a
+  sample dir or ``.npz`` made with the shipped ``digits`` model: digits-FID against the real digits,
+  class accuracy (labels saved by the sampler), and MSE/PSNR against REF (a run of the same seeds,
+  normally the sync-EP run);
+- ``dice-ds eval --fid SAMPLES.npz --reference REF.npz --inception-weights W.pth``: the full-scale
+  FID-50K path (``dice_ds.eval.fid``; REF is the ADM batch or mu/sigma statistics);
+- ``dice-ds eval --sweep [--out docs/quality] ...``: the quality table over parallel modes
+  (``dice_ds.eval.sweep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+
+from dice_ds.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dice-ds eval", description=__doc__.split("\n")[0])
+    p.add_argument("samples", nargs="?", help="sample directory or samples.npz")
+    p.add_argument("--reference", help="digits mode: sample dir/.npz of the same seeds (PSNR/MSE); "
+                   "--fid: ADM reference batch .npz or an .npz with mu/sigma")
+    p.add_argument("--classifier", help="digits classifier weights (default: the shipped one)")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    g = p.add_argument_group("full-scale FID (--fid)")
+    g.add_argument("--fid", action="store_true", help="FID/IS/precision/recall with InceptionV3")
+    g.add_argument("--inception-weights", help="local torch-fidelity InceptionV3 weights (.pth)")
+    g.add_argument("--device", default="cpu", help="device for the Inception forward (cpu|cuda)")
+    g.add_argument("--batch-size", type=int, default=200, help="Inception batch size")
+    s = p.add_argument_group("quality sweep (--sweep)")
+    s.add_argument("--sweep", action="store_true", help="sample + evaluate every parallel mode")
+    s.add_argument("--ckpt", help="model checkpoint (default: the shipped digits model)")
+    s.add_argument("--num-samples", type=int, default=500)
+    s.add_argument("--num-sampling-steps", type=int, default=None, help="default: the sampler's")
+    s.add_argument("--per-proc-batch-size", type=int, default=125)
+    s.add_argument("--nproc", type=int, default=2, help="ranks per run (torchrun)")
+    s.add_argument("--global-seed", type=int, default=0)
+    s.add_argument("--cfg-scale", type=float, default=1.5)
+    s.add_argument("--modes", help="comma-separated subset of mode names (default: all)")
+    s.add_argument("--work-dir", default="samples/quality_sweep", help="where runs are written")
+    s.add_argument("--out", default="docs/quality", help="writes OUT.md (table block) + OUT.json")
+    return p
+
+
+def _digits(args) -> dict:
+    from dice_ds.eval.classifier import load_classifier
+    from dice_ds.eval.metrics import evaluate_digits, load_sample_set
+
+    if args.samples is None:
+        raise ConfigError("give a sample directory or samples.npz (or --sweep)")
+    samples = _load(load_sample_set, args.samples, "samples")
+    reference = _load(load_sample_set, args.reference, "--reference") if args.reference else None
+    return {"samples": args.samples, "reference": args.reference,
+            **evaluate_digits(samples, _load(load_classifier, args.classifier, "--classifier"),
+                              reference)}
+
+
+def _load(fn, path, flag):
+    try:
+        return fn(path)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ConfigError(f"{flag} {path}: {e}") from None
+
+
+def _sweep(args, argv: list[str]) -> dict:
+    from dice_ds.eval.classifier import CLASSIFIER_PATH, load_classifier
+    from dice_ds.eval.sweep import MODES, SweepConfig, run_sweep, write_report
+
+    ckpt = args.ckpt or str(CLASSIFIER_PATH.parent / "digits_dit_moe.pt")
+    names = tuple(m.name for m in MODES)
+    chosen = tuple(x.strip() for x in args.modes.split(",")) if args.modes else names
+    unknown = [m for m in chosen if m not in names]
+    if unknown:
+        raise ConfigError(f"--modes: unknown {unknown}; choose from {', '.join(names)}")
+    cfg = SweepConfig(ckpt=ckpt, num_samples=args.num_samples, steps=args.num_sampling_steps,
+                      batch=args.per_proc_batch_size, nproc=args.nproc, seed=args.global_seed,
+                      cfg_scale=args.cfg_scale, work_dir=args.work_dir, modes=chosen)
+    if args.num_samples < 2 or args.num_samples % (args.nproc * args.per_proc_batch_size):
+        raise ConfigError(f"--num-samples {args.num_samples} must be a positive multiple of "
+                          f"--nproc x --per-proc-batch-size = "
+                          f"{args.nproc * args.per_proc_batch_size}")
+    result = run_sweep(cfg, _load(load_classifier, args.classifier, "--classifier"),
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    command = "dice-ds eval " + shlex.join(argv)
+    md, js = write_report(result, args.out, command)
+    return {"markdown": str(md), "json": str(js), "ordering": result["ordering"]}
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and math.isinf(obj):
+        return "inf"
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.fid and args.sweep:
+            raise ConfigError("--fid and --sweep are separate jobs: give one of them")
+        if args.fid:
+            from dice_ds.eval.fid import full_scale_metrics
+
+            result = {"samples": args.samples, "reference": args.reference,
+                      **full_scale_metrics(args.samples, args.reference, args.inception_weights,
+                                           args.device, args.batch_size)}
+        elif args.sweep:
+            result = _sweep(args, argv)
+        else:
+            result = _digits(args)
+    except ConfigError as e:
+        print(f"dice-ds eval: error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(_jsonable(result), indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""``dice-ds eval --sweep``: the quality table of the shipped digits model across parallel modes.
+
+Owns the mode list (``MODES``: name + ``dice-ds sample`` flags), launching one
+``torchrun --standalone --nproc_per_node W -m dice_ds.sample`` per mode with the same seeds, evaluating
+each run with ``dice_ds.eval.metrics`` (digits-FID, class accuracy, PSNR/MSE against the sync-EP run
+of the same seeds), and writing the table as markdown and JSON together with the exact command.
+
+Invariants: every mode samples the same global indices (same ``--global-seed``), so PSNR against sync
+EP measures only the deviation that the mode introduces; a mode whose flags the sampler rejects as not
+implemented (exit 2) is listed as not available, never dropped silently; a run whose ``samples.npz``
+already holds the requested number of samples is reused, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+INTERWEAVED = ("--ep", "--ep-async", "--ep-async-pipeline")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One row of the table: a name and the ``dice-ds sample`` flags that select it."""
+
+    name: str
+    flags: tuple[str, ...]
+    note: str = ""
+
+
+def _skip(strategy: str, async_mode: str = "all") -> tuple[str, ...]:
+    return INTERWEAVED + ("--ep-async-mode", async_mode, "--ep-async-noskip-step", "2",
+                          "--ep-async-skip-strategy", strategy)
+
+
+MODES: tuple[Mode, ...] = (
+    Mode("DP", (), "no expert parallelism; every rank holds all experts"),
+    Mode("sync EP", ("--ep",), "the reference of the PSNR column"),
+    Mode("displaced EP", ("--ep", "--ep-async", "--ep-async-mode", "all"), "2-step stale"),
+    Mode("interweaved", INTERWEAVED + ("--ep-async-mode", "all"), "1-step stale, all layers"),
+    Mode("interweaved + deep sync", INTERWEAVED + ("--ep-async-mode", "shallow"),
+         "async layers l < L/2, deep layers sync (DICE's selective sync)"),
+    Mode("interweaved + shallow sync", INTERWEAVED + ("--ep-async-mode", "deep"),
+         "async layers l >= L/2"),
+    Mode("interweaved + staggered sync", INTERWEAVED + ("--ep-async-mode", "interleaved"),
+         "async even layers"),
+    Mode("interweaved + cond. comm low", _skip("low"), "P = 2, skip the lower-score slot"),
+    Mode("interweaved + cond. comm high", _skip("high"), "P = 2, skip the higher-score slot"),
+    Mode("interweaved + cond. comm rand", _skip("rand"), "P = 2, skip a random slot"),
+    Mode("DICE", _skip("low", "shallow"), "interweaved + deep sync + low skip (P = 2)"),
+    Mode("displaced SP", ("--sp", "--sp-async"), "DistriFusion-style patch parallelism"),
+)
+
+
+@dataclass
+class SweepConfig:
+    """What the sweep runs; every field is recorded in the JSON output."""
+
+    ckpt: str
+    num_samples: int = 500
+    steps: int | None = None
+    """None: the sampler's default (50 for RF)."""
+    batch: int = 125
+    nproc: int = 2
+    seed: int = 0
+    cfg_scale: float = 1.5
+    work_dir: str = "samples/quality_sweep"
+    modes: tuple[str, ...] = field(default_factory=lambda: tuple(m.name for m in MODES))
+
+
+def _dir_name(mode: Mode) -> str:
+    return "".join(c if c.isalnum() else "_" for c in mode.name.lower()).strip("_")
+
+
+def sample_command(cfg: SweepConfig, mode: Mode, out_dir: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={cfg.nproc}", "-m", "dice_ds.sample", "--model", "digits",
+           "--ckpt", cfg.ckpt, "--vae", "identity", "--device", "cpu",
+           "--num-fid-samples", str(cfg.num_samples), "--per-proc-batch-size", str(cfg.batch),
+           "--global-seed", str(cfg.seed), "--cfg-scale", str(cfg.cfg_scale),
+           "--sample-dir", str(out_dir)]
+    if cfg.steps is not None:
+        cmd += ["--num-sampling-steps", str(cfg.steps)]
+    return cmd + list(mode.flags)
+
+
+def _complete(out_dir: Path, n: int) -> bool:
+    npz = out_dir / "samples.npz"
+    if not npz.is_file():
+        return False
+    with np.load(npz) as f:
+        return len(f["arr_0"]) >= n
+
+
+def run_mode(cfg: SweepConfig, mode: Mode, log) -> dict:
+    """Sample one mode (unless already complete); returns {'dir', 'status', 'seconds'[, 'error']}."""
+    out_dir = Path(cfg.work_dir) / _dir_name(mode)
+    if _complete(out_dir, cfg.num_samples):
+        return {"dir": str(out_dir), "status": "ok", "seconds": None, "reused": True}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = sample_command(cfg, mode, out_dir)
+    log(f"[sweep] {mode.name}: {' '.join(cmd[1:])}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = round(time.perf_counter() - t0, 1)
+    if proc.returncode == 0 and _complete(out_dir, cfg.num_samples):
+        return {"dir": str(out_dir), "status": "ok", "seconds": seconds}
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+    status = "not available" if proc.returncode == 2 else "failed"
+    log(f"[sweep] {mode.name}: {status} (exit {proc.returncode}): {tail[0]}")
+    return {"dir": str(out_dir), "status": status, "seconds": seconds, "error": tail[0]}
+
+
+def real_floor(classifier, n: int, seed: int) -> dict:
+    """Metrics of n real digits drawn without replacement: the floor of digits-FID at this n."""
+    from dice_ds.data import real_digits_uint8
+    from dice_ds.eval.metrics import SampleSet, evaluate_digits
+
+    images, labels = real_digits_uint8()
+    idx = np.random.default_rng(seed).choice(len(images), size=min(n, len(images)), replace=False)
+    return evaluate_digits(SampleSet(images[idx], labels[idx], "real digits"), classifier)
+
+
+def run_sweep(cfg: SweepConfig, classifier, log=print) -> dict:
+    """Sample and evaluate every selected mode; returns the JSON-able result."""
+    from dice_ds.eval.metrics import evaluate_digits, load_sample_set
+
+    modes = [m for m in MODES if m.name in cfg.modes]
+    runs = {m.name: run_mode(cfg, m, log) for m in modes}
+    sync = runs.get("sync EP")
+    reference = load_sample_set(sync["dir"]) if sync and sync["status"] == "ok" else None
+    rows = []
+    for m in modes:
+        row = {"mode": m.name, "flags": " ".join(m.flags), "note": m.note, **runs[m.name]}
+        if row["status"] == "ok":
+            row.update(evaluate_digits(load_sample_set(row["dir"]), classifier, reference))
+        rows.append(row)
+    return {"config": cfg.__dict__ | {"modes": list(cfg.modes)}, "rows": rows,
+            "real_digits_floor": real_floor(classifier, cfg.num_samples, cfg.seed),
+            "ordering": ordering_statement(rows)}
+
+
+# ----------------------------------------------------------------------------- report
+PAPER_ORDER = ("sync EP", "DICE", "interweaved", "displaced EP")
+PAPER_FID = {"sync EP": 5.31, "DICE": 6.11, "interweaved": 6.97, "displaced EP": 8.27}
+
+
+def ordering_statement(rows: list[dict]) -> str:
+    """Compare the measured digits-FID order of the paper's four methods with the paper's order."""
+    fid = {r["mode"]: r["digits_fid"] for r in rows if "digits_fid" in r}
+    present = [m for m in PAPER_ORDER if m in fid]
+    if len(present) < 2:
+        return "too few of sync EP / DICE / interweaved / displaced EP ran to compare orderings"
+    measured = sorted(present, key=lambda m: fid[m])
+    paper = " < ".join(present)
+    ours = " < ".join(f"{m} ({fid[m]:.2f})" for m in measured)
+    if measured == present:
+        return f"Same ordering as the paper ({paper}): {ours}."
+    return f"Ordering DIFFERS from the paper's ({paper}): measured {ours}."
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    return f"{x:.{digits}f}"
+
+
+def to_markdown(result: dict, command: str) -> str:
+    cfg = result["config"]
+    steps = cfg["steps"] if cfg["steps"] is not None else "default (50)"
+    lines = [
+        "| mode | flags | digits-FID ↓ | class acc ↑ | PSNR vs sync (dB) ↑ | MSE vs sync |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['mode']} | `{r['flags']}` | {r['status']}: {r.get('error', '')} "
+                         "| – | – | – |")
+            continue
+        lines.append(f"| {r['mode']} | `{r['flags'] or '(none)'}` | {_fmt(r['digits_fid'])} | "
+                     f"{_fmt(100 * r['class_accuracy'], 1)} % | {_fmt(r.get('psnr_db'))} | "
+                     f"{_fmt(r.get('mse'), 6)} |")
+    floor = result["real_digits_floor"]
+    lines.append(f"| real digits ({floor['num_samples']} drawn) | – | {_fmt(floor['digits_fid'])} | "
+                 f"{_fmt(100 * floor['class_accuracy'], 1)} % | – | – |")
+    head = (f"Shipped `digits` model, {cfg['nproc']} ranks (gloo, CPU), {cfg['num_samples']} "
+            f"samples per mode, global seed {cfg['seed']}, steps {steps}, cfg scale "
+            f"{cfg['cfg_scale']}, same seeds in every mode.\n\nCommand: `{command}`\n")
+    return head + "\n" + "\n".join(lines) + "\n\n" + result["ordering"] + "\n"
+
+
+BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
+
+
+def write_report(result: dict, out_prefix: str, command: str) -> tuple[Path, Path]:
+    """Write ``<prefix>.json`` and the table into ``<prefix>.md`` between the sweep markers
+    (the rest of an existing document is kept; a new file holds the table alone)."""
+    md, js = Path(out_prefix + ".md"), Path(out_prefix + ".json")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    block = f"{BEGIN}\n{to_markdown(result, command)}{END}"
+    text = md.read_text() if md.is_file() else ""
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = (text + "\n" if text else "") + block + "\n"
+    md.write_text(text)
+    js.write_text(json.dumps({"command": command, **result}, indent=1, default=str) + "\n")
+    return md, js
