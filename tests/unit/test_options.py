@@ -212,3 +212,9 @@ def test_readme_documents_every_flag_and_ci_runs_the_readme_test_command():
     assert "```bash\nbash scripts/test.sh\n```" in readme
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert "\nbash scripts/test.sh\n" in ci
+
+
+def test_help_renders(capsys):
+    with pytest.raises(SystemExit) as ex:
+        parse_options(["--help"])
+    assert ex.value.code == 0 and "--ep-async-noskip-step" in capsys.readouterr().out
