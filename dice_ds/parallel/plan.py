@@ -66,6 +66,8 @@ class ParallelPlan:
 
     def validate(self, *, world_size: int, num_experts: int, depth: int,
                  sampler: str = "rf") -> "ParallelPlan":
+        """Raise ``ConfigError`` on the first bad field. ``sampler`` does not restrict anything:
+        every sampler drives the same step schedule through ``runtime.begin_step`` (pitfall 6)."""
         if self.ep_size < 1 or world_size % self.ep_size:
             raise ConfigError(
                 f"ep_size={self.ep_size} (--ep-size) must divide the world size {world_size}"
@@ -112,9 +114,4 @@ class ParallelPlan:
             raise ConfigError(f"skip_strategy={self.skip_strategy!r}: use low, high or rand")
         if self.payload_dtype not in (None, "fp32", "bf16", "fp16"):
             raise ConfigError(f"payload_dtype={self.payload_dtype!r}: use fp32, bf16 or fp16")
-        if self.async_enabled and sampler != "rf":
-            raise ConfigError(
-                "async expert parallelism (--ep-async) is supported with the rectified-flow sampler "
-                "only; use --sampler rf or drop --ep-async"
-            )
         return self
