@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from distributed import run_ranks
+from ep_reference import MATCH_ATOL, build_pair, layer_inputs, reference_parts
+from ep_reference import expected_source as ref_source
 
 S = 8
 DEPTH = 4
 ZERO_STEP = 5  # layer 0 routes every token to experts {0, 1} at this step
-MATCH_ATOL = 1e-5
 PLANS = {
     "displaced_all": dict(mode="displaced", async_layers="all"),
     "displaced_shallow_sched": dict(mode="displaced", async_layers="shallow", warmup=1,
@@ -39,37 +40,11 @@ PLANS = {
 
 
 def _inputs(cfg, layer0_router_w, rank: int) -> dict:
-    d, t = cfg.hidden_size, cfg.num_tokens
-    h = {}
-    for i in range(1, S + 1):
-        for l in range(DEPTH):
-            g = torch.Generator().manual_seed(rank * 10_007 + i * 101 + l)
-            h[i, l] = torch.randn(2, t, d, generator=g)
+    h = layer_inputs(cfg, DEPTH, S, rank)
     v = layer0_router_w[0] + layer0_router_w[1]
     g = torch.Generator().manual_seed(rank + 77)
-    h[ZERO_STEP, 0] = 60 * v / v.norm() + 0.05 * torch.randn(2, t, d, generator=g)
+    h[ZERO_STEP, 0] = 60 * v / v.norm() + 0.05 * torch.randn(h[ZERO_STEP, 0].shape, generator=g)
     return h
-
-
-@torch.no_grad()
-def _reference_parts(ref, h: dict) -> dict:
-    """(shared_TD, slot probs_T2, unweighted slot outputs_T2D, routing map) per (step, layer)."""
-    from dice_ds.moe.importance import slot_experts
-
-    parts = {}
-    for (i, l), x in h.items():
-        layer = ref.blocks[l].moe
-        h_S1D = x.reshape(-1, 1, x.shape[-1])
-        probs, rmap = layer.route(h_S1D)
-        hi, lo = slot_experts(probs, rmap)
-        ids = torch.stack([hi, lo], 1)
-        flat = h_S1D.view(-1, x.shape[-1])
-        ones = torch.ones(flat.shape[0])
-        f_TED = torch.stack([e(flat, ones)[0] for e in layer.experts.local_experts], 1)
-        t = torch.arange(flat.shape[0]).unsqueeze(1)
-        parts[i, l] = (layer.shared_experts(h_S1D).view_as(flat), probs.gather(1, ids),
-                       f_TED[t, ids], rmap)
-    return parts
 
 
 def _identify(out_TD, parts, i, l, current: bool):
@@ -125,16 +100,12 @@ def _run_plan(model, groups, plan, h, parts, sabotage: bool = False) -> dict:
 
 def _staleness_ranks(rank, world, ep_size, plan_names):
     from dice_ds.config import get_flavor
-    from dice_ds.models import build_model, init_weights
-    from dice_ds.parallel.groups import build_model_groups, local_model_groups
     from dice_ds.parallel.plan import ParallelPlan
 
     cfg = get_flavor("debug").replace(depth=DEPTH)
-    ref = init_weights(build_model(cfg, local_model_groups()), "random", seed=5)
-    groups = build_model_groups(ep_size, group_backend="torch")
-    model = init_weights(build_model(cfg, groups), "random", seed=5)
+    model, groups, ref = build_pair(cfg, ep_size)
     h = _inputs(cfg, ref.blocks[0].moe.router.weight, rank)
-    parts = _reference_parts(ref, h)
+    parts = reference_parts(ref, h)
     results = {name: _run_plan(model, groups, ParallelPlan(ep_size=ep_size, **PLANS[name]), h,
                                parts) for name in plan_names}
     if "displaced_all" in plan_names:
@@ -147,16 +118,7 @@ def _staleness_ranks(rank, world, ep_size, plan_names):
 
 
 def expected_source(plan_kw: dict, i: int, layer: int) -> int:
-    """The step whose tokens produced layer ``layer``'s routed output at step ``i`` (spec §2.2)."""
-    from dice_ds.moe.policy import async_layer_indices, sync_steps
-
-    sync = sync_steps(S, plan_kw.get("warmup", 0), plan_kw.get("cooldown", 0),
-                      plan_kw.get("strided", 0))
-    if i in sync or layer not in async_layer_indices(plan_kw["async_layers"], DEPTH):
-        return i
-    if plan_kw["mode"] == "interweaved":
-        return i + 1
-    return i + 1 if i + 1 in sync else i + 2
+    return ref_source(plan_kw, S, DEPTH, i, layer)
 
 
 def _check_plan(name: str, res: dict) -> None:
