@@ -26,10 +26,15 @@ setup(
     packages=find_packages(include=["dice_ds", "dice_ds.*"]) + ["dice_ds.patches"],
     package_dir={"dice_ds": "dice_ds", "dice_ds.patches": "patches"},
     include_package_data=True,
+    package_data={"dice_ds": ["assets/*.pt", "assets/*.json", "assets/*.md"]},
     install_requires=CORE,
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "eval": ["scikit-learn>=1.3", "scipy>=1.10", "torch-fidelity==0.3.0"],
+        # dice-ds eval on the shipped digits model (digits data, FID math)
+        "eval": ["scikit-learn>=1.3", "scipy>=1.10"],
+        # dice-ds eval --fid (FID-50K): torch-fidelity pulls torchvision, whose PyPI wheel is built
+        # against CUDA torch; on a CPU-only torch install the matching CPU torchvision first
+        "fid": ["scikit-learn>=1.3", "scipy>=1.10", "torch-fidelity==0.4.0"],
         "dev": ["pytest>=8", "scikit-learn>=1.3", "scipy>=1.10"],
     },
     entry_points={"console_scripts": ["dice-ds=dice_ds.cli:main"]},

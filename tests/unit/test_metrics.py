@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -213,3 +214,60 @@ def test_sweep_report_and_ordering(tmp_path):
     cmd = sample_command(cfg, dice, tmp_path)
     assert "--ep-async-pipeline" in cmd and cmd[cmd.index("--ep-async-skip-strategy") + 1] == "low"
     assert cmd[cmd.index("--ep-async-mode") + 1] == "shallow"
+
+
+# ----------------------------------------------------------------------------- FID-50K path, end to end
+class _StubModule(__import__("types").ModuleType):
+    """Stands in for torchvision, which torch-fidelity imports for extractors this path never uses."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (), {})
+
+
+def _torch_fidelity_or_skip(monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("torch_fidelity") is None:
+        pytest.skip("torch-fidelity not installed (extra 'fid')")
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # the PyPI wheel fails to load on a CPU-only torch
+        for name in ("torchvision", "torchvision.datasets", "torchvision.transforms",
+                     "torchvision.transforms.functional", "torchvision.models"):
+            stub = _StubModule(name)
+            monkeypatch.setitem(sys.modules, name, stub)
+            parent, _, child = name.rpartition(".")
+            if parent:
+                setattr(sys.modules[parent], child, stub)
+    return fidmod.import_torch_fidelity()
+
+
+def test_fid_path_end_to_end_with_random_inception(tmp_path, monkeypatch):
+    """Real torch-fidelity code with random InceptionV3 weights: identical sets give FID 0."""
+    import torch
+
+    extractor_cls, _, _ = _torch_fidelity_or_skip(monkeypatch)
+    torch.save({}, tmp_path / "empty.pth")
+    monkeypatch.setattr(extractor_cls, "load_state_dict", lambda self, sd: None)
+    torch.manual_seed(0)
+    random_net = extractor_cls("inception-v3-compat", list(fidmod.FEATURES),
+                               feature_extractor_weights_path=str(tmp_path / "empty.pth"))
+    torch.save(random_net.state_dict(), tmp_path / "inception.pth")
+    monkeypatch.undo()
+    _torch_fidelity_or_skip(monkeypatch)
+    images = np.random.default_rng(0).integers(0, 256, size=(10, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    out = fidmod.full_scale_metrics(str(tmp_path / "samples.npz"), str(tmp_path / "samples.npz"),
+                                    str(tmp_path / "inception.pth"), batch=10)
+    assert out["num_samples"] == 10 and out["fid_reference_statistics"] == "reference images"
+    assert out["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert out["precision"] == 1.0 and out["recall"] == 1.0
+    assert out["inception_score_mean"] > 0
+
+
+def test_missing_torch_fidelity_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import now raises ImportError
+    with pytest.raises(ConfigError, match="pip install 'dice_ds\\[fid\\]'"):
+        fidmod.import_torch_fidelity()
