@@ -47,6 +47,9 @@ from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, LayerState, RecordExtras, SlotCache
 
 PAYLOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Tokens and expert outputs are cast to the payload dtype for the all-to-all and back after it;
+router probs always travel in fp32 (a [R] vector: 1/D of the token bytes, and the expert weights
+stay exact)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,7 +81,11 @@ class DiceRuntime:
         self.states = {l: LayerState(l) for l in self.layers}
         self.timer = PhaseTimer(device)
         self.ledger = CommLedger()
-        self.payload_dtype = PAYLOAD_DTYPES.get(plan.payload_dtype)
+        # the all-to-all payload dtype (None: the activations' own); nothing is sent at EP 1
+        self.payload_dtype = PAYLOAD_DTYPES.get(plan.payload_dtype) if self.ep_size > 1 else None
+        act = next(iter(self.layers.values())).config.params_dtype
+        self.payload_dtype_name = next(
+            (n for n, d in PAYLOAD_DTYPES.items() if d == (self.payload_dtype or act)), str(act))
         self._rand = torch.Generator()
         self._megatron_dispatchers: dict = {}
         self._clear_run()
@@ -348,5 +355,5 @@ class DiceRuntime:
             "a2a_bytes_sent_remote": lg.bytes_sent_remote,
             "a2a_rows_by_step": lg.rows_by_step(),
             "phase_seconds": secs,
-            "payload_dtype": self.plan.payload_dtype or "activation",
+            "payload_dtype": self.payload_dtype_name,
         }

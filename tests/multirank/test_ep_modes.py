@@ -34,6 +34,7 @@ MODES = {
                                 stale_output_weights="current"),
     "sync_bf16": dict(mode="sync", payload_dtype="bf16"),
     "displaced_bf16": dict(mode="displaced", async_layers="all", payload_dtype="bf16"),
+    "interweaved_fp16": dict(mode="interweaved", async_layers="all", payload_dtype="fp16"),
 }
 
 
@@ -118,7 +119,7 @@ def test_sync_ep_equals_dp_bitwise(results):
 
 
 @pytest.mark.parametrize("name", ["displaced", "interweaved", "dice", "interweaved_current",
-                                  "displaced_bf16"])
+                                  "displaced_bf16", "interweaved_fp16"])
 def test_async_modes_finite_and_close_to_sync(results, name):
     for res in results:
         z, ref = res[name]["z"], res["sync"]["z"]
@@ -160,7 +161,7 @@ def test_interweaved_cache_at_most_55_percent_of_displaced(results):
 def test_bf16_payload_halves_token_bytes(results):
     for res in results:
         fp32, bf16 = res["sync"]["stats"], res["sync_bf16"]["stats"]
-        assert fp32["payload_dtype"] == "activation" and bf16["payload_dtype"] == "bf16"
+        assert fp32["payload_dtype"] == "fp32" and bf16["payload_dtype"] == "bf16"
         assert fp32["a2a_rows_sent"] == bf16["a2a_rows_sent"]
         assert bf16["a2a_token_bytes_sent"] * 2 == fp32["a2a_token_bytes_sent"]
         prob_bytes = fp32["a2a_bytes_sent"] - fp32["a2a_token_bytes_sent"]
