@@ -7,8 +7,10 @@ of the same seeds), and writing the table as markdown and JSON together with the
 
 Invariants: every mode samples the same global indices (same ``--global-seed``), so PSNR against sync
 EP measures only the deviation that the mode introduces; a mode whose flags the sampler rejects as not
-implemented (exit 2) is listed as not available, never dropped silently; a run whose ``samples.npz``
-already holds the requested number of samples is reused, so an interrupted sweep resumes.
+implemented (the sampler's own flag validation, run in-process first) is listed as not available,
+never dropped silently; each run directory carries a stamp of its exact sample command: a complete
+run with the same stamp is reused, an interrupted one resumes, one made with other settings is
+deleted and redone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,31 +95,63 @@ def sample_command(cfg: SweepConfig, mode: Mode, out_dir: Path) -> list[str]:
     return cmd + list(mode.flags)
 
 
-def _complete(out_dir: Path, n: int) -> bool:
-    npz = out_dir / "samples.npz"
-    if not npz.is_file():
+STAMP = "sweep_command.json"
+
+
+def _complete(out_dir: Path, n: int, cmd: list[str]) -> bool:
+    """True when ``out_dir`` holds n samples made by exactly ``cmd`` (recorded in its stamp)."""
+    npz, stamp = out_dir / "samples.npz", out_dir / STAMP
+    if not (npz.is_file() and stamp.is_file()) or json.loads(stamp.read_text()) != cmd[1:]:
         return False
     with np.load(npz) as f:
         return len(f["arr_0"]) >= n
 
 
+def rejected_by_sampler(cmd: list[str]) -> str | None:
+    """The sampler's own ConfigError for these flags (e.g. a mode not implemented yet), or None.
+
+    Runs the sampler's flag validation in this process, before any rank is launched.
+    """
+    from dice_ds.config import ConfigError
+    from dice_ds.options import parse_options, validate_options
+
+    try:
+        validate_options(parse_options(cmd[cmd.index("dice_ds.sample") + 1:]))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def _error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if "Error" in ln or "error:" in ln]
+    return (lines or [ln.strip() for ln in text.splitlines() if ln.strip()] or ["(no output)"])[-1]
+
+
 def run_mode(cfg: SweepConfig, mode: Mode, log) -> dict:
     """Sample one mode (unless already complete); returns {'dir', 'status', 'seconds'[, 'error']}."""
     out_dir = Path(cfg.work_dir) / _dir_name(mode)
-    if _complete(out_dir, cfg.num_samples):
-        return {"dir": str(out_dir), "status": "ok", "seconds": None, "reused": True}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = sample_command(cfg, mode, out_dir)
+    if _complete(out_dir, cfg.num_samples, cmd):
+        return {"dir": str(out_dir), "status": "ok", "seconds": None, "reused": True}
+    rejected = rejected_by_sampler(cmd)
+    if rejected is not None:
+        log(f"[sweep] {mode.name}: not available: {rejected}")
+        return {"dir": None, "status": "not available", "seconds": None, "error": rejected}
+    stamp = out_dir / STAMP
+    if out_dir.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != cmd[1:]):
+        shutil.rmtree(out_dir)  # other settings: the sampler's resume would keep stale batches
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(cmd[1:]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     log(f"[sweep] {mode.name}: {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = round(time.perf_counter() - t0, 1)
-    if proc.returncode == 0 and _complete(out_dir, cfg.num_samples):
+    if proc.returncode == 0 and _complete(out_dir, cfg.num_samples, cmd):
         return {"dir": str(out_dir), "status": "ok", "seconds": seconds}
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-    status = "not available" if proc.returncode == 2 else "failed"
-    log(f"[sweep] {mode.name}: {status} (exit {proc.returncode}): {tail[0]}")
-    return {"dir": str(out_dir), "status": status, "seconds": seconds, "error": tail[0]}
+    error = _error_line(proc.stderr or proc.stdout)
+    log(f"[sweep] {mode.name}: failed (exit {proc.returncode}): {error}")
+    return {"dir": str(out_dir), "status": "failed", "seconds": seconds, "error": error}
 
 
 def real_floor(classifier, n: int, seed: int) -> dict:
