@@ -24,7 +24,11 @@ from dice_ds.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dice-ds eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="dice-ds eval",
+        description="Offline quality metrics: digits-FID / class accuracy / PSNR of a sample set "
+                    "(default), FID-50K with Inception (--fid), or the quality table over parallel "
+                    "modes (--sweep).")
     p.add_argument("samples", nargs="?", help="sample directory or samples.npz")
     p.add_argument("--reference", help="digits mode: sample dir/.npz of the same seeds (PSNR/MSE); "
                    "--fid: ADM reference batch .npz or an .npz with mu/sigma")
@@ -67,7 +71,7 @@ def _load(fn, path, flag):
     try:
         return fn(path)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ConfigError(f"{flag} {path}: {e}") from None
+        raise ConfigError(f"{flag}: {e}") from None
 
 
 def _sweep(args, argv: list[str]) -> dict:
