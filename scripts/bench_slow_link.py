@@ -130,7 +130,7 @@ def run_link(args, extra: list[str]) -> int:
             port += 1
             res = run_once(args.link, ns, port, common_args(extra) + MODES[mode],
                            link_dir / mode / f"r{rnd}", per_run)
-            res.update(link=args.link, mode=mode, round=rnd)
+            res.update(link=args.link, mode=mode, round=rnd, job=" ".join(common_args(extra)))
             results.append(res)
             note = f"{res['sampling_seconds']:.2f} s" if res["ok"] else f"FAILED ({res['why']})"
             print(f"[{args.link}] round {rnd} {mode:12} {note}  (load {res['load']:.1f})",
@@ -179,7 +179,11 @@ def report(args) -> int:
     if not links:
         print("no results", file=sys.stderr)
         return 1
-    print(f"job: {' '.join(common_args([]))}  (2 ranks, OMP_NUM_THREADS=1)")
+    job = json.loads((links[0] / "results.json").read_text())[0].get("job", "?")
+    rev = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True).stdout.strip() or "?"
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, commit {rev}, {os.cpu_count()} CPU cores; "
+          f"job: {job}  (2 ranks, OMP_NUM_THREADS=1)")
     print("phases: rank 0, summed over the run, median over rounds; preprocess holds sync calls' "
           "blocking count exchange, dispatch/combine their all-to-all; wait = blocked on stale "
           "exchanges; speed-up = median sync / median mode")

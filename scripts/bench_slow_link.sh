@@ -14,7 +14,7 @@
 #   MODEL       flavor (default DiT-S/2, random weights)   IMAGE_SIZE  pixels (default 128)
 #   BATCH       per-rank batch (default 2; CFG doubles it)  STEPS      sampling steps (default 10)
 #   REPS        rounds per link (default 3)                 MODES      subset, e.g. "sync dice"
-#   BUDGET_S    time budget (default 420), shared equally by the links left; a link starts another
+#   BUDGET_S    time budget (default 450), shared equally by the links left; a link starts another
 #               round only if its share left covers its last round (first round always runs)
 #   RUN_TIMEOUT_S  a run taking longer is killed and ends its link (default 240)
 #   OUT         output root (default: a fresh temporary directory, kept and printed)
@@ -32,7 +32,7 @@ fi
 RATES="${RATES:-300mbit}"
 LOOPBACK="${LOOPBACK:-1}"
 OUT="${OUT:-$(mktemp -d /tmp/dice_bench_slow_link.XXXXXX)}"
-BUDGET_S="${BUDGET_S:-420}"
+BUDGET_S="${BUDGET_S:-450}"
 
 skip() { echo "bench_slow_link: skipped: $*" >&2; exit 0; }
 [ "$(id -u)" = 0 ] || skip "needs root (CAP_NET_ADMIN) to create network namespaces"
