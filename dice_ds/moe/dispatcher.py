@@ -132,6 +132,14 @@ class StaleAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.extras = extras
         self.installed = self.returned = None
 
+    def abort_call(self) -> None:
+        """Forget a call that did not finish (an exception mid-forward): wait, then drop."""
+        if self._counts is not None:
+            self._counts[2].wait()
+        if self._pending is not None:
+            self._pending.counts_handle.wait()
+        self._counts = self._pending = None
+
     # -- count exchange (inside megatron's dispatch_preprocess) ------------------------------
     def preprocess(self, routing_map: torch.Tensor):
         if not self.stale:

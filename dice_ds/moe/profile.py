@@ -5,7 +5,7 @@ parent, so the phases of a run add up to its total) and ``CommLedger`` (all-to-a
 this rank sends, per step / layer / kind, and the peak bytes of exchanges held across steps).
 
 Clocks: ``time.perf_counter`` on CPU. On CUDA, phases are bracketed by CUDA events, resolved (one
-device synchronisation) only when ``seconds()`` is read, so timing adds no host sync to the hot path.
+device synchronisation) only when ``seconds()`` is read: timing adds no host sync to the hot path.
 No CUDA call is made unless the timer was built for a CUDA device (pitfall 14).
 """
 

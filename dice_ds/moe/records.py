@@ -163,7 +163,8 @@ class SlotCache:
         used = own if weighted else torch.ones_like(own)
         return cls(step=record.step, out_T2D=out_T2D, used_w_T2=used, own_w_T2=own)
 
-    def fill_TD(self, skipped_slot_T: torch.Tensor, target_w_T2: torch.Tensor | None) -> torch.Tensor:
+    def fill_TD(self, skipped_slot_T: torch.Tensor,
+                target_w_T2: Optional[torch.Tensor]) -> torch.Tensor:
         """Cached output of each token's skipped slot, reweighted to ``target_w_T2``.
 
         ``target_w_T2`` None keeps the cached step's own weights ('cached' router weights).

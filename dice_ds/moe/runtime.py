@@ -1,4 +1,4 @@
-"""``DiceRuntime``: the one object per model that runs every DiT-MoE MoE layer under a parallel plan.
+"""``DiceRuntime``: one object per model that runs every DiT-MoE MoE layer under a parallel plan.
 
 Owns the per-call orchestration of megatron's MoE phases (shared expert, route, preprocess,
 dispatch, expert compute, combine, postprocess) for sync, displaced and interweaved expert
@@ -62,7 +62,7 @@ class _Routing:
 
 
 class DiceRuntime:
-    """Runs the MoE layers of one model under a ``ParallelPlan`` (built by ``parallelize_dit_moe``)."""
+    """Runs the MoE layers of one model under a ``ParallelPlan`` (see ``parallelize_dit_moe``)."""
 
     def __init__(self, layers, plan, groups, device: torch.device | str = "cpu"):
         self.layers = {layer.moe_index: layer for layer in layers}
@@ -125,6 +125,9 @@ class DiceRuntime:
 
     def reset(self) -> None:
         """Start of a batch: wait on every in-flight handle, clear all state, reseed 'rand'."""
+        for layer in self.layers.values():
+            if isinstance(layer.token_dispatcher, StaleAlltoAllTokenDispatcher):
+                layer.token_dispatcher.abort_call()
         for st in self.states.values():
             st.reset()
         self._clear_run()

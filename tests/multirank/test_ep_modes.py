@@ -74,16 +74,49 @@ def _modes_ranks(rank, world):
     dp_groups = local_model_groups()
     dp = init_weights(build_model(cfg, dp_groups), "random", seed=21, std=WEIGHT_STD)
     rt = parallelize_dit_moe(dp, ParallelPlan(ep_size=1), dp_groups)
-    out["dp"] = dict(z=euler_sample(dp, rt, z0, y)[0], stats=rt.stats())
+    out["dp"] = dict(z=euler_sample(dp, rt, z0, y)[0].numpy(), stats=rt.stats())
     groups = build_model_groups(2, group_backend="torch")
     model = init_weights(build_model(cfg, groups), "random", seed=21, std=WEIGHT_STD)
     for name, kw in MODES.items():
         rt = parallelize_dit_moe(model, ParallelPlan(ep_size=2, **kw), groups)
         z, inflight = euler_sample(model, rt, z0, y)
-        out[name] = dict(z=z, inflight=inflight, stats=rt.stats(), after=rt.inflight_handles())
+        out[name] = dict(z=z.numpy(), inflight=inflight, stats=rt.stats(),
+                         after=rt.inflight_handles())
         rt.detach()
     out["megatron_equal"] = _runtime_sync_equals_megatron(cfg, groups, z0, y)
-    return out
+    out["after_abort"] = _sample_after_aborted_call(model, groups, z0, y).numpy()
+    return out  # numpy, not tensors: tensors cross the result queue as fds of exiting processes
+
+
+def _sample_after_aborted_call(model, groups, z, y):
+    """An exception inside a stale call (every rank alike), then ``reset()``: the next batch runs
+    normally and gives the same images as an undisturbed run."""
+    from dice_ds.parallel.apply import parallelize_dit_moe
+    from dice_ds.parallel.plan import ParallelPlan
+
+    rt = parallelize_dit_moe(model, ParallelPlan(ep_size=2, **MODES["displaced"]), groups)
+    experts = model.blocks[1].moe.experts
+    real_forward = experts.forward
+
+    def failing(*args, **kwargs):
+        raise KeyboardInterrupt("interrupted inside a stale call")
+
+    experts.forward = failing
+    rt.reset()
+    with torch.no_grad():
+        rt.begin_step(S, S)
+        experts.forward = real_forward  # the sync step runs; the next (async) one is interrupted
+        model.forward_with_cfg(z, torch.full((z.shape[0],), 1.0), y, 1.5)
+        experts.forward = failing
+        rt.begin_step(S - 1, S)
+        try:
+            model.forward_with_cfg(z, torch.full((z.shape[0],), 1.0), y, 1.5)
+        except KeyboardInterrupt:
+            pass
+    experts.forward = real_forward
+    z_out, _ = euler_sample(model, rt, z, y)  # starts with rt.reset()
+    rt.detach()
+    return z_out
 
 
 @torch.no_grad()
@@ -104,7 +137,13 @@ def _runtime_sync_equals_megatron(cfg, groups, z, y) -> bool:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_ranks(_modes_ranks, 2, tmp_path_factory.mktemp("modes"))
+    per_rank = run_ranks(_modes_ranks, 2, tmp_path_factory.mktemp("modes"))
+    for res in per_rank:
+        res["after_abort"] = torch.from_numpy(res["after_abort"])
+        for entry in res.values():
+            if isinstance(entry, dict) and "z" in entry:
+                entry["z"] = torch.from_numpy(entry["z"])
+    return per_rank
 
 
 def _rel(a, b) -> float:
@@ -149,6 +188,11 @@ def test_forced_sync_step_leaves_no_handle_in_flight(results):
                 else:
                     assert after_forward > 0, (name, i)
             assert res[name]["after"] == 0
+
+
+def test_reset_recovers_from_an_aborted_stale_call(results):
+    for res in results:
+        assert torch.equal(res["after_abort"], res["displaced"]["z"])
 
 
 def test_interweaved_cache_at_most_55_percent_of_displaced(results):
