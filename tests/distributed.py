@@ -8,6 +8,7 @@ terminated, never left hanging. ``fn`` must be a module-level function (it is pi
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -36,7 +37,11 @@ def _worker(fn, rank, world_size, store, results, args):
 
         init_distributed("cpu", init_method=f"file://{store}", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # serialise here: a tensor put on the queue as-is travels as a file descriptor of this
+        # (exiting) process, which the parent may fail to open
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        results.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -44,8 +49,17 @@ def _worker(fn, rank, world_size, store, results, args):
             dist.destroy_process_group()
 
 
+def _load(payload: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(payload), weights_only=False)
+
+
 def run_ranks(fn, world_size: int, tmp_path, *args, timeout: float = 240.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return results by rank."""
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return results by rank.
+
+Results are serialised with ``torch.save`` in the rank and loaded in the parent (tensors, numpy
+arrays and plain Python values all work)."""
     ctx = _context()
     store = os.path.join(str(tmp_path), f"store_{os.getpid()}_{id(fn)}_{world_size}")
     results = ctx.Queue()
@@ -63,7 +77,7 @@ def run_ranks(fn, world_size: int, tmp_path, *args, timeout: float = 240.0) -> l
                                    f"finish within {timeout}s") from None
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = _load(value)
     finally:
         for p in procs:
             p.join(timeout=10)
