@@ -58,8 +58,9 @@ def _load(payload: bytes):
 def run_ranks(fn, world_size: int, tmp_path, *args, timeout: float = 240.0) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return results by rank.
 
-Results are serialised with ``torch.save`` in the rank and loaded in the parent (tensors, numpy
-arrays and plain Python values all work)."""
+    Results are serialised with ``torch.save`` in the rank and loaded in the parent (tensors, numpy
+    arrays and plain Python values all work).
+    """
     ctx = _context()
     store = os.path.join(str(tmp_path), f"store_{os.getpid()}_{id(fn)}_{world_size}")
     results = ctx.Queue()
