@@ -19,6 +19,7 @@ import json
 import math
 import shlex
 import sys
+from pathlib import Path
 
 from dice_ds.config import ConfigError
 
@@ -79,6 +80,9 @@ def _sweep(args, argv: list[str]) -> dict:
     from dice_ds.eval.sweep import MODES, SweepConfig, run_sweep, write_report
 
     ckpt = args.ckpt or str(CLASSIFIER_PATH.parent / "digits_dit_moe.pt")
+    if not Path(ckpt).is_file():
+        raise ConfigError(f"--ckpt {ckpt}: no such file (default: the shipped digits model; "
+                          f"train one with scripts/train_digits.py)")
     names = tuple(m.name for m in MODES)
     chosen = tuple(x.strip() for x in args.modes.split(",")) if args.modes else names
     unknown = [m for m in chosen if m not in names]
