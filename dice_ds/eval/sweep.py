@@ -166,7 +166,7 @@ def real_floor(classifier, n: int, seed: int) -> dict:
 
 def run_sweep(cfg: SweepConfig, classifier, log=print) -> dict:
     """Sample and evaluate every selected mode; returns the JSON-able result."""
-    from dice_ds.eval.metrics import evaluate_digits, load_sample_set
+    from dice_ds.eval.metrics import evaluate_digits, load_sample_set, paired_fid_difference
 
     modes = [m for m in MODES if m.name in cfg.modes]
     runs = {m.name: run_mode(cfg, m, log) for m in modes}
@@ -176,7 +176,11 @@ def run_sweep(cfg: SweepConfig, classifier, log=print) -> dict:
     for m in modes:
         row = {"mode": m.name, "flags": " ".join(m.flags), "note": m.note, **runs[m.name]}
         if row["status"] == "ok":
-            row.update(evaluate_digits(load_sample_set(row["dir"]), classifier, reference))
+            samples = load_sample_set(row["dir"])
+            row.update(evaluate_digits(samples, classifier, reference))
+            if reference is not None:
+                d = paired_fid_difference(samples, reference, classifier)
+                row.update(fid_delta_vs_sync=d["delta"], fid_delta_std=d["std"])
         rows.append(row)
     return {"config": cfg.__dict__ | {"modes": list(cfg.modes)}, "rows": rows,
             "real_digits_floor": real_floor(classifier, cfg.num_samples, cfg.seed),
@@ -188,18 +192,34 @@ PAPER_ORDER = ("sync EP", "DICE", "interweaved", "displaced EP")
 PAPER_FID = {"sync EP": 5.31, "DICE": 6.11, "interweaved": 6.97, "displaced EP": 8.27}
 
 
+def _order(rows: list[dict], key: str, reverse: bool = False) -> tuple[list[str], dict]:
+    vals = {r["mode"]: r[key] for r in rows if key in r and r["mode"] in PAPER_ORDER}
+    return sorted(vals, key=lambda m: vals[m], reverse=reverse), vals
+
+
 def ordering_statement(rows: list[dict]) -> str:
-    """Compare the measured digits-FID order of the paper's four methods with the paper's order."""
-    fid = {r["mode"]: r["digits_fid"] for r in rows if "digits_fid" in r}
-    present = [m for m in PAPER_ORDER if m in fid]
-    if len(present) < 2:
+    """Compare the measured order of the paper's four methods with the paper's FID order, by
+    digits-FID (with the paired-bootstrap noise of each difference) and by deviation from sync."""
+    by_fid, fid = _order(rows, "digits_fid")
+    if len(by_fid) < 2:
         return "too few of sync EP / DICE / interweaved / displaced EP ran to compare orderings"
-    measured = sorted(present, key=lambda m: fid[m])
-    paper = " < ".join(present)
-    ours = " < ".join(f"{m} ({fid[m]:.2f})" for m in measured)
-    if measured == present:
-        return f"Same ordering as the paper ({paper}): {ours}."
-    return f"Ordering DIFFERS from the paper's ({paper}): measured {ours}."
+    paper = [m for m in PAPER_ORDER if m in fid]
+    ours = " < ".join(f"{m} ({fid[m]:.2f})" for m in by_fid)
+    verdict = "Same digits-FID ordering as" if by_fid == paper else "digits-FID ordering DIFFERS from"
+    text = f"{verdict} the paper's ({' < '.join(paper)}): measured {ours}."
+    deltas = [r for r in rows if r["mode"] in paper and r["mode"] != "sync EP"
+              and r.get("fid_delta_std")]
+    if deltas:
+        resolved = [r["mode"] for r in deltas if abs(r["fid_delta_vs_sync"]) > 2 * r["fid_delta_std"]]
+        text += (" FID differences from sync beyond 2 paired-bootstrap std: "
+                 f"{', '.join(resolved) if resolved else 'none'}.")
+    by_psnr, psnr = _order(rows, "psnr_db", reverse=True)
+    if len(by_psnr) >= 2:
+        same = by_psnr == [m for m in PAPER_ORDER if m in psnr]
+        text += (f" By deviation from sync (PSNR, closest first): "
+                 f"{' > '.join(f'{m} ({_fmt(psnr[m])} dB)' for m in by_psnr)}, "
+                 f"{'the same order as' if same else 'a different order from'} the paper's FID.")
+    return text
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -214,19 +234,22 @@ def to_markdown(result: dict, command: str) -> str:
     cfg = result["config"]
     steps = cfg["steps"] if cfg["steps"] is not None else "default (50)"
     lines = [
-        "| mode | flags | digits-FID ↓ | class acc ↑ | PSNR vs sync (dB) ↑ | MSE vs sync |",
-        "|---|---|---|---|---|---|",
+        "| mode | flags | digits-FID ↓ | ΔFID vs sync (± 1 std) | class acc ↑ | PSNR vs sync (dB) ↑ "
+        "| MSE vs sync |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['mode']} | `{r['flags']}` | {r['status']}: {r.get('error', '')} "
-                         "| – | – | – |")
+                         "| – | – | – | – |")
             continue
-        lines.append(f"| {r['mode']} | `{r['flags'] or '(none)'}` | {_fmt(r['digits_fid'])} | "
+        delta = (f"{r['fid_delta_vs_sync']:+.2f} ± {r['fid_delta_std']:.2f}"
+                 if "fid_delta_std" in r else "–")
+        lines.append(f"| {r['mode']} | `{r['flags'] or '(none)'}` | {_fmt(r['digits_fid'])} | {delta} | "
                      f"{_fmt(100 * r['class_accuracy'], 1)} % | {_fmt(r.get('psnr_db'))} | "
                      f"{_fmt(r.get('mse'), 6)} |")
     floor = result["real_digits_floor"]
-    lines.append(f"| real digits ({floor['num_samples']} drawn) | – | {_fmt(floor['digits_fid'])} | "
+    lines.append(f"| real digits ({floor['num_samples']} drawn) | – | {_fmt(floor['digits_fid'])} | – | "
                  f"{_fmt(100 * floor['class_accuracy'], 1)} % | – | – |")
     head = (f"Shipped `digits` model, {cfg['nproc']} ranks (gloo, CPU), {cfg['num_samples']} "
             f"samples per mode, global seed {cfg['seed']}, steps {steps}, cfg scale "

@@ -192,12 +192,14 @@ def test_sweep_report_and_ordering(tmp_path):
     from dice_ds.eval.sweep import MODES, SweepConfig, ordering_statement, sample_command, write_report
 
     rows = [{"mode": m, "flags": "", "note": "", "status": "ok", "digits_fid": f,
-             "class_accuracy": 0.9, "psnr_db": p, "mse": 0.0}
+             "class_accuracy": 0.9, "psnr_db": p, "mse": 0.0, "fid_delta_vs_sync": f - 1.0,
+             "fid_delta_std": 0.6}
             for m, f, p in (("sync EP", 1.0, math.inf), ("DICE", 3.0, 30.0),
                             ("interweaved", 2.0, 25.0), ("displaced EP", 4.0, 20.0))]
     assert "DIFFERS" in ordering_statement(rows)
+    assert "2 paired-bootstrap std: DICE, displaced EP." in ordering_statement(rows)
     rows[1]["digits_fid"] = 1.5
-    assert ordering_statement(rows).startswith("Same ordering")
+    assert ordering_statement(rows).startswith("Same digits-FID ordering")
     rows.append({"mode": "displaced SP", "flags": "--sp --sp-async", "note": "",
                  "status": "not available", "error": "not implemented yet"})
     cfg = SweepConfig(ckpt="x.pt", num_samples=20, batch=10)
@@ -271,3 +273,15 @@ def test_missing_torch_fidelity_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import now raises ImportError
     with pytest.raises(ConfigError, match="pip install 'dice_ds\\[fid\\]'"):
         fidmod.import_torch_fidelity()
+
+
+def test_paired_fid_difference(clf, real):
+    from dice_ds.eval.metrics import paired_fid_difference
+
+    a = SampleSet(real[0][:300], real[1][:300], "real")
+    same = paired_fid_difference(a, a, clf, rounds=5)
+    assert same == {"delta": 0.0, "std": 0.0}
+    noisy = a.images.astype(np.int16) + np.random.default_rng(0).integers(-40, 41, a.images.shape)
+    b = SampleSet(noisy.clip(0, 255).astype(np.uint8), a.labels, "noisy")
+    d = paired_fid_difference(b, a, clf, rounds=10)
+    assert d["delta"] > 2 * d["std"] > 0
