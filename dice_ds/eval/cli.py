@@ -129,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dice-ds eval: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if e.name not in ("sklearn", "scipy"):
+            raise
+        print(f"dice-ds eval: error: needs {e.name}: pip install -e '.[eval]' (scikit-learn, scipy)",
+              file=sys.stderr)
+        return 2
     text = json.dumps(_jsonable(result), indent=1)
     print(text)
     if args.json:
