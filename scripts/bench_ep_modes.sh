@@ -13,11 +13,7 @@
 #
 # Example: bash scripts/bench_ep_modes.sh              # debug model, 2 ranks, 7 modes, ~2-3 min on CPU
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-    if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python; fi
-fi
+source "$(dirname "$0")/_python.sh"
 MODEL="${MODEL:-debug}"
 STEPS="${STEPS:-20}"
 BATCH="${BATCH:-8}"

@@ -24,11 +24,7 @@
 # Not part of the test suite (timing). Example (loopback + 300mbit, 3 rounds, ~6 min on a quiet
 # 2-core machine): bash scripts/bench_slow_link.sh      two rates: RATES="300mbit 100mbit" BUDGET_S=700
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-    if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python; fi
-fi
+source "$(dirname "$0")/_python.sh"
 RATES="${RATES:-300mbit}"
 LOOPBACK="${LOOPBACK:-1}"
 OUT="${OUT:-$(mktemp -d /tmp/dice_bench_slow_link.XXXXXX)}"

@@ -8,11 +8,7 @@
 #
 # Example: NPROC=8 bash scripts/launch.sh --config configs/ds/xl_dice_8gpu.json --ckpt X --vae-path V
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-    if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python; fi
-fi
+source "$(dirname "$0")/_python.sh"
 NPROC="${NPROC:-2}"
 NNODES="${NNODES:-1}"
 if [ "$NNODES" = 1 ]; then
