@@ -6,7 +6,7 @@
 # CONFIG=... picks another config (e.g. configs/ds/digits_ep_sync.json, configs/ds/debug_dp.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh eval
 export NPROC="${NPROC:-2}"
 CONFIG="${CONFIG:-configs/ds/digits_dice.json}"
 SAMPLE_DIR="${SAMPLE_DIR:-samples/main}"
