@@ -20,6 +20,7 @@ BATCH="${BATCH:-8}"
 BATCHES="${BATCHES:-4}"
 NPROC="${NPROC:-2}"
 OUT="${OUT:-$(mktemp -d /tmp/dice_bench_ep_modes.XXXXXX)}"
+mkdir -p "$OUT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 COMMON=(--model "$MODEL" --device cpu --num-sampling-steps "$STEPS" --per-proc-batch-size "$BATCH"
