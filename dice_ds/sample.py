@@ -48,7 +48,6 @@ from dice_ds.options import (
     validate_options,
 )
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -136,12 +135,10 @@ def _local_rank(opts: RunOptions) -> int:
 
 def _build(prep: Prepared, groups):
     """Model with weights, and the EP runtime (None for data parallelism)."""
-    import torch
-
-    from dice_ds.models import build_model, init_weights
+    from dice_ds.models import DTYPES, build_model, init_weights
 
     opts = prep.opts
-    model = build_model(prep.model_cfg, groups, getattr(torch, DTYPES[opts.dtype]), prep.device)
+    model = build_model(prep.model_cfg, groups, DTYPES[opts.dtype], prep.device)
     if prep.state_dict is not None:
         from dice_ds.checkpoint import load_into_model
 

@@ -27,6 +27,9 @@ from dice_ds.models.layers import (
 )
 from dice_ds.models.moe import build_moe_layer
 
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtype names used by the CLI (``--dtype``, ``--a2a-dtype``) and configs."""
+
 
 class DiTBlock(nn.Module):
     """adaLN-Zero block: x += g_msa·Attn(mod(LN(x))); x += g_mlp·MoE(mod(LN(x)))."""

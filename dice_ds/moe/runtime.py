@@ -41,12 +41,12 @@ from typing import Optional
 
 import torch
 
+from dice_ds.models.dit_moe import DTYPES
 from dice_ds.moe import importance, policy
 from dice_ds.moe.dispatcher import DISPATCHERS, StaleAlltoAllTokenDispatcher, capture_record
 from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, LayerState, RecordExtras, SlotCache
 
-PAYLOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Tokens and expert outputs are cast to the payload dtype for the all-to-all and back after it;
 router probs always travel in fp32 (a [R] vector: 1/D of the token bytes, and the expert weights
 stay exact)."""
@@ -82,10 +82,10 @@ class DiceRuntime:
         self.timer = PhaseTimer(device)
         self.ledger = CommLedger()
         # the all-to-all payload dtype (None: the activations' own); nothing is sent at EP 1
-        self.payload_dtype = PAYLOAD_DTYPES.get(plan.payload_dtype) if self.ep_size > 1 else None
+        self.payload_dtype = DTYPES.get(plan.payload_dtype) if self.ep_size > 1 else None
         act = next(iter(self.layers.values())).config.params_dtype
         self.payload_dtype_name = next(
-            (n for n, d in PAYLOAD_DTYPES.items() if d == (self.payload_dtype or act)), str(act))
+            (n for n, d in DTYPES.items() if d == (self.payload_dtype or act)), str(act))
         self._rand = torch.Generator()
         self._megatron_dispatchers: dict = {}
         self._clear_run()
