@@ -72,6 +72,13 @@ class RunOptions:
     extra_folder_name: str | None = _opt(None, str, "folder between samples/ and the automatic name")
     trim_samples: bool = _opt(False, bool, "decode and write only the first sample of each batch "
                               "(timing runs; no samples.npz)")
+    # run control (issue 8: bounded failure, resume, console; not part of the sample fingerprint)
+    pg_timeout: float | None = _opt(None, float, "seconds a collective may wait for a peer before "
+                                    "the rank exits non-zero (every process group; default: "
+                                    "$DICE_DS_PG_TIMEOUT or 300)")
+    force_new: bool = _opt(False, bool, "the sample directory holds samples of other settings: "
+                           "move them aside (to <dir>.old-<time>) and sample anew")
+    verbose: bool = _opt(False, bool, "show third-party warnings and per-rank logs")
     # expert parallelism and DICE
     ep: bool = _opt(False, bool, "expert parallelism (sync EP); EP size = --ep-size or world size")
     ep_size: int | None = _opt(None, int, "expert-parallel group size (implies --ep; must divide "
@@ -335,6 +342,8 @@ def _validate_sampling(opts: RunOptions) -> None:
         where = "x patch size" if unit == flavor.patch_size else "8 x patch size (SD VAE)"
         raise ConfigError(f"--image-size {size} must be a positive multiple of {unit} ({where}) for "
                           f"{flavor.name}")
+    if opts.pg_timeout is not None and opts.pg_timeout <= 0:
+        raise ConfigError(f"--pg-timeout {opts.pg_timeout:g} must be > 0 (seconds)")
     if opts.device == "cpu" and opts.tf32:
         raise ConfigError("--tf32 only affects CUDA matmuls: drop it or use --device cuda")
     if opts.sample_dir is not None and (opts.extra_name or opts.extra_folder_name):
