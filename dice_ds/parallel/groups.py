@@ -17,12 +17,21 @@ Group backends: 'deepspeed' creates the EP / expert-DP groups with DeepSpeed's
 build is stubbed by ``dice_ds.patches.deepspeed_cpu``); 'torch' creates the same groups with
 ``torch.distributed.new_group``. Both return plain ``torch.distributed.ProcessGroup``s.
 
+Timeout (bounded failure): one value, ``pg_timeout_seconds`` (``--pg-timeout``, else
+``$DICE_DS_PG_TIMEOUT`` seconds, else the legacy ``$DICE_DS_PG_TIMEOUT_MIN`` minutes, else 300 s),
+is fixed by ``init_distributed`` and applies to EVERY group of the run: the default group, each
+``new_group`` here and the groups DeepSpeed creates (its ``new_group`` passes no timeout, which in
+torch means 30 minutes, so ``_deepspeed_expert_groups`` routes DeepSpeed's group creation through
+``_new_group`` with the run's timeout; same layout). A collective whose peer is stopped raises
+after that time; one whose peer died usually raises at once (gloo: connection closed).
+
 Invariant: every function that creates groups is a collective: all ranks of the world call it, with
 the same arguments, in the same order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -33,8 +42,35 @@ import torch.distributed as dist
 
 from dice_ds.config import ConfigError
 
-DEFAULT_TIMEOUT = timedelta(minutes=int(os.environ.get("DICE_DS_PG_TIMEOUT_MIN", "30")))
+DEFAULT_TIMEOUT_SECONDS = 300.0
 GROUP_BACKENDS = ("deepspeed", "torch")
+_timeout: timedelta | None = None
+"""The run's collective timeout, fixed by ``init_distributed`` (read by every group creation)."""
+
+
+def pg_timeout_seconds(seconds: float | None = None) -> float:
+    """The collective timeout: ``seconds`` (``--pg-timeout``), else ``$DICE_DS_PG_TIMEOUT`` (s), else
+    ``$DICE_DS_PG_TIMEOUT_MIN`` (minutes, legacy), else 300 s."""
+    if seconds is not None:
+        value, where = float(seconds), "--pg-timeout"
+    elif os.environ.get("DICE_DS_PG_TIMEOUT"):
+        value, where = float(os.environ["DICE_DS_PG_TIMEOUT"]), "DICE_DS_PG_TIMEOUT"
+    elif os.environ.get("DICE_DS_PG_TIMEOUT_MIN"):
+        value, where = 60.0 * float(os.environ["DICE_DS_PG_TIMEOUT_MIN"]), "DICE_DS_PG_TIMEOUT_MIN"
+    else:
+        return DEFAULT_TIMEOUT_SECONDS
+    if value <= 0:
+        raise ConfigError(f"{where} must be a positive number of seconds, got {value:g}")
+    return value
+
+
+def group_timeout() -> timedelta:
+    """The timeout every group of this run is created with (the default before ``init_distributed``)."""
+    return _timeout if _timeout is not None else timedelta(seconds=pg_timeout_seconds())
+
+
+def _new_group(ranks) -> dist.ProcessGroup:
+    return dist.new_group(list(ranks), timeout=group_timeout())
 
 
 def _env_rank_world() -> tuple[int, int] | None:
@@ -51,28 +87,32 @@ def default_backend(device: torch.device | str) -> str:
 
 
 def init_distributed(device: torch.device | str = "cpu", init_method: str | None = None,
-                     rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+                     rank: int | None = None, world_size: int | None = None,
+                     timeout: float | None = None) -> tuple[int, int]:
     """Start the default process group once; return (rank, world_size).
 
     Reads the launcher's environment; with none, starts a 1-rank gloo group on an in-memory store.
     ``init_method``/``rank``/``world_size`` override the environment (tests use a file store).
+    ``timeout``: seconds (``pg_timeout_seconds``); it becomes the timeout of every later group.
     """
+    global _timeout
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    _timeout = timedelta(seconds=pg_timeout_seconds(timeout))
     backend = default_backend(device)
     if init_method is not None:
         dist.init_process_group(backend, init_method=init_method, rank=rank,
-                                world_size=world_size, timeout=DEFAULT_TIMEOUT)
+                                world_size=world_size, timeout=_timeout)
     else:
         env = _env_rank_world()
         if env is None:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=DEFAULT_TIMEOUT)
+                                    timeout=_timeout)
         else:
             r, w = env
             os.environ.setdefault("MASTER_PORT", "29500")
             dist.init_process_group(backend, init_method="env://", rank=r, world_size=w,
-                                    timeout=DEFAULT_TIMEOUT)
+                                    timeout=_timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -81,7 +121,7 @@ def _new_group_containing_me(rank_lists: list[list[int]]) -> dist.ProcessGroup:
     me = dist.get_rank()
     mine = None
     for ranks in rank_lists:
-        g = dist.new_group(ranks)
+        g = _new_group(ranks)
         if me in ranks:
             mine = g
     assert mine is not None
@@ -151,6 +191,24 @@ def _torch_expert_groups(ep_size: int, single: dist.ProcessGroup
     return ep, _new_group_containing_me(dp_lists)
 
 
+@contextlib.contextmanager
+def _deepspeed_groups_with_timeout():
+    """DeepSpeed's ``new_group(ranks)`` takes no timeout (torch then uses 30 minutes): while DeepSpeed
+    creates its groups, its backend object creates them with the run's timeout instead."""
+    import sys
+
+    cdb = sys.modules["deepspeed.comm.comm"].cdb
+    saved = cdb.__dict__.get("new_group")
+    cdb.new_group = _new_group
+    try:
+        yield
+    finally:
+        if saved is None:
+            del cdb.new_group
+        else:
+            cdb.new_group = saved
+
+
 def _deepspeed_expert_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """DeepSpeed's expert / expert-data-parallel groups on the existing torch default group.
 
@@ -167,7 +225,8 @@ def _deepspeed_expert_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.Proc
     ds_comm.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
                              verbose=False)
     name = f"ep_size_{ep_size}"
-    ds_groups._create_expert_and_data_parallel(ep_size)
+    with _deepspeed_groups_with_timeout():
+        ds_groups._create_expert_and_data_parallel(ep_size)
     return (ds_groups._get_expert_parallel_group(name),
             ds_groups._get_expert_data_parallel_group(name))
 

@@ -26,7 +26,11 @@ def _groups_on_rank(rank, world, ep_sizes):
                 dist.all_reduce(x, group=group)
                 sums.append(x.item())
             ep_lists, dp_lists = ep_rank_lists(world, ep_size)
+            cpu = torch.device("cpu")
             out[(backend, ep_size)] = dict(g.describe(), sums=sums, backend=g.backend,
+                                           timeouts=[pg._get_backend(cpu).options._timeout
+                                                     for pg in (dist.group.WORLD, g.ep, g.expt_dp,
+                                                                g.single)],
                                            expected=([e for e in ep_lists if rank in e][0],
                                                      [d for d in dp_lists if rank in d][0]))
     try:
@@ -50,6 +54,9 @@ def _check(results, world, ep_sizes, expected_layout):
                 assert d["ep_ranks"] == my_ep and d["expt_dp_ranks"] == my_dp, (backend, ep_size, rank)
                 assert list(d["expected"]) == [my_ep, my_dp]
                 assert d["sums"] == [float(sum(my_ep)), float(sum(my_dp))]
+                # every group has the run's timeout (default 300 s), DeepSpeed's included (torch's
+                # new_group default would be 30 minutes)
+                assert [t.total_seconds() for t in d["timeouts"]] == [300.0] * 4, (backend, d)
 
 
 def test_groups_world4(tmp_path):
@@ -62,6 +69,22 @@ def test_groups_world4(tmp_path):
 def test_groups_world2(tmp_path):
     layout = {2: ([[0, 1]], [[0], [1]])}
     _check(run_ranks(_groups_on_rank, 2, tmp_path, (2,)), 2, (2,), layout)
+
+
+def test_pg_timeout_resolution(monkeypatch):
+    from dice_ds.config import ConfigError
+    from dice_ds.parallel.groups import pg_timeout_seconds
+
+    monkeypatch.delenv("DICE_DS_PG_TIMEOUT", raising=False)
+    monkeypatch.delenv("DICE_DS_PG_TIMEOUT_MIN", raising=False)
+    assert pg_timeout_seconds() == 300.0 and pg_timeout_seconds(12) == 12.0
+    monkeypatch.setenv("DICE_DS_PG_TIMEOUT_MIN", "2")
+    assert pg_timeout_seconds() == 120.0
+    monkeypatch.setenv("DICE_DS_PG_TIMEOUT", "7.5")
+    assert pg_timeout_seconds() == 7.5 and pg_timeout_seconds(3) == 3.0  # the flag wins
+    monkeypatch.setenv("DICE_DS_PG_TIMEOUT", "0")
+    with pytest.raises(ConfigError, match="DICE_DS_PG_TIMEOUT"):
+        pg_timeout_seconds()
 
 
 def test_unknown_group_backend_is_config_error(tmp_path):
