@@ -157,3 +157,33 @@ def describe_schedule(plan: "ParallelPlan", num_steps: int, depth: int) -> dict:
         "skip_strategy": plan.skip_strategy,
         "skip_steps": [i for i in range(num_steps, 0, -1) if step_skips(i, num_steps, plan)],
     }
+
+
+def exchanges_kept_after_sync(mode: str, layer: int,
+                              async_layer_indices: tuple[int, ...]) -> tuple[bool, bool]:
+    """(dispatch, combine): which fresh exchanges a SYNC call of ``layer`` leaves for the next
+    async step (the same table as the stale dispatchers' ``keeps_after_sync``).
+
+    Sync layers and sync modes keep nothing. Displaced keeps both (its next async call computes the
+    held dispatch and returns the held combine). Interweaved: the ring tail keeps its dispatch (the
+    ring head computes it across the step boundary); every other async layer keeps its combine (it
+    reads its combine slot before its ring successor writes it).
+    """
+    ring = tuple(async_layer_indices)
+    if mode == "sync" or layer not in ring:
+        return False, False
+    if mode == "displaced":
+        return True, True
+    if mode == "interweaved":
+        tail = layer == ring[-1]
+        return tail, not tail
+    raise ValueError(f"mode={mode!r}: use sync, displaced or interweaved")
+
+
+def sp_sync_steps(num_steps: int, warmup: int = 0) -> frozenset[int]:
+    """Steps on which displaced SP gathers every layer's K/V synchronously (exact attention).
+
+    The SP K/V cache is cleared at the start of every batch (rev 0: nothing to be stale from) and
+    at rev 1..warmup, so those steps are sync: rev = 0..warmup, i.e. ``sync_steps(S, warmup)``.
+    """
+    return sync_steps(num_steps, warmup=warmup)

@@ -1,6 +1,7 @@
 """The parallel plan: plain data saying how a DiT-MoE is parallelised for sampling.
 
-Owns ``ParallelPlan`` (expert-parallel size, DICE mode and every DICE knob) and its validation.
+Owns ``ParallelPlan`` (expert-parallel size, DICE mode and every DICE knob; sequence-parallel size
+and displaced-SP knobs) and its validation.
 Building a plan is inert; ``validate()`` raises ``ConfigError`` naming the field (and CLI flag) and
 the fix, before any process group starts. ``dice_ds.parallel.apply.parallelize_dit_moe`` turns a
 plan into a runtime.
@@ -8,6 +9,10 @@ plan into a runtime.
 Conventions: the sampler's step index i counts *down* from S to 1 (rev = S − i, rev 0 is the first
 step). ``async_layers`` names the MoE layers that run asynchronously (the reference's
 ``--ep-async-mode`` convention); every other layer stays synchronous.
+
+Rank layout of a plan (``dice_ds.parallel.groups``): EP innermost (contiguous blocks of ep_size
+ranks), SP next (stride ep_size), data parallel outermost. EP x SP: world 4, ep 2, sp 2 gives EP
+groups [0,1] [2,3] and SP groups [0,2] [1,3].
 """
 
 from __future__ import annotations
@@ -52,6 +57,19 @@ class ParallelPlan:
     """Seed of the 'rand' strategy's generator (reset with the other per-run state)."""
     payload_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     """dtype of the all-to-all payload (None: the activation dtype). bf16/fp16 halve the bytes."""
+    sp_size: int = 1
+    """Sequence-parallel group size (1: off). Each image's tokens are split into sp_size
+    contiguous chunks; attention gathers K/V over the group; every rank holds all experts unless
+    ep_size > 1 as well (EP x SP: each token shard's expert work goes over the EP group)."""
+    sp_async: bool = False
+    """Displaced SP (DistriFusion): remote K/V from the previous step, own K/V fresh."""
+    sp_warmup: int = 0
+    """Displaced SP: steps rev = 0..sp_warmup gather K/V synchronously (the cache is cleared)."""
+    single_img: bool = False
+    """SP without the global batch: each SP group samples one rank's batch (the SP group's lead
+    rank writes it); otherwise every SP rank holds the batches of its whole group."""
+    sp_bucket_layers: int = 4
+    """Displaced SP: layers whose K/V share one async all-gather (DistriFusion's comm_checkpoint)."""
 
     def replace(self, **changes) -> "ParallelPlan":
         return dataclasses.replace(self, **changes)
@@ -64,10 +82,36 @@ class ParallelPlan:
     def async_enabled(self) -> bool:
         return self.ep_enabled and self.mode != "sync"
 
+    @property
+    def sp_enabled(self) -> bool:
+        return self.sp_size > 1
+
+    def _validate_sp(self, world_size: int, tokens: int | None) -> None:
+        if self.sp_size < 1 or world_size % (self.sp_size * self.ep_size):
+            raise ConfigError(
+                f"sp_size={self.sp_size} (--sp) times ep_size={self.ep_size} (--ep-size) must "
+                f"divide the world size {world_size}")
+        if tokens is not None and self.sp_enabled and tokens % self.sp_size:
+            raise ConfigError(
+                f"sp_size={self.sp_size} (--sp): the {tokens} tokens of an image do not split into "
+                f"{self.sp_size} equal chunks; use an SP size that divides {tokens}")
+        if self.sp_async and not self.sp_enabled:
+            raise ConfigError("sp_async (--sp-async) needs sequence parallelism: pass --sp with a "
+                              "world size > 1")
+        if self.sp_warmup < 0:
+            raise ConfigError(f"sp_warmup={self.sp_warmup} (--sp-async-warm-up) must be >= 0")
+        if self.sp_warmup and not self.sp_async:
+            raise ConfigError("sp_warmup (--sp-async-warm-up) needs --sp-async")
+        if self.single_img and not self.sp_enabled:
+            raise ConfigError("single_img (--single-img) needs --sp with a world size > 1")
+        if self.sp_bucket_layers < 1:
+            raise ConfigError(f"sp_bucket_layers={self.sp_bucket_layers} must be >= 1")
+
     def validate(self, *, world_size: int, num_experts: int, depth: int,
-                 sampler: str = "rf") -> "ParallelPlan":
+                 sampler: str = "rf", tokens: int | None = None) -> "ParallelPlan":
         """Raise ``ConfigError`` on the first bad field. ``sampler`` does not restrict anything:
-        every sampler drives the same step schedule through ``runtime.begin_step`` (pitfall 6)."""
+        every sampler drives the same step schedule through ``runtime.begin_step`` (pitfall 6).
+        ``tokens``: tokens per image (checked against the SP size when given)."""
         if self.ep_size < 1 or world_size % self.ep_size:
             raise ConfigError(
                 f"ep_size={self.ep_size} (--ep-size) must divide the world size {world_size}"
@@ -114,4 +158,5 @@ class ParallelPlan:
             raise ConfigError(f"skip_strategy={self.skip_strategy!r}: use low, high or rand")
         if self.payload_dtype not in (None, "fp32", "bf16", "fp16"):
             raise ConfigError(f"payload_dtype={self.payload_dtype!r}: use fp32, bf16 or fp16")
+        self._validate_sp(world_size, tokens)
         return self
