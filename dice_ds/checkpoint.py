@@ -36,6 +36,7 @@ from dice_ds.keymap import mcore_to_released, released_to_mcore
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _RELEASED_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.")
 _MCORE_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.local_experts\.(\d+)\.")
+_GROUPED_FC1 = "blocks.0.moe.experts.fc1_weight"
 _EXTRA = "._extra_state"
 _MAX_LISTED = 8
 
@@ -114,6 +115,9 @@ def inspect_checkpoint(sd: dict[str, torch.Tensor]) -> dict:
     if released:
         expert_ffn = _shape(sd, "blocks.0.moe.experts.0.gate_proj.weight")[0]
         shared_ffn = _shape(sd, "blocks.0.moe.shared_experts.gate_proj.weight")[0]
+    elif _GROUPED_FC1 in sd:  # dice_ds grouped layout: fc1_weight [L, 2F, D]
+        expert_ffn = _shape(sd, _GROUPED_FC1)[1] // 2
+        shared_ffn = _shape(sd, "blocks.0.moe.shared_experts.linear_fc1.weight")[0] // 2
     else:  # dice_ds layout: linear_fc1 = cat(gate, up)
         expert_ffn = _shape(sd, "blocks.0.moe.experts.local_experts.0.linear_fc1.weight")[0] // 2
         shared_ffn = _shape(sd, "blocks.0.moe.shared_experts.linear_fc1.weight")[0] // 2
@@ -221,21 +225,33 @@ def trim_experts(sd: dict[str, torch.Tensor], keep: tuple[int, ...] | range,
 
 
 def _is_dice_layout(sd: dict) -> bool:
-    return any(k.endswith(".moe.router.weight") or ".experts.local_experts." in k for k in sd)
+    return any(k.endswith(".moe.router.weight") or ".experts.local_experts." in k
+               or k.endswith(".moe.experts.fc1_weight") for k in sd)
+
+
+def _dice_experts_held(sd: dict) -> int:
+    """Experts per layer in a dice_ds-layout ``sd`` (either experts layout)."""
+    if _GROUPED_FC1 in sd:
+        return sd[_GROUPED_FC1].shape[0]
+    return len({int(m.group(2)) for k in sd if (m := _MCORE_EXPERT.match(k))})
 
 
 def _to_model_keys(model, sd: dict, local: tuple[int, ...]) -> tuple[dict, int]:
-    """Map ``sd`` (released or dice_ds layout) to the model's keys for experts ``local``."""
+    """Map ``sd`` (released or dice_ds layout) to the model's keys for experts ``local``.
+
+    Every path goes through the released layout (``dice_ds/keymap.py``), so a file written by either
+    experts implementation loads into either.
+    """
     if _is_dice_layout(sd):
-        held = {int(m.group(2)) for k in sd if (m := _MCORE_EXPERT.match(k))}
-        if len(held) == len(local) and len(local) < model.cfg.num_experts:
-            return dict(sd), 0  # already this rank's shard
-        sd = mcore_to_released(sd)
+        shard = len(local) < model.cfg.num_experts and _dice_experts_held(sd) == len(local)
+        # a shard holds this rank's experts in local order (the caller saved its own state dict)
+        sd = mcore_to_released(sd, expert_ids=local if shard else None)
     n_experts = model.cfg.num_experts
     extra = sorted({k for k in sd if (m := _RELEASED_EXPERT.match(k)) and int(m.group(2)) >= n_experts})
     trimmed, dropped = trim_experts(sd, local)
     try:
-        mapped = released_to_mcore(trimmed, local_experts=local)
+        mapped = released_to_mcore(trimmed, local_experts=local,
+                                   experts_layout=model.cfg.experts_impl)
     except KeyError as e:
         raise CheckpointMismatchError(f"checkpoint does not match --model {model.cfg.name} (check "
                                       f"--ckpt and --model): {e.args[0]}") from None

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+EXPERTS_IMPLS = ("sequential", "grouped")
+"""Accepted values of ``ModelConfig.experts_impl``."""
+
+
 class ConfigError(ValueError):
     """Bad user input, reported before any process group starts."""
 
@@ -41,6 +45,10 @@ class ModelConfig:
     """'timm': qkv/proj (S, B). 'flash': Wqkv + affine q_norm/k_norm + out_proj (XL, G)."""
     sampler: Literal["rf", "ddpm"] = "rf"
     """Default sampler of the released checkpoint of this size."""
+    experts_impl: Literal["sequential", "grouped"] = "sequential"
+    """Routed-expert computation. 'sequential': megatron's ``SequentialMLP`` (one ``MLP`` per local
+    expert). 'grouped': ``dice_ds.models.experts`` (all local experts in two grouped GEMMs, stacked
+    weights). Same outputs (fp32: equal to rounding) and the same checkpoint format."""
 
     @property
     def out_channels(self) -> int:
@@ -76,6 +84,9 @@ class ModelConfig:
                 f"patch_size={self.patch_size}: use an image size that is a multiple of "
                 f"{8 * self.patch_size}"
             )
+        if self.experts_impl not in EXPERTS_IMPLS:
+            raise ConfigError(f"experts_impl={self.experts_impl!r}: choose one of "
+                              f"{', '.join(map(repr, EXPERTS_IMPLS))}")
         if self.top_k < 1 or self.top_k > self.num_experts:
             raise ConfigError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
         if (self.hidden_size // self.num_heads) % 2 or self.hidden_size % 4:

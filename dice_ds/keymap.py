@@ -13,6 +13,14 @@ Owns the pure renaming/reshaping of MoE keys; everything else keeps its released
 ``i`` is the local index of global expert ``e`` on this rank: its position in the rank's list of
 global expert ids (megatron places experts contiguously: rank r of an EP group of size W holds
 experts [r·E/W, (r+1)·E/W), so ``i = e - r·E/W``; any other placement is passed as an explicit list).
+
+With ``ModelConfig.experts_impl = "grouped"`` (``dice_ds/models/experts.py``) a layer's local experts
+are stacked along a leading dim, in local order (``experts_layout="grouped"`` below):
+
+| released (per block b, local experts e_0..e_{L-1})  | dice_ds grouped layout                                    |
+|-----------------------------------------------------|-----------------------------------------------------------|
+| ``blocks.b.moe.experts.e_i.{gate,up}_proj.weight``   | ``blocks.b.moe.experts.fc1_weight[i]`` = cat(gate, up)    |
+| ``blocks.b.moe.experts.e_i.down_proj.weight``        | ``blocks.b.moe.experts.fc2_weight[i]``                    |
 """
 
 from __future__ import annotations
@@ -27,14 +35,21 @@ _SHARED = re.compile(r"^blocks\.(\d+)\.moe\.shared_experts\.(gate_proj|up_proj|d
 _GATE = re.compile(r"^blocks\.(\d+)\.moe\.gate\.weight$")
 
 
+EXPERTS_LAYOUTS = ("sequential", "grouped")
+
+
 def released_to_mcore(sd: dict[str, torch.Tensor], local_experts: Sequence[int] | None = None,
-                      ) -> dict[str, torch.Tensor]:
+                      experts_layout: str = "sequential") -> dict[str, torch.Tensor]:
     """Rename a released state dict to dice_ds keys, keeping only ``local_experts`` (global ids).
 
     ``local_experts`` (a ``range`` or any sequence of distinct global ids) lists this rank's experts
     in local order; ``None`` keeps every expert under its global id. Keys that are not MoE keys pass
     through unchanged; an expert projection without its partner raises ``KeyError``.
+    ``experts_layout="grouped"`` stacks each layer's experts (see the module doc); then every local
+    expert must be present (``None``: experts 0..n-1 of each layer), else ``KeyError``.
     """
+    if experts_layout not in EXPERTS_LAYOUTS:
+        raise ValueError(f"experts_layout={experts_layout!r}: choose one of {EXPERTS_LAYOUTS}")
     local_index = None if local_experts is None else {e: i for i, e in enumerate(local_experts)}
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
@@ -50,13 +65,36 @@ def released_to_mcore(sd: dict[str, torch.Tensor], local_experts: Sequence[int] 
             out[f"blocks.{m.group(1)}.moe.router.weight"] = value
         else:
             out[key] = value
+    per_layer: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
     for (b, e), parts in experts.items():
         i = e if local_index is None else local_index[e]
         prefix = f"blocks.{b}.moe.experts.local_experts.{i}"
-        out.update(_mlp_to_mcore(prefix, parts, f"blocks.{b}.moe.experts.{e}"))
+        mapped = _mlp_to_mcore(prefix, parts, f"blocks.{b}.moe.experts.{e}")
+        if experts_layout == "grouped":
+            per_layer.setdefault(b, {})[i] = mapped
+        else:
+            out.update(mapped)
+    for b, by_local in per_layer.items():
+        out.update(_stack_layer(b, by_local, local_experts))
     for b, parts in shared.items():
         out.update(_mlp_to_mcore(f"blocks.{b}.moe.shared_experts", parts,
                                  f"blocks.{b}.moe.shared_experts"))
+    return out
+
+
+def _stack_layer(b: int, by_local: dict[int, dict[str, torch.Tensor]],
+                 local_experts: Sequence[int] | None) -> dict[str, torch.Tensor]:
+    """One layer's per-expert (sequential-layout) tensors stacked into the grouped layout."""
+    n = len(by_local) if local_experts is None else len(local_experts)
+    ids = list(range(n)) if local_experts is None else list(local_experts)
+    missing = [ids[i] for i in range(n) if i not in by_local]
+    if missing or len(by_local) != n:
+        raise KeyError(f"blocks.{b}.moe.experts: missing expert(s) {missing or sorted(by_local)} "
+                       f"(the grouped layout needs all local experts {ids})")
+    out = {}
+    for which, name in (("linear_fc1", "fc1_weight"), ("linear_fc2", "fc2_weight")):
+        out[f"blocks.{b}.moe.experts.{name}"] = torch.stack(
+            [by_local[i][f"blocks.{b}.moe.experts.local_experts.{i}.{which}.weight"] for i in range(n)])
     return out
 
 
@@ -72,12 +110,13 @@ def _mlp_to_mcore(prefix: str, parts: dict[str, torch.Tensor], src: str) -> dict
 
 _MC_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
 _MC_SHARED = re.compile(r"^blocks\.(\d+)\.moe\.shared_experts\.(linear_fc1|linear_fc2)\.weight$")
+_MC_GROUPED = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(fc1_weight|fc2_weight)$")
 _MC_ROUTER = re.compile(r"^blocks\.(\d+)\.moe\.router\.weight$")
 
 
 def mcore_to_released(sd: dict[str, torch.Tensor], first_expert: int = 0,
                       expert_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`released_to_mcore` (drops megatron ``_extra_state`` entries).
+    """Inverse of :func:`released_to_mcore`, either experts layout (drops ``_extra_state`` entries).
 
     ``first_expert`` is the global id of local expert 0 (0 for a single-process model), for
     contiguous placement; ``expert_ids`` (global id of each local expert, in local order) overrides it.
@@ -90,6 +129,12 @@ def mcore_to_released(sd: dict[str, torch.Tensor], first_expert: int = 0,
             b, i, which = m.group(1), int(m.group(2)), m.group(3)
             e = i + first_expert if expert_ids is None else expert_ids[i]
             out.update(_mlp_to_released(f"blocks.{b}.moe.experts.{e}", which, value))
+        elif m := _MC_GROUPED.match(key):
+            b, which = m.group(1), "linear_fc1" if m.group(2) == "fc1_weight" else "linear_fc2"
+            for i, value_i in enumerate(value.unbind(0)):
+                e = i + first_expert if expert_ids is None else expert_ids[i]
+                value_i = value_i if which == "linear_fc1" else value_i.clone()  # no shared storage
+                out.update(_mlp_to_released(f"blocks.{b}.moe.experts.{e}", which, value_i))
         elif m := _MC_SHARED.match(key):
             out.update(_mlp_to_released(f"blocks.{m.group(1)}.moe.shared_experts", m.group(2), value))
         elif m := _MC_ROUTER.match(key):

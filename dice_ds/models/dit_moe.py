@@ -4,7 +4,9 @@ Owns ``DiTMoE`` (patch/timestep/class embeddings, adaLN-Zero blocks, final layer
 ``forward_with_cfg`` (one merged forward on the doubled batch), ``build_model`` and ``init_weights``.
 Expert parallelism enters only through the process groups handed to ``build_model``: with an EP
 group of size W each MoE layer holds E/W experts (megatron's contiguous placement); everything else
-is replicated. DICE modes are installed afterwards by ``dice_ds.parallel.parallelize_dit_moe``.
+is replicated. DICE modes are installed afterwards by ``dice_ds.parallel.parallelize_dit_moe``;
+sequence parallelism enters through the ``sp_runtime`` seam (token shard after the embeddings,
+full-length gather before the final layer) and each attention's ``runtime`` (K/V).
 
 Shape legend: N batch, T tokens, D hidden, C channels, S latent side.
 """
@@ -25,6 +27,7 @@ from dice_ds.models.layers import (
     sincos_pos_embed_2d,
     unpatchify,
 )
+from dice_ds.models.experts import expert_weight_views, is_routed_expert_param
 from dice_ds.models.moe import build_moe_layer
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,6 +75,7 @@ class DiTMoE(nn.Module):
             for i in range(cfg.depth)
         )
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
+        self.sp_runtime = None  # set by dice_ds.parallel.sp: shards the tokens over the SP group
 
     def moe_layers(self) -> list[nn.Module]:
         return [b.moe for b in self.blocks]
@@ -87,8 +91,13 @@ class DiTMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_NTD, c_ND = self.embed(x, t, y)
+        sp = self.sp_runtime
+        if sp is not None:
+            x_NTD = sp.shard_tokens(x_NTD)  # [N, T/W, D]: this rank's contiguous chunk
         for block in self.blocks:
             x_NTD = block(x_NTD, c_ND)
+        if sp is not None:
+            x_NTD = sp.gather_tokens(x_NTD)
         return self.head(x_NTD, c_ND)
 
     def forward_with_cfg(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
@@ -143,7 +152,7 @@ def init_weights(model: DiTMoE, mode: str = "random", seed: int = 0, std: float 
         p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(scale).to(p.dtype))
 
     for name, p in model.named_parameters():
-        if name == "pos_embed" or ".experts.local_experts." in name:
+        if name == "pos_embed" or is_routed_expert_param(name):
             continue
         if mode == "random":
             is_norm_weight = "norm" in name and name.endswith("weight")
@@ -163,10 +172,10 @@ def init_weights(model: DiTMoE, mode: str = "random", seed: int = 0, std: float 
             raise ValueError(f"init mode {mode!r}: use 'random' or 'dit'")
     # experts: one generator stream per (layer, global expert) so placement does not change values
     for li, moe in enumerate(model.moe_layers()):
-        for local_i, expert in enumerate(moe.experts.local_experts):
+        for local_i, weights in enumerate(expert_weight_views(moe.experts)):
             global_e = moe.local_expert_indices[local_i]
             egen = torch.Generator().manual_seed(seed * 1_000_003 + li * 1009 + global_e)
-            for p in expert.parameters():
+            for p in weights:
                 if mode == "dit":
                     nn.init.xavier_uniform_(p, generator=egen)
                 else:

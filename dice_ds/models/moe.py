@@ -4,9 +4,10 @@ Owns the one place where a ``ModelConfig`` becomes a megatron ``TransformerConfi
 module tree (spec §1.1 "MoE FFN"):
 
 - router: ``TopKRouter``, softmax over all experts *before* top-k, top-2, no renormalisation;
-- routed experts: SwiGLU without bias, intermediate 4h (``SequentialMLP`` of megatron ``MLP``s;
-  ``linear_fc1`` = cat(gate_proj, up_proj), ``linear_fc2`` = down_proj); megatron multiplies the
-  router probability inside the activation, before ``linear_fc2``;
+- routed experts: SwiGLU without bias, intermediate 4h; ``ModelConfig.experts_impl`` picks
+  ``SequentialMLP`` of megatron ``MLP``s (``linear_fc1`` = cat(gate_proj, up_proj), ``linear_fc2`` =
+  down_proj) or ``GroupedExperts`` (``dice_ds/models/experts.py``: the same weights stacked, two
+  grouped GEMMs); both multiply the router probability inside the activation, before fc2;
 - shared expert: SwiGLU of 2h, added unweighted (``moe_shared_expert_gate`` off);
 - dispatcher: megatron's all-to-all dispatcher (dropless). With EP=1 it communicates nothing.
 
@@ -53,7 +54,7 @@ def build_transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch
     )
 
 
-def _moe_submodules():
+def _moe_submodules(experts_impl: str = "sequential"):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.experts import SequentialMLP
@@ -62,8 +63,14 @@ def _moe_submodules():
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    if experts_impl == "grouped":
+        from dice_ds.models.experts import grouped_experts_class
+
+        experts = ModuleSpec(module=grouped_experts_class())
+    else:
+        experts = ModuleSpec(module=SequentialMLP, submodules=mlp)
     return MoESubmodules(
-        experts=ModuleSpec(module=SequentialMLP, submodules=mlp),
+        experts=experts,
         shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=mlp),
     )
 
@@ -104,7 +111,7 @@ def build_moe_layer(cfg: ModelConfig, pg_collection, moe_index: int,
                     params_dtype: torch.dtype = torch.float32):
     """One DiT-MoE FFN on the given process groups (EP size = ``pg_collection.ep`` size)."""
     tcfg = build_transformer_config(cfg, params_dtype, ep_size=pg_collection.ep.size())
-    layer = dit_moe_layer_class()(tcfg, _moe_submodules(), layer_number=moe_index + 1,
+    layer = dit_moe_layer_class()(tcfg, _moe_submodules(cfg.experts_impl), layer_number=moe_index + 1,
                                   pg_collection=pg_collection)
     layer.moe_index = moe_index
     return layer

@@ -1,0 +1,176 @@
+"""Grouped routed experts: every local expert of a MoE layer in two grouped GEMMs.
+
+Owns ``GroupedExperts``, the alternative to megatron's ``SequentialMLP`` selected by
+``ModelConfig.experts_impl = "grouped"`` (``dice_ds/models/moe.py`` builds one or the other), and
+the two helpers that let the rest of dice_ds treat both implementations alike:
+``expert_weight_views`` (per-expert weights, used by ``dice_ds.models.init_weights``) and
+``is_routed_expert_param`` (parameter-name test).
+
+Contract (the one megatron's ``MoELayer.routed_experts_compute`` and ``dice_ds/moe/runtime.py``
+rely on): ``forward(tokens [R, D], tokens_per_expert [L], permuted_probs [R]) -> (out [R, D], None)``
+with rows sorted by local expert, ``tokens_per_expert[i]`` rows for expert i (zero allowed). Per
+expert it computes SwiGLU without bias exactly like megatron's expert ``MLP``:
+``fc2((silu(gate) * up) * prob)`` with ``[gate; up] = fc1(x)``; the router prob multiplies the
+activation before fc2 and the product is cast back to the activation dtype.
+
+Weights are stored stacked, one tensor per projection, so that a grouped GEMM can take them as is:
+
+- ``fc1_weight`` [L, 2F, D]: expert i's ``linear_fc1.weight`` (= cat(gate_proj, up_proj)),
+- ``fc2_weight`` [L, D, F]: expert i's ``linear_fc2.weight`` (= down_proj).
+
+The released key format maps onto this layout in ``dice_ds/keymap.py`` (the only place keys are
+mapped); checkpoints are implementation-independent.
+
+Grouped GEMM backend: ``torch._grouped_mm`` (one call over all experts, offsets = cumulative row
+counts; no host sync for the counts) on CPU in every dtype (measured: equal to a per-expert
+``F.linear`` loop bit for bit and faster; ``scripts/bench_experts.py``) and on CUDA for bf16 on
+compute capability >= 9.0 (its CUDA kernel's requirement); anywhere else, and for row strides the
+kernel rejects (it needs 16-byte aligned rows), a per-expert loop of ``F.linear``. The
+``grouped_gemm`` package and TransformerEngine (which megatron's ``GroupedMLP`` / ``TEGroupedMLP``
+need) are not installable on CPU machines.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_EXPERT_PARAM_MARK = ".moe.experts."
+
+
+def is_routed_expert_param(name: str) -> bool:
+    """True for a model parameter name of a routed expert, in either implementation.
+
+    (``blocks.b.moe.experts.local_experts.i.linear_fc1.weight`` or ``blocks.b.moe.experts.fc1_weight``;
+    shared experts live under ``.moe.shared_experts.``.)
+    """
+    return _EXPERT_PARAM_MARK in name
+
+
+def expert_weight_views(experts: torch.nn.Module) -> list[tuple[torch.Tensor, ...]]:
+    """Per local expert, its weights as (fc1 [2F, D], fc2 [D, F]) tensors that alias the module's.
+
+    Works for megatron's ``SequentialMLP`` (its experts' parameters, fc1 first) and for
+    ``GroupedExperts`` (slices of the stacked weights), so initialisation writes the same values
+    into both.
+    """
+    if getattr(experts, "stacked_weights", False):
+        return [(experts.fc1_weight[i], experts.fc2_weight[i])
+                for i in range(experts.num_local_experts)]
+    return [tuple(expert.parameters()) for expert in experts.local_experts]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``torch._grouped_mm``'s backward rejects stride-0 (expanded) gradients, e.g. from ``.sum()``.
+    """
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad.contiguous()
+
+
+def _use_grouped_mm(x: torch.Tensor, w_LND: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    # the kernel needs 16-byte aligned row strides for both operands
+    elem = x.element_size()
+    if (x.shape[1] * elem) % 16 or (w_LND.shape[1] * elem) % 16:
+        return False
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return False
+
+
+def grouped_linear(x_RD: torch.Tensor, w_LND: torch.Tensor, counts_L: torch.Tensor,
+                   offs_L: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows of group i times ``w_LND[i].T``: [R, D] x [L, N, D] -> [R, N] (rows sorted by group)."""
+    if _use_grouped_mm(x_RD, w_LND):
+        if offs_L is None:
+            offs_L = torch.cumsum(counts_L.to(x_RD.device), 0).to(torch.int32)
+        y = torch._grouped_mm(x_RD, w_LND.transpose(1, 2), offs=offs_L)
+        return _ContiguousGrad.apply(y) if torch.is_grad_enabled() else y
+    splits = [int(c) for c in counts_L.tolist()]
+    parts = [F.linear(x, w_LND[i]) for i, x in enumerate(torch.split(x_RD, splits))]
+    return torch.cat(parts) if parts else x_RD.new_zeros(0, w_LND.shape[1])
+
+
+def _grouped_experts_class():
+    from megatron.core.transformer.module import MegatronModule
+
+    class GroupedExperts(MegatronModule):
+        """All local routed experts of one MoE layer, computed with grouped GEMMs (see module doc)."""
+
+        stacked_weights = True  # fc1_weight [L, 2F, D], fc2_weight [L, D, F]
+
+        def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None):
+            super().__init__(config=config)
+            unsupported = {
+                "add_bias_linear": config.add_bias_linear,
+                "moe_apply_probs_on_input": config.moe_apply_probs_on_input,
+                "fp8": config.fp8, "fp4": getattr(config, "fp4", None),
+                "moe_latent_size": getattr(config, "moe_latent_size", None),
+            }
+            bad = [f"{k}={v!r}" for k, v in unsupported.items() if v not in (False, None)]
+            if not config.gated_linear_unit or config.activation_func is not F.silu:
+                bad.append("activation (needs gated_linear_unit with silu: SwiGLU)")
+            if pg_collection is not None and pg_collection.expt_tp.size() != 1:
+                bad.append(f"expert tensor parallel size {pg_collection.expt_tp.size()} (needs 1)")
+            if bad:
+                raise ValueError("experts_impl='grouped' does not support " + ", ".join(bad)
+                                 + "; use experts_impl='sequential'")
+            self.num_local_experts = num_local_experts
+            self.ep_group = None if pg_collection is None else pg_collection.ep
+            f, d = config.moe_ffn_hidden_size, config.hidden_size
+            self.ffn_hidden_size = f
+            kw = {"dtype": config.params_dtype, "device": "cpu"}
+            self.fc1_weight = torch.nn.Parameter(torch.empty(num_local_experts, 2 * f, d, **kw))
+            self.fc2_weight = torch.nn.Parameter(torch.empty(num_local_experts, d, f, **kw))
+            for p in (self.fc1_weight, self.fc2_weight):
+                p.allreduce = False  # megatron's marker for expert-parallel parameters
+            if config.perform_initialization:
+                for i in range(num_local_experts):
+                    config.init_method(self.fc1_weight[i])
+                    config.output_layer_init_method(self.fc2_weight[i])
+
+        def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert,
+                    permuted_probs: torch.Tensor):
+            """[R, D] rows sorted by local expert, counts [L], probs [R] -> ([R, D], None)."""
+            x_RD = permuted_local_hidden_states.contiguous()
+            counts_L = torch.as_tensor(tokens_per_expert)
+            offs_L = None
+            if _use_grouped_mm(x_RD, self.fc1_weight):
+                offs_L = torch.cumsum(counts_L.to(x_RD.device), 0).to(torch.int32)
+            h_R2F = grouped_linear(x_RD, self.fc1_weight, counts_L, offs_L)
+            gate_RF, up_RF = torch.chunk(h_R2F, 2, dim=-1)
+            act_RF = (F.silu(gate_RF) * up_RF * permuted_probs.unsqueeze(-1)).to(x_RD.dtype)
+            return grouped_linear(act_RF, self.fc2_weight, counts_L, offs_L), None
+
+        def backward_dw(self):
+            """megatron's delayed weight-gradient hook: nothing is delayed here."""
+
+        def extra_repr(self) -> str:
+            return (f"num_local_experts={self.num_local_experts}, hidden={self.fc1_weight.shape[2]}, "
+                    f"ffn={self.ffn_hidden_size}")
+
+    return GroupedExperts
+
+
+_GROUPED_CLASS = None
+
+
+def grouped_experts_class():
+    """The ``GroupedExperts`` class (built lazily so that importing dice_ds never imports megatron)."""
+    global _GROUPED_CLASS
+    if _GROUPED_CLASS is None:
+        _GROUPED_CLASS = _grouped_experts_class()
+    return _GROUPED_CLASS
