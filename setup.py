@@ -15,6 +15,7 @@ CORE = [
     "numpy>=1.24",
     "pillow>=10",
     "tqdm>=4.66",
+    "pydantic==2.14.4",  # the --config schema (dice_ds.ds_config)
 ]
 
 setup(

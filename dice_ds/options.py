@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 from dice_ds.config import FLAVORS, ConfigError, get_flavor
@@ -135,60 +136,74 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``dice-ds sample: error: ...`` on rank 0 only, exit code 2.
+
+    Every rank of a launcher parses the same flags, so each exits 2 but only one line is printed."""
+
+    def error(self, message: str):
+        if env_rank() == 0:
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr,
+                  flush=True)
+        raise SystemExit(2)
+
+
+def _int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _float_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+_ARG_TYPES = {int: _int_arg, float: _float_arg, str: str}
+
+
+def _help_with_default(f: dataclasses.Field) -> str:
+    h = f.metadata["help"]
+    if f.metadata["kind"] is bool:
+        return h + (" [default: on]" if f.default else " [default: off]")
+    if f.default is None or "default" in h:
+        return h
+    return h + f" [default: {f.default}]"
+
+
 def build_parser(prog: str = "dice-ds sample") -> argparse.ArgumentParser:
-    """The parser; it has no defaults, so its namespace holds only the flags actually given."""
-    p = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS,
-                                description="Sample images from a DiT-MoE, data- or "
-                                            "expert-parallel (DICE).")
-    p.add_argument("--config", help="JSON file of options (keys = option names with underscores, "
-                                    "e.g. per_proc_batch_size); command-line flags override it")
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
+    """The parser; it has no defaults, so its namespace holds only the flags actually given.
+
+    Boolean flags also have a ``--no-<flag>`` form, which clears a value set in ``--config``."""
+    p = _Parser(prog=prog, argument_default=argparse.SUPPRESS,
+                description="Sample images from a DiT-MoE, data- or expert-parallel (DICE). "
+                            "Defaults are in [brackets]; boolean flags have a --no-<flag> form.")
+    p.add_argument("--config", help="DeepSpeed-style JSON run config (configs/ds/*.json; layout in "
+                                    "dice_ds/ds_config.py and the README); flags override it")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=_int_arg,
                    help=argparse.SUPPRESS)
     for f in option_fields():
-        kind, h = f.metadata["kind"], f.metadata["help"]
+        kind = f.metadata["kind"]
         if kind is bool:
-            p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=h)
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           help=_help_with_default(f))
         else:
-            p.add_argument(_flag(f.name), dest=f.name, type=kind, help=h,
-                           choices=f.metadata["choices"])
+            p.add_argument(_flag(f.name), dest=f.name, type=_ARG_TYPES[kind],
+                           help=_help_with_default(f), choices=f.metadata["choices"])
     return p
 
 
-def _check_json_value(f: dataclasses.Field, value):
-    kind, flag = f.metadata["kind"], _flag(f.name)
-    if value is None:
-        if f.default is None:
-            return None
-        raise ConfigError(f"config key {f.name!r} ({flag}) cannot be null")
-    ok = (isinstance(value, bool) if kind is bool
-          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
-          else isinstance(value, int) and not isinstance(value, bool) if kind is int
-          else isinstance(value, str))
-    if not ok:
-        raise ConfigError(f"config key {f.name!r} ({flag}) must be {kind.__name__}, got {value!r}")
-    if f.metadata["choices"] and value not in f.metadata["choices"]:
-        raise ConfigError(f"config key {f.name!r} ({flag}) = {value!r}: choose one of "
-                          f"{', '.join(f.metadata['choices'])}")
-    return float(value) if kind is float else value
-
-
 def load_json_config(path: str) -> dict:
-    """Options from a JSON object whose keys are option names; unknown keys are named in the error."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: must hold a JSON object of option names")
-    fields = {f.name: f for f in option_fields()}
-    unknown = sorted(k for k in data if k not in fields)
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are option "
-                          "names with underscores (see dice-ds sample --help)")
-    return {k: _check_json_value(fields[k], v) for k, v in data.items()}
+    """Option values of the keys present in the DeepSpeed-style JSON config ``path``."""
+    from dice_ds.ds_config import load_config
+
+    return load_config(path)
 
 
 def parse_options(argv: list[str] | None = None) -> RunOptions:
@@ -230,7 +245,9 @@ def sampler_of(opts: RunOptions) -> str:
 
 
 def steps_of(opts: RunOptions) -> int:
-    return opts.num_sampling_steps or DEFAULT_STEPS[sampler_of(opts)]
+    if opts.num_sampling_steps is not None:  # 0 is an error (validate_options), never "default"
+        return opts.num_sampling_steps
+    return DEFAULT_STEPS[sampler_of(opts)]
 
 
 def pixels_per_latent(opts: RunOptions) -> int:
@@ -239,7 +256,9 @@ def pixels_per_latent(opts: RunOptions) -> int:
 
 
 def image_size_of(opts: RunOptions) -> int:
-    return opts.image_size or get_flavor(opts.model).input_size * pixels_per_latent(opts)
+    if opts.image_size is not None:
+        return opts.image_size
+    return get_flavor(opts.model).input_size * pixels_per_latent(opts)
 
 
 def latent_side(opts: RunOptions) -> int:
@@ -351,9 +370,60 @@ def _validate_sampling(opts: RunOptions) -> None:
                           "and are unused with --sample-dir: give one or the other")
 
 
+# (option, smallest allowed value, what the bound means); None values are "unset" and skip the check
+_LOWER_BOUNDS = (
+    ("num_experts", 1, "a count"), ("init_seed", 0, "a seed"), ("num_sampling_steps", 1, "a count"),
+    ("image_size", 1, "pixels"), ("per_proc_batch_size", 1, "a count"),
+    ("num_fid_samples", 1, "a count"), ("global_seed", 0, "a seed"), ("ep_size", 1, "a group size"),
+    ("ep_async_warm_up", 0, "a step count"), ("ep_async_cool_down", 0, "a step count"),
+    ("strided_sync", 0, "a stride; 0 is off"), ("ep_async_noskip_step", 1, "a period; 1 is off"),
+)
+_SEED_MAX = 2**63 - 1
+
+
+def _validate_values(opts: RunOptions) -> None:
+    """Types, ranges and finiteness of single options (JSON and flags both end up here)."""
+    for f in option_fields():
+        value, kind = getattr(opts, f.name), f.metadata["kind"]
+        if value is None:
+            continue
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value)):
+            raise ConfigError(f"{_flag(f.name)} {value!r}: must be a finite number")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{_flag(f.name)} {value!r}: must be an integer")
+    for name, low, what in _LOWER_BOUNDS:
+        value = getattr(opts, name, None)
+        if value is not None and value < low:
+            raise ConfigError(f"{_flag(name)} {value} must be >= {low} ({what})")
+    for name in ("global_seed", "init_seed"):
+        if getattr(opts, name) > _SEED_MAX:
+            raise ConfigError(f"{_flag(name)} {getattr(opts, name)} must be < 2^63")
+
+
+def _validate_sample_dir(opts: RunOptions) -> None:
+    """--sample-dir must be (or be creatable as) a writable directory."""
+    if opts.sample_dir is None:
+        return
+    path = os.path.abspath(opts.sample_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--sample-dir {opts.sample_dir}: exists and is not a directory; choose "
+                          "another path")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"--sample-dir {opts.sample_dir}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "is not writable" if probe == path else f"cannot be created ({probe} is not writable)"
+        raise ConfigError(f"--sample-dir {opts.sample_dir}: {where}; choose a writable directory")
+
+
 def validate_options(opts: RunOptions) -> RunOptions:
     """Every check that needs neither the checkpoint nor a process group; raises ConfigError."""
     get_flavor(opts.model)
+    _validate_values(opts)
+    _validate_sample_dir(opts)
     _validate_parallel_flags(opts)
     _validate_weights_and_vae(opts)
     _validate_sampling(opts)
