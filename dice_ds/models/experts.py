@@ -132,7 +132,9 @@ def _grouped_experts_class():
             self.ep_group = None if pg_collection is None else pg_collection.ep
             f, d = config.moe_ffn_hidden_size, config.hidden_size
             self.ffn_hidden_size = f
-            kw = {"dtype": config.params_dtype, "device": "cpu"}
+            kw = {"dtype": config.params_dtype}  # on the default device (CPU, or meta in a context)
+            if not config.use_cpu_initialization:
+                kw["device"] = torch.cuda.current_device()
             self.fc1_weight = torch.nn.Parameter(torch.empty(num_local_experts, 2 * f, d, **kw))
             self.fc2_weight = torch.nn.Parameter(torch.empty(num_local_experts, d, f, **kw))
             for p in (self.fc1_weight, self.fc2_weight):

@@ -36,8 +36,12 @@ def _oracle(ocfg, seed=1):
     return randomize_(OracleDiTMoE(ocfg), seed).eval()
 
 
-def _ours_from(sd, depth=2):
-    model = build_model(config_for_checkpoint(get_flavor("debug").replace(depth=depth), sd))
+IMPLS = ["sequential", "grouped"]  # ModelConfig.experts_impl
+
+
+def _ours_from(sd, depth=2, impl="sequential"):
+    flavor = get_flavor("debug").replace(depth=depth, experts_impl=impl)
+    model = build_model(config_for_checkpoint(flavor, sd))
     load_into_model(model, sd)
     return model
 
@@ -48,11 +52,13 @@ def _outputs(a, b, ocfg, n=8):
         return a(x, t, y), b(x, t, y)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_model_matches_oracle(name):
+def test_model_matches_oracle(name, impl):
     ocfg = VARIANTS[name]
     oracle = _oracle(ocfg)
-    ours = _ours_from(oracle.state_dict(), ocfg.depth)
+    ours = _ours_from(oracle.state_dict(), ocfg.depth, impl)
+    assert ours.cfg.experts_impl == impl
     assert ours.cfg.num_experts == ocfg.experts and ours.cfg.depth == ocfg.depth
     assert ours.cfg.attn_layout == ("flash" if ocfg.flash else "timm")
     ref, out = _outputs(oracle, ours, ocfg)
@@ -82,10 +88,11 @@ def test_pos_embed_table_matches_oracle():
     assert torch.allclose(ours.pos_embed[0], sincos_table(64, 4), atol=1e-6)
 
 
-def test_export_round_trip_is_exact():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_export_round_trip_is_exact(impl):
     ocfg = VARIANTS["debug-flash"]
     oracle = _oracle(ocfg)
-    exported = export_released_state_dict(_ours_from(oracle.state_dict()))
+    exported = export_released_state_dict(_ours_from(oracle.state_dict(), impl=impl))
     ref = oracle.state_dict()
     assert exported.keys() == ref.keys()
     assert all(torch.equal(exported[k], ref[k]) for k in ref)
@@ -132,8 +139,9 @@ def _meta_ours(cfg):
         return DiTMoE(cfg, pg)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name,count", [("DiT-S/2", 420), ("DiT-XL/2", 1076), ("DiT-G/2", 2492)])
-def test_real_key_table(name, count):
+def test_real_key_table(name, count, impl):
     """At the real sizes (meta device) every released key maps onto a model key of equal shape."""
     with torch.device("meta"):
         released = OracleDiTMoE(ORACLE_SIZES[name]).state_dict()
@@ -144,8 +152,8 @@ def test_real_key_table(name, count):
     facts = inspect_checkpoint(released)
     assert facts["attn_layout"] == flavor.attn_layout and facts["learn_sigma"]
     assert facts["num_experts"] == ORACLE_SIZES[name].experts and facts["input_size"] == 32
-    mapped = {k: tuple(v.shape) for k, v in released_to_mcore(released).items()}
-    ours = {k: tuple(v.shape) for k, v in _meta_ours(cfg).state_dict().items()
+    mapped = {k: tuple(v.shape) for k, v in released_to_mcore(released, experts_layout=impl).items()}
+    ours = {k: tuple(v.shape) for k, v in _meta_ours(cfg.replace(experts_impl=impl)).state_dict().items()
             if not k.endswith("._extra_state")}
     assert sorted(set(mapped) - set(ours)) == [] and sorted(set(ours) - set(mapped)) == []
     assert {k: s for k, s in mapped.items() if ours[k] != s} == {}
