@@ -18,6 +18,9 @@ Invariants:
   only when its files exist on every rank (one all-reduce before the loop).
 - A failing rank prints its traceback with its rank and exits at once with ``os._exit(1)``; the
   launcher (torchrun, deepspeed) then stops the other ranks instead of leaving them in a collective.
+  Every collective has the run's timeout (``--pg-timeout``, ``dice_ds.parallel.groups``): a rank
+  whose peer died or stopped prints one line naming itself, the step and the batch
+  (``dice_ds.runenv.PeerFailure``) and exits 1 within that time, under any launcher.
 - ``sampling_seconds`` times the sampler loops only (VAE decoding and file writes excluded).
 """
 
@@ -179,34 +182,58 @@ def _written(indices: list[int], total: int, trim: bool) -> list[int]:
     return kept[:1] if trim else kept
 
 
-def _sample_loop(prep: Prepared, model, runtime, decoder, out, rank: int, world: int) -> dict:
-    """Run the batches still to do; returns this rank's timings."""
-    from tqdm import tqdm
+def _batch_samples(b: int, total: int, world: int, n: int) -> int:
+    """Samples (all ranks) of batch ``b`` that count: indices below the requested total."""
+    return max(0, min((b + 1) * n * world, total) - b * n * world)
 
+
+def _sample_loop(prep: Prepared, model, runtime, decoder, out, rank: int, world: int) -> dict:
+    """Run the batches still to do; returns this rank's timings.
+
+    A collective that fails because a peer died or timed out becomes a ``PeerFailure`` naming this
+    rank, the step and the batch.
+    """
     from dice_ds.diffusion import draw_conditions, get_sampler
     from dice_ds.outputs import batch_indices
+    from dice_ds.parallel.groups import group_timeout
+    from dice_ds.runenv import Progress, StepTracker, is_peer_failure
 
     opts, cfg = prep.opts, prep.model_cfg
     sampler, steps = get_sampler(sampler_of(opts)), steps_of(opts)
     todo = _todo_batches(out, prep, rank, world)
+    n, total = opts.per_proc_batch_size, opts.num_fid_samples
+    progress = Progress(sum(_batch_samples(b, total, world, n) for b in todo), enabled=rank == 0)
+    tracker = StepTracker(model, steps)
     seconds = []
-    for b in tqdm(todo, desc="batches", disable=rank != 0, dynamic_ncols=True):
-        indices = batch_indices(b, rank, world, opts.per_proc_batch_size)
-        z, y, gens = draw_conditions(opts.global_seed, indices, cfg.in_channels, cfg.input_size,
-                                     cfg.num_classes)
-        _sync(prep.device)
-        t0 = time.perf_counter()
-        x = sampler(model, z.to(prep.device), y.to(prep.device), steps, opts.cfg_scale,
-                    runtime=runtime, generators=gens)
-        _sync(prep.device)
-        seconds.append(time.perf_counter() - t0)
-        keep = _written(indices, opts.num_fid_samples, opts.trim_samples)
-        x = x[:len(keep)]  # the kept indices are a prefix of the batch
-        if decoder is None:
-            out.write_latents(keep, x.cpu().numpy())
-        elif keep:
-            out.write_images(keep, decoder.decode(x))
-    return {"batch_seconds": seconds, "batches_run": len(todo)}
+    try:
+        for b in todo:
+            indices = batch_indices(b, rank, world, n)
+            z, y, gens = draw_conditions(opts.global_seed, indices, cfg.in_channels,
+                                         cfg.input_size, cfg.num_classes)
+            _sync(prep.device)
+            tracker.new_batch()
+            t0 = time.perf_counter()
+            try:
+                x = sampler(model, z.to(prep.device), y.to(prep.device), steps, opts.cfg_scale,
+                            runtime=runtime, generators=gens)
+                _sync(prep.device)
+            except Exception as e:
+                if world > 1 and is_peer_failure(e):
+                    raise tracker.failure(rank, b, e, group_timeout().total_seconds()) from e
+                raise
+            seconds.append(time.perf_counter() - t0)
+            keep = _written(indices, total, opts.trim_samples)
+            x = x[:len(keep)]  # the kept indices are a prefix of the batch
+            if decoder is None:
+                out.write_latents(keep, x.cpu().numpy())
+            elif keep:
+                out.write_images(keep, decoder.decode(x))
+            progress.update(_batch_samples(b, total, world, n))
+    finally:
+        progress.close()
+        tracker.remove()
+    return {"batch_seconds": seconds, "batches_run": len(todo),
+            "samples_run": sum(_batch_samples(b, total, world, n) for b in todo)}
 
 
 def _peak_memory_bytes(device: str) -> int:
@@ -283,7 +310,7 @@ def run(prep: Prepared) -> dict | None:
         torch.cuda.set_device(_local_rank(opts))
         torch.backends.cuda.matmul.allow_tf32 = opts.tf32
         torch.backends.cudnn.allow_tf32 = opts.tf32
-    rank, world = init_distributed(prep.device)
+    rank, world = init_distributed(prep.device, timeout=opts.pg_timeout)
     if world != prep.world_size:
         raise RuntimeError(f"world size {world} differs from the launcher's {prep.world_size}")
     torch.manual_seed(opts.global_seed * world + rank)
@@ -305,10 +332,40 @@ def run(prep: Prepared) -> dict | None:
     return info
 
 
+def _fail(e: BaseException) -> None:
+    """End this rank at once (never wait in a collective): 2 for bad input, 1 otherwise."""
+    from dice_ds.runenv import PeerFailure, is_peer_failure
+
+    rank = env_rank()
+    if isinstance(e, ConfigError):  # found after the process group started (e.g. the sample dir)
+        code, text = 2, f"dice-ds sample: error: {e}" if rank == 0 else None
+    elif isinstance(e, PeerFailure):
+        code, text = 1, f"dice-ds sample: error: {e}"
+    elif is_peer_failure(e):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        code, text = 1, (f"dice-ds sample: error: rank {rank}: outside the sampling loop: peer "
+                         f"failed/timed out ({type(e).__name__}: {first})")
+    else:
+        code, text = 1, f"[rank {rank}] dice-ds sample failed:\n{traceback.format_exc()}"
+    if text:
+        print(text, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns 2 on bad input (before any process group), exits 1 if a rank fails."""
+    """Entry point; returns 2 on bad input (before any process group), exits 1 if a rank fails.
+
+    The one place the program starts: sizes the thread pool (before torch is imported) and filters
+    third-party noise (``dice_ds.runenv``; ``--verbose`` keeps it).
+    """
+    from dice_ds.runenv import configure_threads, quiet_third_party
+
     try:
-        prep = prepare(parse_options(argv))
+        opts = parse_options(argv)
+        configure_threads()
+        quiet_third_party(opts.verbose)
+        prep = prepare(opts)
     except ConfigError as e:
         if env_rank() == 0:
             print(f"dice-ds sample: error: {e}", file=sys.stderr, flush=True)
@@ -316,11 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(prep)
     except BaseException as e:  # noqa: BLE001 - every failure must end this rank promptly
-        code = 2 if isinstance(e, ConfigError) else 1
-        print(f"[rank {env_rank()}] dice-ds sample failed:\n{traceback.format_exc()}",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(code)
+        _fail(e)
     import torch.distributed as dist
 
     if dist.is_initialized():
