@@ -328,6 +328,9 @@ def _validate_weights_and_vae(opts: RunOptions) -> None:
                           "smoke run")
     if opts.ckpt is not None and opts.init is not None:
         raise ConfigError("--ckpt and --init both set the weights: give one of them")
+    if opts.ckpt is not None and os.path.isdir(opts.ckpt):
+        raise ConfigError(f"--ckpt {opts.ckpt}: is a directory; pass the checkpoint file (.pt or "
+                          ".safetensors)")
     if opts.ckpt is not None and not os.path.isfile(opts.ckpt):
         raise ConfigError(f"--ckpt {opts.ckpt}: no such file")
     if opts.vae == "sd":

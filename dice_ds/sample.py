@@ -84,10 +84,12 @@ def _model_config(opts: RunOptions) -> tuple[ModelConfig, dict | None]:
     if opts.ckpt is None:
         cfg = flavor.replace(num_experts=opts.num_experts or flavor.num_experts)
         return cfg.replace(input_size=side).validate(), None
-    from dice_ds.checkpoint import config_for_checkpoint, read_state_dict
+    from dice_ds.checkpoint import config_for_checkpoint
+    from dice_ds.preflight import check_complete, read_checkpoint
 
-    sd = read_state_dict(opts.ckpt)
+    sd = read_checkpoint(opts.ckpt)  # any unreadable file: one ConfigError line
     cfg = config_for_checkpoint(flavor, sd, num_experts=opts.num_experts)
+    check_complete(sd, cfg, opts.ckpt)  # missing keys: before the process group, not at load
     # another image size than the flavor's: load_into_model regenerates pos_embed and warns
     return cfg.replace(input_size=side).validate(), sd
 
