@@ -28,10 +28,12 @@ import tempfile
 
 
 def _count(model) -> dict:
+    from dice_ds.models.experts import is_routed_expert_param
+
     expert = dense = expert_bytes = dense_bytes = 0
     for name, p in model.named_parameters():
         nbytes = p.numel() * p.element_size()
-        if ".experts.local_experts." in name:
+        if is_routed_expert_param(name):  # either ModelConfig.experts_impl
             expert, expert_bytes = expert + p.numel(), expert_bytes + nbytes
         else:
             dense, dense_bytes = dense + p.numel(), dense_bytes + nbytes

@@ -38,7 +38,12 @@ def reference_parts(ref, h: dict) -> dict:
         ids = torch.stack([hi, lo], 1)
         flat = h_S1D.view(-1, x.shape[-1])
         ones = torch.ones(flat.shape[0])
-        f_TED = torch.stack([e(flat, ones)[0] for e in layer.experts.local_experts], 1)
+        # every local expert on every token, through the experts module's own interface (either
+        # ModelConfig.experts_impl): rows sorted by expert, T per expert, probs 1
+        n_local, tok = len(layer.local_expert_indices), flat.shape[0]
+        out, _ = layer.experts(flat.repeat(n_local, 1), torch.full((n_local,), tok),
+                               ones.repeat(n_local))
+        f_TED = out.view(n_local, tok, -1).transpose(0, 1)
         t = torch.arange(flat.shape[0]).unsqueeze(1)
         parts[i, l] = (layer.shared_experts(h_S1D).view_as(flat), probs.gather(1, ids),
                        f_TED[t, ids], rmap)
