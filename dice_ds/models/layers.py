@@ -92,12 +92,23 @@ def _merge_heads(o_NHTK: torch.Tensor) -> torch.Tensor:
     return o_NHTK.transpose(1, 2).reshape(n, t, h * k)
 
 
+def _attend(attn: nn.Module, x_NTD: torch.Tensor) -> torch.Tensor:
+    """Q, K, V of ``x``; a sequence-parallel runtime attached as ``attn.runtime`` turns the local
+    K/V [N, H, T_local, K] into the full-length K/V it attends to (the seam of
+    ``dice_ds.parallel.sp``); then SDPA and the output projection."""
+    q, k, v = attn.qkv_heads(x_NTD)
+    if attn.runtime is not None:
+        k, v = attn.runtime.attention_kv(attn, k, v)
+    return attn.out(F.scaled_dot_product_attention(q, k, v))
+
+
 class TimmAttention(nn.Module):
     """S/B layout: ``qkv`` (bias) and ``proj``; no qk-norm."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.runtime = None  # set by dice_ds.parallel.sp (sequence parallelism)
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
@@ -108,8 +119,7 @@ class TimmAttention(nn.Module):
         return self.proj(_merge_heads(o_NHTK))
 
     def forward(self, x_NTD: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_heads(x_NTD)
-        return self.out(F.scaled_dot_product_attention(q, k, v))
+        return _attend(self, x_NTD)
 
 
 class FlashLayoutAttention(nn.Module):
@@ -121,6 +131,7 @@ class FlashLayoutAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.runtime = None  # set by dice_ds.parallel.sp (sequence parallelism)
         hd = dim // heads
         self.Wqkv = nn.Linear(dim, 3 * dim, bias=True)
         self.q_norm = nn.LayerNorm(hd, elementwise_affine=True, eps=1e-6)
@@ -135,8 +146,7 @@ class FlashLayoutAttention(nn.Module):
         return self.out_proj(_merge_heads(o_NHTK))
 
     def forward(self, x_NTD: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_heads(x_NTD)
-        return self.out(F.scaled_dot_product_attention(q, k, v))
+        return _attend(self, x_NTD)
 
 
 ATTENTION_LAYOUTS = {"timm": TimmAttention, "flash": FlashLayoutAttention}

@@ -260,3 +260,25 @@ def local_model_groups() -> ModelGroups:
     DeepSpeed would add only its import time).
     """
     return build_model_groups(1, group_backend="torch")
+
+
+def sp_rank_lists(world_size: int, ep_size: int, sp_size: int) -> list[list[int]]:
+    """Sequence-parallel groups as rank lists: SP strides over the contiguous EP blocks.
+
+    Rank r = (d·sp_size + s)·ep_size + e (EP innermost, SP next, data parallel outermost), so an
+    SP group is {base + s·ep_size : s < sp_size}. SP only (ep 1): contiguous blocks; world 4, ep 2,
+    sp 2 (the 2x2 mesh): SP [0,2] [1,3] next to EP [0,1] [2,3].
+    """
+    block = ep_size * sp_size
+    if sp_size < 1 or world_size % block:
+        raise ConfigError(f"sp_size={sp_size} (--sp) times ep_size={ep_size} (--ep-size) must "
+                          f"divide the world size {world_size}")
+    return [[d * block + s * ep_size + e for s in range(sp_size)]
+            for d in range(world_size // block) for e in range(ep_size)]
+
+
+def build_sp_group(ep_size: int, sp_size: int) -> dist.ProcessGroup | None:
+    """Collective: this rank's sequence-parallel group (None when sp_size is 1)."""
+    if sp_size == 1:
+        return None
+    return _new_group_containing_me(sp_rank_lists(dist.get_world_size(), ep_size, sp_size))
