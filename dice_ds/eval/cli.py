@@ -61,18 +61,54 @@ def _digits(args) -> dict:
 
     if args.samples is None:
         raise ConfigError("give a sample directory or samples.npz (or --sweep)")
+    from dice_ds.eval.classifier import DIGITS_SIZE
+
     samples = _load(load_sample_set, args.samples, "samples")
+    check_sample_set(samples, f"samples {args.samples}", DIGITS_SIZE)
     reference = _load(load_sample_set, args.reference, "--reference") if args.reference else None
+    if reference is not None:
+        check_sample_set(reference, f"--reference {args.reference}", DIGITS_SIZE)
+        if reference.images.shape != samples.images.shape:
+            raise ConfigError(f"--reference {args.reference}: {list(reference.images.shape)} "
+                              f"images vs {list(samples.images.shape)} in the samples; compare "
+                              "runs of the same seeds and --num-fid-samples")
     return {"samples": args.samples, "reference": args.reference,
             **evaluate_digits(samples, _load(load_classifier, args.classifier, "--classifier"),
                               reference)}
 
 
 def _load(fn, path, flag):
+    import zipfile
+
+    if path is not None and Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise ConfigError(f"{flag} {path}: is empty (0 bytes)")
     try:
         return fn(path)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ConfigError(f"{flag}: {e}") from None
+    except (FileNotFoundError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+        text = str(e).strip().splitlines()
+        if "pickle" in str(e) or isinstance(e, (zipfile.BadZipFile, EOFError)):
+            text = [f"{path}: not a numpy .npz archive (corrupt or another format)"]
+        raise ConfigError(f"{flag}: {text[0] if text else type(e).__name__}") from None
+
+
+def check_sample_set(s, flag: str, digits_size: int | None = None) -> None:
+    """One ConfigError line unless ``s`` holds N >= 1 uint8 images [N, H, W, 1 or 3] (+ N labels)."""
+    import numpy as np
+
+    images = np.asarray(s.images)
+    if images.dtype != np.uint8:
+        raise ConfigError(f"{flag}: arr_0 must be uint8 images, got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ConfigError(f"{flag}: arr_0 must have shape [N, H, W, 3] (or [N, H, W, 1]), got "
+                          f"{list(images.shape)}")
+    if images.shape[0] == 0:
+        raise ConfigError(f"{flag}: holds no images (arr_0 has N = 0)")
+    if digits_size is not None and images.shape[1:3] != (digits_size, digits_size):
+        raise ConfigError(f"{flag}: images are {images.shape[1]}x{images.shape[2]}; the digits "
+                          f"metrics need {digits_size}x{digits_size} (use --fid for other images)")
+    if s.labels is not None and np.asarray(s.labels).shape != (images.shape[0],):
+        raise ConfigError(f"{flag}: {np.asarray(s.labels).shape[0] if np.ndim(s.labels) else 0} "
+                          f"labels for {images.shape[0]} images; labels must be int [N]")
 
 
 def _sweep(args, argv: list[str]) -> dict:
@@ -116,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.fid and args.sweep:
             raise ConfigError("--fid and --sweep are separate jobs: give one of them")
+        for flag in ("batch_size", "num_samples", "per_proc_batch_size", "nproc"):
+            if getattr(args, flag) < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+        if args.num_sampling_steps is not None and args.num_sampling_steps < 1:
+            raise ConfigError(f"--num-sampling-steps {args.num_sampling_steps} must be >= 1")
+        if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1:
+            raise ConfigError(f"--cfg-scale {args.cfg_scale} must be a finite number >= 1")
+        if args.fid and args.samples is None:
+            raise ConfigError("--fid needs a sample directory or samples.npz")
         if args.fid:
             from dice_ds.eval.fid import full_scale_metrics
 
