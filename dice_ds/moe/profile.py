@@ -4,9 +4,14 @@ Owns ``PhaseTimer`` (exclusive wall time per named phase; nested phases are subt
 parent, so the phases of a run add up to its total) and ``CommLedger`` (all-to-all rows and bytes
 this rank sends, per step / layer / kind, and the peak bytes of exchanges held across steps).
 
-Clocks: ``time.perf_counter`` on CPU. On CUDA, phases are bracketed by CUDA events, resolved (one
-device synchronisation) only when ``seconds()`` is read: timing adds no host sync to the hot path.
-No CUDA call is made unless the timer was built for a CUDA device (pitfall 14).
+Clocks: ``time.perf_counter`` on CPU. On CUDA, phases are bracketed by CUDA events; timing adds no
+host sync to the hot path. Events are resolved incrementally: whenever a top-level phase ends with
+more than ``max_pending`` entries pending, the entries whose end event has completed
+(``Event.query()``, non-blocking) are folded into the totals and their events dropped, so memory
+stays bounded over a long run. Only if the device lags ``hard_cap`` entries behind the host does
+the timer wait, on the oldest pending event (the CUDA launch queue would stall the host soon
+anyway). ``seconds()`` resolves the rest (one device synchronisation). No CUDA call is made unless
+the timer was built for a CUDA device (pitfall 14).
 """
 
 from __future__ import annotations
@@ -21,11 +26,17 @@ import torch
 class PhaseTimer:
     """Exclusive time per phase name; ``with timer.phase('experts'): ...``."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", max_pending: int = 256,
+                 hard_cap: int = 4096):
+        if not 0 < max_pending <= hard_cap:
+            raise ValueError(f"PhaseTimer: need 0 < max_pending={max_pending} <= hard_cap={hard_cap}")
         self.cuda = torch.device(device).type == "cuda"
-        self._stack: list[int] = []
-        self._open: list[list] = []  # [name, start, end, parent_index]
+        self.max_pending, self.hard_cap = max_pending, hard_cap
+        self._stack: list[list] = []  # the entries of the phases open now, outermost first
+        self._pending: list[list] = []  # [name, start, end, parent name or None], not yet counted
         self._seconds: dict[str, float] = defaultdict(float)
+        self.peak_pending = 0
+        """Most entries held at once (tests assert the bound)."""
 
     def _mark(self):
         if self.cuda:
@@ -36,38 +47,68 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str):
-        parent = self._stack[-1] if self._stack else -1
+        parent = self._stack[-1][0] if self._stack else None
         entry = [name, self._mark(), None, parent]
-        self._open.append(entry)
-        self._stack.append(len(self._open) - 1)
+        self._pending.append(entry)
+        self.peak_pending = max(self.peak_pending, len(self._pending))
+        self._stack.append(entry)
         try:
             yield
         finally:
             entry[2] = self._mark()
             self._stack.pop()
-            if not self._stack and not self.cuda:
-                self._resolve()
+            if not self._stack:
+                if not self.cuda:
+                    self._resolve(self._pending)
+                    self._pending = []
+                elif len(self._pending) > self.max_pending:
+                    self._resolve_completed()
 
-    def _resolve(self) -> None:
-        if self.cuda and self._open:
-            torch.cuda.synchronize()
-        for name, start, end, parent in self._open:
-            dur = start.elapsed_time(end) / 1e3 if self.cuda else end - start
-            self._seconds[name] += dur
-            if parent >= 0:
-                self._seconds[self._open[parent][0]] -= dur
-        self._open.clear()
+    def _count(self, entry: list) -> None:
+        name, start, end, parent = entry
+        dur = start.elapsed_time(end) / 1e3 if self.cuda else end - start
+        self._seconds[name] += dur
+        if parent is not None:
+            self._seconds[parent] -= dur
+
+    def _resolve(self, entries: list[list]) -> None:
+        for entry in entries:
+            self._count(entry)
+
+    def _resolve_completed(self) -> None:
+        """Fold in every (closed) entry whose end event has completed; no device sync, unless more
+        than ``hard_cap`` would stay pending: then wait for the oldest ones' end events."""
+        keep = []
+        for entry in self._pending:
+            if entry[2].query():  # the end follows the start on the stream: both completed
+                self._count(entry)
+            else:
+                keep.append(entry)
+        excess = len(keep) - self.hard_cap
+        for entry in keep[:max(excess, 0)]:
+            entry[2].synchronize()
+            self._count(entry)
+        self._pending = keep[max(excess, 0):]
 
     def seconds(self) -> dict[str, float]:
         if self._stack:
             raise RuntimeError("PhaseTimer.seconds() read inside an open phase")
-        self._resolve()
+        if self.cuda and self._pending:
+            torch.cuda.synchronize()
+        self._resolve(self._pending)
+        self._pending = []
         return dict(self._seconds)
 
+    @property
+    def pending(self) -> int:
+        """Entries whose times are not yet folded into the totals."""
+        return len(self._pending)
+
     def reset(self) -> None:
-        self._open.clear()
+        self._pending = []
         self._stack.clear()
         self._seconds.clear()
+        self.peak_pending = 0
 
 
 class CommLedger:
