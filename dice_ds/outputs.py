@@ -11,6 +11,7 @@ Layout of a sample directory::
     latents.npz               with --vae none: arr_0 fp32 [N, C, H, W], labels
     grid.png                  the first (up to) 64 images
     run.json                  run description and measurements (written by rank 0)
+    fingerprint.json          what determines the images (written by rank 0 before sampling)
 
 Index formula (the reference's ``i·W + rank + total``): in batch b, local position i of rank r holds
 global index ``b·(n·W) + i·W + r`` (n per-rank batch size, W world size). Batch b thus covers the
@@ -18,15 +19,29 @@ indices [b·n·W, (b+1)·n·W) across ranks; indices >= the requested sample cou
 rank runs the same number of batches) but not written.
 
 Invariants: every file is written to a temporary name and renamed into place, so a file that exists
-is complete; a batch whose files all exist is done, and a re-run skips it. Assembly reads files in
+is complete (a failed write, e.g. a failed assembly of samples.npz, removes its temporary file); a
+batch whose files all exist and read back (PIL verifies each PNG, numpy loads each latent) is done,
+and a re-run skips it; an empty or corrupt file makes its batch run again. Assembly reads files in
 index order, so the result does not depend on the world size.
+
+Fingerprint (resume that cannot mix runs): ``fingerprint.json`` records everything that determines
+the images (``run_fingerprint``: model, checkpoint sha256 or init, sampler, steps, cfg scale, seed,
+image size, classes, experts, dtype, device, VAE, mode and every EP/DICE plan field, payload dtype).
+World size, EP size and per-rank batch size are left out where the images do not depend on them
+(data parallelism and plain sync EP: byte-identical at any world size, tests/multirank/test_dp.py)
+and recorded for every other mode. ``SampleDir.claim`` refuses a directory whose samples have
+another fingerprint (or none) with one line naming the first differing setting and the way out
+(``--force-new`` moves the old directory to ``<dir>.old-<time>``; or another ``--sample-dir``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
+import time
 import zipfile
 
 import numpy as np
@@ -48,9 +63,129 @@ def num_batches(num_samples: int, world_size: int, per_proc: int) -> int:
 
 def _atomic_write(path: str, write) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        write(fh)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+_TMP_NAME = re.compile(r"\.tmp\d+$")
+
+
+# ---------------------------------------------------------------------------------------------------
+# fingerprint
+# ---------------------------------------------------------------------------------------------------
+
+FINGERPRINT_VERSION = 1
+FINGERPRINT_FILE = "fingerprint.json"
+_FLAGS = {
+    "model": "--model", "checkpoint_sha256": "--ckpt (file content)", "init": "--init",
+    "init_seed": "--init-seed", "sampler": "--sampler", "num_steps": "--num-sampling-steps",
+    "cfg_scale": "--cfg-scale", "global_seed": "--global-seed", "image_size": "--image-size",
+    "num_classes": "the model's class count", "num_experts": "--num-experts", "dtype": "--dtype",
+    "device": "--device", "tf32": "--tf32", "vae": "--vae", "vae_sha256": "--vae-path (content)",
+    "mode": "the parallel mode (--ep, --ep-async, --ep-async-pipeline)",
+    "payload_dtype": "--a2a-dtype", "world_size": "the world size (number of ranks)",
+    "ep_size": "--ep-size", "per_proc_batch_size": "--per-proc-batch-size",
+    "plan.async_layers": "--ep-async-mode/--ep-async-layers", "plan.warmup": "--ep-async-warm-up",
+    "plan.cooldown": "--ep-async-cool-down", "plan.strided": "--strided-sync",
+    "plan.stale_output_weights": "--stale-output-weights",
+    "plan.skip_period": "--ep-async-noskip-step", "plan.skip_strategy": "--ep-async-skip-strategy",
+    "plan.skip_seed": "--global-seed", "plan.payload_dtype": "--a2a-dtype",
+    "plan.sp_size": "--sp", "plan.sp_async": "--sp-async", "plan.sp_warmup": "--sp-async-warm-up",
+    "plan.single_img": "--single-img", "format": "the fingerprint format (another dice_ds)",
+}
+
+
+def _cache_dir() -> str:
+    return os.environ.get("DICE_DS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "dice_ds")
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, streamed once; cached by (real path, size, mtime) in the user cache."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    cache_path = os.path.join(_cache_dir(), "file_sha256.json")
+    try:
+        with open(cache_path) as fh:
+            cache = json.load(fh)
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), str):
+        return cache[key]
+    h = hashlib.sha256()
+    with open(real, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        cache = {k: v for k, v in cache.items() if not k.startswith(real + "|")}
+        cache[key] = digest
+        _atomic_write(cache_path, lambda fh: fh.write(json.dumps(cache, indent=0).encode()))
+    except OSError:
+        pass  # a read-only home only costs the next run another pass
+    return digest
+
+
+def dir_sha256(path: str) -> str:
+    """One digest of every regular file of a directory tree (e.g. a diffusers VAE folder)."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(f"{os.path.relpath(full, path)}:{file_sha256(full)}\n".encode())
+    return h.hexdigest()
+
+
+def images_depend_on_layout(plan_fields: dict) -> bool:
+    """False for data parallelism and plain sync EP (identical images at any world size)."""
+    if plan_fields.get("sp_size", 1) != 1:
+        return True
+    if plan_fields.get("ep_size", 1) == 1:
+        return False
+    return plan_fields.get("mode") != "sync" or plan_fields.get("skip_period", 1) != 1
+
+
+def run_fingerprint(*, settings: dict, plan_fields: dict, world_size: int,
+                    per_proc_batch_size: int) -> dict:
+    """The fingerprint: ``settings`` (what determines the images; keys of ``_FLAGS``) plus every
+    plan field, with the layout (world size, EP size, batch) where the mode's images depend on it."""
+    fp = {"format": FINGERPRINT_VERSION, **settings}
+    layout = images_depend_on_layout(plan_fields)
+    for name, value in sorted(plan_fields.items()):
+        if name != "ep_size":
+            fp[f"plan.{name}"] = value
+    if layout:
+        fp.update(world_size=world_size, ep_size=plan_fields.get("ep_size", 1),
+                  per_proc_batch_size=per_proc_batch_size)
+    return json.loads(json.dumps(fp, default=str))  # the form it has once read back from disk
+
+
+def fingerprint_difference(old: dict, new: dict) -> str | None:
+    """The first differing setting as 'FLAG is NEW here but OLD there'; None when equal."""
+    for key in sorted(set(old) | set(new), key=lambda k: (k != "format", k)):
+        if old.get(key) != new.get(key):
+            flag = _FLAGS.get(key, key)
+            return (f"{flag} is {_show(new.get(key))} for this run but {_show(old.get(key))} for "
+                    f"the samples there")
+    return None
+
+
+def _show(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return f"sha256 {value[:12]}…"
+    return json.dumps(value) if not isinstance(value, str) else value
 
 
 class SampleDir:
@@ -65,12 +200,93 @@ class SampleDir:
         os.makedirs(self.item_dir, exist_ok=True)
         return self
 
+    def has_samples(self) -> bool:
+        """Any item file or assembled archive from an earlier run."""
+        if any(os.path.isfile(os.path.join(self.path, n)) for n in ("samples.npz", "latents.npz")):
+            return True
+        for sub in ("samples", "latents"):
+            d = os.path.join(self.path, sub)
+            if os.path.isdir(d) and any(not _TMP_NAME.search(n) for n in os.listdir(d)):
+                return True
+        return False
+
+    def read_fingerprint(self) -> dict | None:
+        try:
+            with open(os.path.join(self.path, FINGERPRINT_FILE)) as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None
+
+    def remove_temporaries(self) -> list[str]:
+        """Delete ``*.tmp<pid>`` files left by a killed run (call before any rank writes)."""
+        removed = []
+        for d in (self.path, self.item_dir):
+            if os.path.isdir(d):
+                for name in os.listdir(d):
+                    if _TMP_NAME.search(name):
+                        os.remove(os.path.join(d, name))
+                        removed.append(name)
+        return removed
+
+    def claim(self, fingerprint: dict, force_new: bool = False) -> str | None:
+        """Make this directory this run's (rank 0, before sampling); returns where old samples moved.
+
+        A directory with samples of another fingerprint, or of none (an older dice_ds), is refused
+        with a ``ConfigError`` of one line unless ``force_new``, which renames it to
+        ``<dir>.old-<time>`` and starts an empty one.
+        """
+        from dice_ds.config import ConfigError
+
+        moved = None
+        old = self.read_fingerprint()
+        if self.has_samples() and old != fingerprint:
+            why = (fingerprint_difference(old, fingerprint) if old is not None else
+                   f"it has samples but no {FINGERPRINT_FILE} (written by an older dice_ds?)")
+            if not force_new:
+                raise ConfigError(f"{self.path} holds samples of another run: {why}; pass "
+                                  f"--force-new to move them aside ({self.path}.old-<time>) and "
+                                  f"sample anew, or use another --sample-dir")
+            moved = f"{os.path.normpath(self.path)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+            k = 1
+            while os.path.exists(moved):
+                moved = f"{moved.rsplit('~', 1)[0]}~{k}"
+                k += 1
+            os.rename(self.path, moved)
+        self.create()
+        self.remove_temporaries()
+        if old != fingerprint or moved:
+            text = json.dumps(fingerprint, indent=2, sort_keys=True) + "\n"
+            _atomic_write(os.path.join(self.path, FINGERPRINT_FILE),
+                          lambda fh: fh.write(text.encode()))
+        return moved
+
     def item_path(self, index: int) -> str:
         ext = "npy" if self.latents_only else "png"
         return os.path.join(self.item_dir, f"{index:06d}.{ext}")
 
+    def item_ok(self, index: int) -> bool:
+        """The item file exists, is not empty and reads back (PNG verified by PIL)."""
+        path = self.item_path(index)
+        try:
+            if os.path.getsize(path) == 0:
+                return False
+            if self.latents_only:
+                np.load(path)
+                return True
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.verify()
+            return True
+        except Exception:  # noqa: BLE001 - missing, truncated, not an image: all mean "redo"
+            return False
+
     def has_all(self, indices) -> bool:
-        return all(os.path.isfile(self.item_path(i)) for i in indices)
+        return all(self.item_ok(i) for i in indices)
+
+    def bad_items(self, indices) -> list[int]:
+        """Indices whose file exists but is empty or corrupt."""
+        return [i for i in indices if os.path.exists(self.item_path(i)) and not self.item_ok(i)]
 
     def write_images(self, indices: list[int], images_NHWC: np.ndarray) -> None:
         from PIL import Image
@@ -140,8 +356,11 @@ class SampleDir:
         _atomic_write(path, lambda fh: Image.fromarray(grid).save(fh, format="PNG"))
         return path
 
-    def write_run_json(self, info: dict) -> str:
+    def write_run_json(self, info: dict, lead: tuple = ()) -> str:
+        """``run.json``: the keys in ``lead`` first (in that order), then the rest sorted."""
         path = os.path.join(self.path, "run.json")
-        text = json.dumps(info, indent=2, sort_keys=True, default=str) + "\n"
+        ordered = {k: info[k] for k in lead if k in info}
+        ordered.update(sorted((k, v) for k, v in info.items() if k not in ordered))
+        text = json.dumps(ordered, indent=2, default=str) + "\n"
         _atomic_write(path, lambda fh: fh.write(text.encode()))
         return path

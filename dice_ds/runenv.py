@@ -123,10 +123,8 @@ def summary_line(info: dict, sample_dir: str) -> str:
              f"sampling {info.get('sampling_seconds', 0.0):.2f} s",
              f"{info.get('images_per_second', 0.0):.2f} img/s",
              f"mode {info.get('mode')} on {info.get('world_size')} rank(s)"]
-    if info.get("a2a_bytes_total") is not None:
-        parts.append(f"exchanged {_human_bytes(info['a2a_bytes_total'])}")
-    if info.get("cache_peak_bytes") is not None:
-        parts.append(f"cache peak {_human_bytes(info['cache_peak_bytes'])}")
+    parts.append(f"exchanged {_human_bytes(info.get('bytes_exchanged') or 0)}")
+    parts.append(f"cache peak {_human_bytes(info.get('cache_peak_bytes') or 0)}")
     return ", ".join(parts) + f" -> {sample_dir}"
 
 

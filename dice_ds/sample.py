@@ -151,7 +151,12 @@ def _build(prep: Prepared, groups):
         prep.state_dict = None
     else:
         init_weights(model, opts.init, seed=opts.init_seed)
-    runtime = prep.parallelize(model, prep.plan, groups) if prep.parallelize else None
+    extra = {}
+    if prep.plan.sp_enabled:  # collective: the SP groups (dice_ds.parallel.sp)
+        from dice_ds.parallel.groups import build_sp_group
+
+        extra["sp_group"] = build_sp_group(prep.plan.ep_size, prep.plan.sp_size)
+    runtime = prep.parallelize(model, prep.plan, groups, **extra) if prep.parallelize else None
     return model, runtime
 
 
@@ -171,6 +176,12 @@ def _todo_batches(out, prep: Prepared, rank: int, world: int) -> list[int]:
 
     opts = prep.opts
     n, total = opts.per_proc_batch_size, opts.num_fid_samples
+    mine = [i for b in range(num_batches(total, world, n))
+            for i in _written(batch_indices(b, rank, world, n), total, opts.trim_samples)]
+    bad = out.bad_items(mine)
+    if bad:
+        print(f"dice-ds sample: rank {rank}: {len(bad)} empty or corrupt sample file(s) (e.g. "
+              f"{out.item_path(bad[0])}): their batches run again", file=sys.stderr, flush=True)
     done = [out.has_all(_written(batch_indices(b, rank, world, n), total, opts.trim_samples))
             for b in range(num_batches(total, world, n))]
     flags = torch.tensor(done, dtype=torch.int32, device=prep.device)
@@ -189,6 +200,17 @@ def _batch_samples(b: int, total: int, world: int, n: int) -> int:
     return max(0, min((b + 1) * n * world, total) - b * n * world)
 
 
+def _sub_batches(plan, todo: list[int], rank: int, world: int, n: int):
+    """(batch, indices to sample, slice this rank writes, last of its batch?): one per batch, or
+    with SP the SP group's samples (``dice_ds.parallel.sp_batches``)."""
+    from dice_ds.parallel.sp_batches import sp_batches
+
+    for b in todo:
+        subs = sp_batches(plan, b, rank, world, n)
+        for k, (indices, mine) in enumerate(subs):
+            yield b, indices, mine, k == len(subs) - 1
+
+
 def _sample_loop(prep: Prepared, model, runtime, decoder, out, rank: int, world: int) -> dict:
     """Run the batches still to do; returns this rank's timings.
 
@@ -196,7 +218,6 @@ def _sample_loop(prep: Prepared, model, runtime, decoder, out, rank: int, world:
     rank, the step and the batch.
     """
     from dice_ds.diffusion import draw_conditions, get_sampler
-    from dice_ds.outputs import batch_indices
     from dice_ds.parallel.groups import group_timeout
     from dice_ds.runenv import Progress, StepTracker, is_peer_failure
 
@@ -208,8 +229,7 @@ def _sample_loop(prep: Prepared, model, runtime, decoder, out, rank: int, world:
     tracker = StepTracker(model, steps)
     seconds = []
     try:
-        for b in todo:
-            indices = batch_indices(b, rank, world, n)
+        for b, indices, mine, last in _sub_batches(prep.plan, todo, rank, world, n):
             z, y, gens = draw_conditions(opts.global_seed, indices, cfg.in_channels,
                                          cfg.input_size, cfg.num_classes)
             _sync(prep.device)
@@ -224,18 +244,83 @@ def _sample_loop(prep: Prepared, model, runtime, decoder, out, rank: int, world:
                     raise tracker.failure(rank, b, e, group_timeout().total_seconds()) from e
                 raise
             seconds.append(time.perf_counter() - t0)
-            keep = _written(indices, total, opts.trim_samples)
-            x = x[:len(keep)]  # the kept indices are a prefix of the batch
+            keep = _written(indices[mine], total, opts.trim_samples)
+            x = x[mine][:len(keep)]  # the kept indices are a prefix of this rank's samples
             if decoder is None:
                 out.write_latents(keep, x.cpu().numpy())
             elif keep:
                 out.write_images(keep, decoder.decode(x))
-            progress.update(_batch_samples(b, total, world, n))
+            progress.update(_batch_samples(b, total, world, n) if last else 0)
     finally:
         progress.close()
         tracker.remove()
     return {"batch_seconds": seconds, "batches_run": len(todo),
             "samples_run": sum(_batch_samples(b, total, world, n) for b in todo)}
+
+
+RUN_JSON_LEAD = ("mode", "model", "sampling_seconds", "images_per_second", "num_samples",
+                 "samples_run", "world_size", "ep_size", "sampler", "num_steps", "cfg_scale",
+                 "sample_dir", "dice_ds_version", "git_commit", "start_time", "host",
+                 "checkpoint_sha256")
+"""The keys ``run.json`` starts with (what a reader looks for first); the rest follow sorted."""
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout dice_ds runs from, when it is one (None for an installed package)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        proc = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _fingerprint(prep: Prepared, ckpt_sha256: str | None, vae_sha256: str | None) -> dict:
+    """What determines this run's images (``dice_ds.outputs`` docstring)."""
+    from dice_ds.outputs import run_fingerprint
+
+    opts, cfg, plan = prep.opts, prep.model_cfg, prep.plan
+    settings = {
+        "model": opts.model, "checkpoint_sha256": ckpt_sha256,
+        "init": None if opts.ckpt else opts.init, "init_seed": None if opts.ckpt else opts.init_seed,
+        "sampler": sampler_of(opts), "num_steps": steps_of(opts), "cfg_scale": opts.cfg_scale,
+        "global_seed": opts.global_seed, "image_size": image_size_of(opts),
+        "num_classes": cfg.num_classes, "num_experts": cfg.num_experts,
+        "experts_impl": getattr(cfg, "experts_impl", None), "dtype": opts.dtype,
+        "device": prep.device, "tf32": opts.tf32, "vae": opts.vae, "vae_sha256": vae_sha256,
+        "mode": mode_name(plan), "payload_dtype": plan.payload_dtype,
+    }
+    return run_fingerprint(settings=settings, plan_fields=dataclasses.asdict(plan),
+                           world_size=prep.world_size, per_proc_batch_size=opts.per_proc_batch_size)
+
+
+def _claim_sample_dir(prep: Prepared, out, rank: int) -> dict:
+    """Rank 0 hashes the weights, checks the directory's fingerprint (refuses a mix of runs, or
+    moves the old samples aside with --force-new) and tells every rank; returns the fingerprint."""
+    import torch.distributed as dist
+
+    from dice_ds.outputs import dir_sha256, file_sha256
+
+    opts = prep.opts
+    result = [None]
+    if rank == 0:
+        try:
+            fp = _fingerprint(prep, file_sha256(opts.ckpt) if opts.ckpt else None,
+                              dir_sha256(opts.vae_path) if opts.vae == "sd" else None)
+            result = [{"fingerprint": fp, "moved": out.claim(fp, force_new=opts.force_new)}]
+        except ConfigError as e:
+            result = [{"error": str(e)}]
+    dist.broadcast_object_list(result, src=0)
+    if "error" in result[0]:
+        raise ConfigError(result[0]["error"])
+    out.create()
+    if rank == 0 and result[0]["moved"]:
+        print(f"dice-ds sample: --force-new: moved the samples of another run to "
+              f"{result[0]['moved']}", file=sys.stderr, flush=True)
+    return result[0]["fingerprint"]
 
 
 def _peak_memory_bytes(device: str) -> int:
@@ -247,8 +332,26 @@ def _peak_memory_bytes(device: str) -> int:
 
 
 def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> dict:
+    import dice_ds
+
     opts, plan = prep.opts, prep.plan
     info = dict(per_rank[0].get("runtime") or {})  # runtime.stats() of rank 0, then ours on top
+    stats = [r.get("runtime") or {} for r in per_rank]
+    seconds = max(sum(r["batch_seconds"]) for r in per_rank)
+    samples_run = per_rank[0]["samples_run"]
+    fp = per_rank[0]["fingerprint"]
+    info.update({
+        "images_per_second": samples_run / seconds if seconds > 0 else 0.0,
+        "samples_run": samples_run,
+        # bytes that left a rank in the EP all-to-alls (all ranks), the largest stale-output cache
+        "bytes_exchanged": sum(s.get("a2a_bytes_sent_remote", s.get("a2a_bytes_sent", 0)) or 0
+                               for s in stats),
+        "cache_peak_bytes": max((s.get("ep_cache_peak_bytes") or 0) for s in stats),
+        "sample_dir": prep.sample_dir, "dice_ds_version": dice_ds.__version__,
+        "git_commit": _git_commit(), "start_time": per_rank[0]["start_time"],
+        "host": per_rank[0]["host"], "hosts": sorted({r["host"] for r in per_rank}),
+        "checkpoint_sha256": fp.get("checkpoint_sha256"), "fingerprint": fp,
+    })
     info.update({
         "model": opts.model, "mode": mode_name(plan), "world_size": prep.world_size,
         "ep_size": plan.ep_size, "sampler": sampler_of(opts), "num_steps": steps_of(opts),
@@ -257,7 +360,7 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
         "per_proc_batch_size": opts.per_proc_batch_size, "global_seed": opts.global_seed,
         "dtype": opts.dtype, "device": prep.device, "vae": opts.vae,
         "num_experts": prep.model_cfg.num_experts,
-        "sampling_seconds": max(sum(r["batch_seconds"]) for r in per_rank),
+        "sampling_seconds": seconds,
         "batch_sampling_seconds": per_rank[0]["batch_seconds"],
         "batches_total": num_batches_total, "batches_run": per_rank[0]["batches_run"],
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
@@ -294,7 +397,7 @@ def _finish(prep: Prepared, out, rank: int, world: int, mine: dict) -> dict | No
         info["npz"] = out.assemble(indices, labels_for(opts.global_seed, indices,
                                                        prep.model_cfg.num_classes))
     info["grid"] = out.write_grid(indices)
-    out.write_run_json(info)
+    out.write_run_json(info, lead=RUN_JSON_LEAD)
     return info
 
 
@@ -303,11 +406,15 @@ def run(prep: Prepared) -> dict | None:
     import torch
     import torch.distributed as dist
 
+    import socket
+
     from dice_ds.outputs import SampleDir
     from dice_ds.parallel.groups import build_model_groups, init_distributed
+    from dice_ds.runenv import summary_line
     from dice_ds.vae import build_decoder
 
     opts = prep.opts
+    start_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if prep.device == "cuda":
         torch.cuda.set_device(_local_rank(opts))
         torch.backends.cuda.matmul.allow_tf32 = opts.tf32
@@ -315,22 +422,24 @@ def run(prep: Prepared) -> dict | None:
     rank, world = init_distributed(prep.device, timeout=opts.pg_timeout)
     if world != prep.world_size:
         raise RuntimeError(f"world size {world} differs from the launcher's {prep.world_size}")
+    out = SampleDir(prep.sample_dir, latents_only=opts.vae == "none")
+    fingerprint = _claim_sample_dir(prep, out, rank)
     torch.manual_seed(opts.global_seed * world + rank)
     model, runtime = _build(prep, build_model_groups(prep.plan.ep_size))
     decoder = build_decoder(opts.vae, opts.vae_path, prep.device, prep.model_cfg.in_channels)
-    out = SampleDir(prep.sample_dir, latents_only=opts.vae == "none").create()
     mine = _sample_loop(prep, model, runtime, decoder, out, rank, world)
     mine.update(rank=rank, peak_memory_bytes=_peak_memory_bytes(prep.device),
-                runtime=runtime.stats() if runtime is not None else None)
+                runtime=runtime.stats() if runtime is not None else None,
+                host=socket.gethostname(), start_time=start_time)
+    if rank == 0:
+        mine["fingerprint"] = fingerprint
     info = _finish(prep, out, rank, world, mine)
     dist.barrier()
     if rank == 0 and info.get("already_complete"):
         print(f"dice-ds sample: all {opts.num_fid_samples} samples already exist in "
               f"{prep.sample_dir}; nothing to do (delete it to sample again)", flush=True)
     elif rank == 0:
-        print(f"dice-ds sample: wrote {opts.num_fid_samples} samples to {prep.sample_dir} "
-              f"(sampling {info['sampling_seconds']:.2f} s, {info['batches_run']} of "
-              f"{info['batches_total']} batches run)", flush=True)
+        print(summary_line(info, prep.sample_dir), flush=True)
     return info
 
 

@@ -86,6 +86,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     os.makedirs(part / "samples")
     for name in ("000000.png", "000001.png", "000002.png", "000004.png"):
         (part / "samples" / name).write_bytes(ref[name])
+    (part / "fingerprint.json").write_bytes((full / "fingerprint.json").read_bytes())
     info = _run(part, vae)
     assert info["batches_run"] == 1 and len(info["batch_sampling_seconds"]) == 1
     assert _files(part) == ref
