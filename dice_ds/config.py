@@ -45,10 +45,11 @@ class ModelConfig:
     """'timm': qkv/proj (S, B). 'flash': Wqkv + affine q_norm/k_norm + out_proj (XL, G)."""
     sampler: Literal["rf", "ddpm"] = "rf"
     """Default sampler of the released checkpoint of this size."""
-    experts_impl: Literal["sequential", "grouped"] = "sequential"
-    """Routed-expert computation. 'sequential': megatron's ``SequentialMLP`` (one ``MLP`` per local
-    expert). 'grouped': ``dice_ds.models.experts`` (all local experts in two grouped GEMMs, stacked
-    weights). Same outputs (fp32: equal to rounding) and the same checkpoint format."""
+    experts_impl: Literal["sequential", "grouped"] = "grouped"
+    """Routed-expert computation. 'grouped' (default; faster on CPU at S/2 and XL/2 width, see
+    ``scripts/bench_experts.py``): ``dice_ds.models.experts``, all local experts in two grouped
+    GEMMs over stacked weights. 'sequential': megatron's ``SequentialMLP`` (one ``MLP`` per local
+    expert). Same outputs (fp32: equal to rounding; measured equal) and the same checkpoint format."""
 
     @property
     def out_channels(self) -> int:

@@ -20,7 +20,7 @@ from dice_ds.config import ConfigError, get_flavor
 from dice_ds.keymap import released_to_mcore
 from dice_ds.models import build_model, init_weights
 
-DEBUG = get_flavor("debug")
+DEBUG = get_flavor("debug").replace(experts_impl="sequential")  # the per-expert key layout
 
 
 @pytest.fixture(scope="module")
