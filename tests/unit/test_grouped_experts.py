@@ -15,7 +15,7 @@ from dice_ds.keymap import mcore_to_released, released_to_mcore
 from dice_ds.models import build_model, init_weights
 from dice_ds.models.experts import expert_weight_views
 
-DEBUG = get_flavor("debug")
+DEBUG = get_flavor("debug").replace(experts_impl="sequential")  # _pair adds the grouped twin
 S2_WIDTH = DEBUG.replace(depth=1, hidden_size=384, num_heads=6, num_experts=8)
 ATOL = 1e-6  # fp32; the measured difference is 0 (the same GEMMs per expert)
 
@@ -23,6 +23,8 @@ ATOL = 1e-6  # fp32; the measured difference is 0 (the same GEMMs per expert)
 def _pair(cfg, seed=3):
     seq = init_weights(build_model(cfg), "random", seed=seed)
     grp = init_weights(build_model(cfg.replace(experts_impl="grouped")), "random", seed=seed)
+    assert type(seq.blocks[0].moe.experts).__name__ == "SequentialMLP"
+    assert type(grp.blocks[0].moe.experts).__name__ == "GroupedExperts"
     return seq, grp
 
 
