@@ -109,12 +109,21 @@ class RunOptions:
                                  choices=("fp32", "bf16", "fp16"))
     auto_gc: bool = _opt(False, bool, "reference flag (needs --ep-async); the dice_ds runtime "
                          "manages exchange-buffer lifetimes itself, so it is only recorded")
-    # sequence parallelism: not implemented yet (rejected by validate_options)
-    sp: bool = _opt(False, bool, "sequence parallelism (not implemented yet)")
-    sp_async: bool = _opt(False, bool, "displaced SP / DistriFusion (not implemented yet)")
-    sp_legacy_cache: bool = _opt(False, bool, "per-layer SP K/V cache (not implemented yet)")
-    single_img: bool = _opt(False, bool, "SP without gathering the batch (not implemented yet)")
-    sp_async_warm_up: int = _opt(0, int, "SP warm-up steps (not implemented yet)")
+    # sequence parallelism (dice_ds.parallel.sp)
+    sp: bool = _opt(False, bool, "sequence (patch) parallelism: each image's tokens split over the "
+                    "SP group, K/V all-gathered per attention layer; SP size = --sp-size or world "
+                    "size / EP size")
+    sp_size: int | None = _opt(None, int, "SP group size (implies --sp); with --ep, EP x SP must "
+                               "divide the world size (2x2 mesh: --ep-size 2 --sp-size 2)")
+    sp_async: bool = _opt(False, bool, "displaced SP / DistriFusion (needs --sp): remote K/V from "
+                          "the previous step, own K/V fresh")
+    sp_legacy_cache: bool = _opt(False, bool, "per-layer SP K/V cache (not implemented; the "
+                                 "bucketed comm manager is always used)")
+    single_img: bool = _opt(False, bool, "with --sp: the SP group samples one rank's batch at a "
+                            "time (per-proc batch 1: one image spread over the group) instead of "
+                            "the group's global batch; same image set")
+    sp_async_warm_up: int = _opt(0, int, "displaced SP: steps rev = 0..w gather K/V "
+                                 "synchronously (w+1 sync steps)")
 
     explicit: frozenset = field(default=frozenset(), metadata={"kind": None})
     """Names of the options given on the command line or in the JSON config."""
@@ -122,7 +131,6 @@ class RunOptions:
     """``--local_rank`` appended by the deepspeed launcher (the device index on CUDA)."""
 
 
-_SP_FLAGS = ("sp", "sp_async", "sp_legacy_cache", "single_img", "sp_async_warm_up")
 _ASYNC_ONLY = ("ep_async_pipeline", "ep_async_mode", "ep_async_layers", "ep_async_warm_up",
                "ep_async_cool_down", "strided_sync", "stale_output_weights", "ep_score_use_latest",
                "auto_gc")
@@ -277,9 +285,12 @@ def async_layers_of(opts: RunOptions):
 
 
 def ep_size_of(opts: RunOptions, world_size: int) -> int:
-    """EP group size: --ep-size, else the world size with --ep, else 1 (pure data parallelism)."""
+    """EP group size: --ep-size, else the world size with --ep (world / --sp-size with SP too),
+    else 1 (pure data parallelism)."""
     if opts.ep_size is not None:
         return opts.ep_size
+    if opts.ep and opts.sp_size is not None:
+        return max(1, world_size // opts.sp_size)
     return world_size if opts.ep else 1
 
 
@@ -290,12 +301,39 @@ def stale_weights_of(opts: RunOptions) -> str:
     return "cached" if opts.ep_score_use_latest else (opts.stale_output_weights or "cached")
 
 
+def _validate_sp_flags(opts: RunOptions) -> None:
+    if opts.sp_legacy_cache:
+        raise ConfigError("--sp-legacy-cache: the per-layer SP cache is not implemented; displaced "
+                          "SP always uses the bucketed comm manager (drop the flag)")
+    if opts.sp_size is not None and opts.sp_size < 1:
+        raise ConfigError(f"--sp-size {opts.sp_size} must be >= 1")
+    sp_on = opts.sp or opts.sp_size is not None
+    if opts.sp_async and not sp_on:
+        raise ConfigError("--sp-async needs --sp (displaced SP runs on a sequence-parallel group)")
+    if opts.sp_async_warm_up and not opts.sp_async:
+        raise ConfigError("--sp-async-warm-up needs --sp-async")
+    if opts.sp_async_warm_up < 0:
+        raise ConfigError(f"--sp-async-warm-up {opts.sp_async_warm_up} must be >= 0")
+    if opts.single_img and not sp_on:
+        raise ConfigError("--single-img needs --sp")
+    if sp_on and opts.ep and opts.ep_size is None and opts.sp_size is None:
+        raise ConfigError("--ep with --sp: give --ep-size or --sp-size (EP x SP mesh, e.g. "
+                          "--ep-size 2 --sp-size 2 on 4 ranks)")
+
+
+def sp_size_of(opts: RunOptions, world_size: int) -> int:
+    """SP group size: --sp-size, else world size / EP size with --sp, else 1."""
+    if opts.sp_size is not None:
+        return opts.sp_size
+    if not opts.sp:
+        return 1
+    ep = opts.ep_size if opts.ep_size is not None else 1
+    return max(1, world_size // ep)
+
+
 def _validate_parallel_flags(opts: RunOptions) -> None:
     given = opts.explicit
-    for name in _SP_FLAGS:
-        if getattr(opts, name):
-            raise ConfigError(f"{_flag(name)}: sequence parallelism is not implemented yet in "
-                              "dice_ds (separate issue); use data parallelism or --ep")
+    _validate_sp_flags(opts)
     ep_on = opts.ep or (opts.ep_size or 1) > 1
     if opts.ep_size is not None and opts.ep_size < 1:
         raise ConfigError(f"--ep-size {opts.ep_size} must be >= 1")
@@ -416,7 +454,8 @@ def _validate_sample_dir(opts: RunOptions) -> None:
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise ConfigError(f"--sample-dir {opts.sample_dir}: {probe} is not a directory")
+        raise ConfigError(f"--sample-dir {opts.sample_dir}: a parent ({probe}) is not a directory; "
+                          "choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
         where = "is not writable" if probe == path else f"cannot be created ({probe} is not writable)"
         raise ConfigError(f"--sample-dir {opts.sample_dir}: {where}; choose a writable directory")
@@ -450,21 +489,43 @@ def build_plan(opts: RunOptions, *, world_size: int, num_experts: int, depth: in
         skip_strategy=opts.ep_async_skip_strategy,
         skip_seed=opts.global_seed,
         payload_dtype=opts.a2a_dtype,
+        sp_size=sp_size_of(opts, world_size),
+        sp_async=opts.sp_async,
+        sp_warmup=opts.sp_async_warm_up,
+        single_img=opts.single_img,
     )
+    tokens = (latent_side(opts) // get_flavor(opts.model).patch_size) ** 2
     return plan.validate(world_size=world_size, num_experts=num_experts, depth=depth,
-                         sampler=sampler_of(opts))
+                         sampler=sampler_of(opts), tokens=tokens)
 
 
 def mode_name(plan) -> str:
-    """'dp', 'ep' (sync), 'displaced' or 'interweaved'."""
+    """'dp', 'ep' (sync), 'displaced' or 'interweaved'; with SP 'sp' / 'displaced_sp', joined
+    to the EP name by '+' (e.g. 'ep+sp')."""
+    sp = ("displaced_sp" if plan.sp_async else "sp") if plan.sp_enabled else None
     if not plan.ep_enabled:
-        return "dp"
-    return "ep" if plan.mode == "sync" else plan.mode
+        return sp or "dp"
+    ep = "ep" if plan.mode == "sync" else plan.mode
+    return f"{ep}+{sp}" if sp else ep
+
+
+def _sp_tag(plan) -> str:
+    if not plan.sp_enabled:
+        return ""
+    tag = ("DF" if plan.sp_async else "SP") + str(plan.sp_size)
+    tag += f"-spwu{plan.sp_warmup}" if plan.sp_warmup else ""
+    return tag + ("-1img" if plan.single_img else "")
 
 
 def _mode_tag(opts: RunOptions, plan) -> str:
     if not plan.ep_enabled:
-        return "DP"
+        return _sp_tag(plan) or "DP"
+    if plan.sp_enabled:
+        return _ep_tag(opts, plan) + "+" + _sp_tag(plan)
+    return _ep_tag(opts, plan)
+
+
+def _ep_tag(opts: RunOptions, plan) -> str:
     tag = {"sync": "EP", "displaced": "DiEP", "interweaved": "IwEP"}[plan.mode] + str(plan.ep_size)
     if plan.async_enabled:
         layers = plan.async_layers

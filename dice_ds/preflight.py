@@ -53,8 +53,14 @@ def read_checkpoint(path: str) -> dict:
     kind = "safetensors" if path.endswith(".safetensors") else "torch (.pt)"
     try:
         sd = read_state_dict(path)
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        if "\n" not in str(e):
+            raise
+        # torch's weights-only unpickler explains itself over many lines
+        raise ConfigError(f"--ckpt {path}: cannot be read as a {kind} checkpoint with "
+                          "weights_only=True (not a pickle of tensors: corrupt, or another "
+                          "format); re-save its state dict as .safetensors or a dict of tensors"
+                          ) from None
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for bad files
         raise ConfigError(f"--ckpt {path}: cannot be read as a {kind} checkpoint "
                           f"({_first_line(e)}); the file is truncated, corrupt or not a "

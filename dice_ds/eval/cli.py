@@ -24,8 +24,14 @@ from pathlib import Path
 from dice_ds.config import ConfigError
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like dice-ds sample
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="dice-ds eval",
         description="Offline quality metrics: digits-FID / class accuracy / PSNR of a sample set "
                     "(default), FID-50K with Inception (--fid), or the quality table over parallel "
