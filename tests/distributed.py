@@ -26,7 +26,7 @@ def _context():
     return _CTX
 
 
-def _worker(fn, rank, world_size, store, results, args):
+def _worker(fn, rank, world_size, store, results, args, device="cpu"):
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     import torch.distributed as dist
@@ -35,7 +35,9 @@ def _worker(fn, rank, world_size, store, results, args):
     try:
         from dice_ds.parallel.groups import init_distributed
 
-        init_distributed("cpu", init_method=f"file://{store}", rank=rank, world_size=world_size)
+        if device == "cuda":  # one GPU per rank, NCCL
+            torch.cuda.set_device(rank)
+        init_distributed(device, init_method=f"file://{store}", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         # serialise here: a tensor put on the queue as-is travels as a file descriptor of this
         # (exiting) process, which the parent may fail to open
@@ -55,16 +57,19 @@ def _load(payload: bytes):
     return torch.load(io.BytesIO(payload), weights_only=False)
 
 
-def run_ranks(fn, world_size: int, tmp_path, *args, timeout: float = 240.0) -> list:
+def run_ranks(fn, world_size: int, tmp_path, *args, timeout: float = 240.0,
+              device: str = "cpu") -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return results by rank.
 
     Results are serialised with ``torch.save`` in the rank and loaded in the parent (tensors, numpy
-    arrays and plain Python values all work).
+    arrays and plain Python values all work). ``device="cuda"``: rank r uses GPU r and the process
+    group is NCCL (tests/gpu); the default is CPU ranks on gloo.
     """
     ctx = _context()
     store = os.path.join(str(tmp_path), f"store_{os.getpid()}_{id(fn)}_{world_size}")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, store, results, args), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, store, results, args, device),
+                         daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

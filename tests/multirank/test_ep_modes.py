@@ -54,7 +54,8 @@ def euler_sample(model, runtime, z, y, num_steps: int = S, cfg_scale: float = 1.
     for i in range(num_steps, 0, -1):
         runtime.begin_step(i, num_steps)
         after_begin = runtime.inflight_handles()
-        v = model.forward_with_cfg(z, torch.full((z.shape[0],), i / num_steps), y, cfg_scale)
+        t = torch.full((z.shape[0],), i / num_steps, device=z.device)  # CPU here, CUDA in tests/gpu
+        v = model.forward_with_cfg(z, t, y, cfg_scale)
         z = z - v[:, :c] / num_steps
         inflight[i] = (after_begin, runtime.inflight_handles())
     runtime.finish()
