@@ -430,7 +430,7 @@ def run(prep: Prepared) -> dict | None:
     mine = _sample_loop(prep, model, runtime, decoder, out, rank, world)
     mine.update(rank=rank, peak_memory_bytes=_peak_memory_bytes(prep.device),
                 runtime=runtime.stats() if runtime is not None else None,
-                host=socket.gethostname(), start_time=start_time)
+                host=socket.gethostname(), start_time=start_time, threads=torch.get_num_threads())
     if rank == 0:
         mine["fingerprint"] = fingerprint
     info = _finish(prep, out, rank, world, mine)
