@@ -144,6 +144,7 @@ class Communication(_Section):
 
 class SequenceParallel(_Section):
     enabled: bool = False
+    size: Count | None = None
     # "async" is a Python keyword: the JSON key is "async", the attribute async_
     async_: bool = Field(False, alias="async")
     async_warm_up: NonNeg = 0
@@ -213,6 +214,7 @@ SIMPLE: dict[str, str] = {
     "dice.conditional_comm.strategy": "ep_async_skip_strategy",
     "dice.communication.payload_dtype": "a2a_dtype",
     "dice.sp.enabled": "sp",
+    "dice.sp.size": "sp_size",
     "dice.sp.async": "sp_async",
     "dice.sp.async_warm_up": "sp_async_warm_up",
     "dice.sp.single_img": "single_img",
