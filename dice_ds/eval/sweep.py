@@ -59,7 +59,9 @@ MODES: tuple[Mode, ...] = (
     Mode("interweaved + cond. comm high", _skip("high"), "P = 2, skip the higher-score slot"),
     Mode("interweaved + cond. comm rand", _skip("rand"), "P = 2, skip a random slot"),
     Mode("DICE", _skip("low", "shallow"), "interweaved + deep sync + low skip (P = 2)"),
-    Mode("displaced SP", ("--sp", "--sp-async"), "DistriFusion-style patch parallelism"),
+    Mode("sync SP", ("--sp",), "patch parallelism, K/V all-gathered every layer (exact)"),
+    Mode("displaced SP", ("--sp", "--sp-async"),
+         "DistriFusion-style: remote K/V 1 step stale, own K/V fresh"),
 )
 
 

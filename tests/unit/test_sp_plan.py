@@ -31,3 +31,19 @@ def test_bad_sp_plans_name_the_flag(fields, message):
 def test_token_count_not_divisible_is_an_error():
     with pytest.raises(ConfigError, match="the 36 tokens of an image do not split into 8"):
         ParallelPlan(sp_size=8).validate(world_size=8, num_experts=8, depth=2, tokens=36)
+
+
+def test_sweep_sp_rows_pass_the_samplers_validation():
+    from pathlib import Path
+
+    from dice_ds.eval.sweep import MODES, SweepConfig, rejected_by_sampler, sample_command
+    from dice_ds.options import build_plan, parse_options
+
+    ckpt = str(Path(__file__).parents[2] / "dice_ds" / "assets" / "digits_dit_moe.pt")
+    for name, async_ in (("sync SP", False), ("displaced SP", True)):
+        mode = next(m for m in MODES if m.name == name)
+        cmd = sample_command(SweepConfig(ckpt=ckpt), mode, Path("out"))
+        assert rejected_by_sampler(cmd) is None, name
+        opts = parse_options(cmd[cmd.index("dice_ds.sample") + 1:])
+        plan = build_plan(opts, world_size=2, num_experts=8, depth=4)
+        assert plan.sp_size == 2 and plan.sp_async == async_ and plan.ep_size == 1
