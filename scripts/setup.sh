@@ -3,12 +3,12 @@
 # torch==2.13.0 FIRST (so nothing later pulls a CUDA build), then dice_ds editable with DS_BUILD_OPS=0.
 #
 #   bash scripts/setup.sh          # runtime deps
-#   bash scripts/setup.sh dev      # + test deps (pytest, scikit-learn, scipy)
+#   bash scripts/setup.sh dev      # + test deps (pytest, ruff, scikit-learn, scipy)
 #
 # Environment: PYTHON (default python3.11; the pinned torch needs 3.10+, the local CPU wheel is cp311),
 # TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu on machines whose pip cannot already
 # find a CPU torch==2.13.0), DICE_DS_ALLOW_CUDA_TORCH=1 to accept a CUDA torch build (GPU machines).
-# A second run with the same setup.py and extras returns at once (stamp file in .venv).
+# A second run with the same pyproject.toml/setup.py and extras returns at once (stamp file in .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-}"
@@ -16,7 +16,7 @@ PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 VPY=.venv/bin/python
 STAMP=.venv/.dice_ds_setup
-WANT="$(sha256sum setup.py | cut -c1-16) extras=${EXTRAS}"
+WANT="$(cat pyproject.toml setup.py | sha256sum | cut -c1-16) extras=${EXTRAS}"
 
 [ -x "$VPY" ] || "$PY" -m venv .venv
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
