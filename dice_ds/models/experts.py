@@ -23,7 +23,9 @@ mapped); checkpoints are implementation-independent.
 
 Grouped GEMM backend: ``torch._grouped_mm`` (one call over all experts, offsets = cumulative row
 counts; no host sync for the counts) on CPU in every dtype (measured: equal to a per-expert
-``F.linear`` loop bit for bit and faster; ``scripts/bench_experts.py``) and on CUDA for bf16 on
+``F.linear`` loop bit for bit and faster; ``scripts/bench_experts.py``; on CPU gate and up are two
+grouped GEMMs on views of ``fc1_weight``, which keeps the activation's inputs contiguous) and on CUDA
+for bf16 on
 compute capability >= 9.0 (its CUDA kernel's requirement); anywhere else, and for row strides the
 kernel rejects (it needs 16-byte aligned rows), a per-expert loop of ``F.linear``. The
 ``grouped_gemm`` package and TransformerEngine (which megatron's ``GroupedMLP`` / ``TEGroupedMLP``
