@@ -167,3 +167,16 @@ def test_unwritable_sample_dir(tmp_path, capsys):
     base = ["--model", "debug", "--init", "random", "--vae", "none"]
     assert main(base + ["--sample-dir", str(ro / "out")]) == 2
     assert "cannot be created" in capsys.readouterr().err
+
+
+def test_readme_config_example_is_valid_and_every_config_checks():
+    """The README's annotated example (minus its // notes) passes the schema; so do configs/ds."""
+    from dice_ds import ds_config
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = readme.split("```jsonc\n", 1)[1].split("```", 1)[0]
+    data = json.loads(re.sub(r"//[^\n]*", "", block))
+    ds_config.validate_data(data, "README")
+    paths = sorted(os.path.join(ROOT, "configs", "ds", f)
+                   for f in os.listdir(os.path.join(ROOT, "configs", "ds")))
+    assert ds_config.main(["check", *paths]) == 0
