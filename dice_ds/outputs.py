@@ -206,7 +206,8 @@ class SampleDir:
             return True
         for sub in ("samples", "latents"):
             d = os.path.join(self.path, sub)
-            if os.path.isdir(d) and any(not _TMP_NAME.search(n) for n in os.listdir(d)):
+            if os.path.isdir(d) and any(not _TMP_NAME.search(n) and os.path.isfile(
+                    os.path.join(d, n)) for n in os.listdir(d)):
                 return True
         return False
 
