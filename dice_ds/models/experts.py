@@ -150,6 +150,9 @@ def _grouped_experts_class():
                     permuted_probs: torch.Tensor):
             """[R, D] rows sorted by local expert, counts [L], probs [R] -> ([R, D], None)."""
             x_RD = permuted_local_hidden_states.contiguous()
+            if x_RD.shape[0] == 0:  # no rows on this rank (an empty tensor may carry any strides,
+                # e.g. one received from an all-to-all, which torch._grouped_mm rejects)
+                return x_RD.new_zeros(0, self.fc2_weight.shape[1]), None
             counts_L = torch.as_tensor(tokens_per_expert)
             offs_L = None
             if _use_grouped_mm(x_RD, self.fc1_weight):

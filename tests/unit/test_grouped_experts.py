@@ -54,6 +54,18 @@ def test_grouped_equals_sequential_on_random_routing(cfg):
                 assert (out - ref).abs().max().item() <= ATOL, counts
 
 
+def test_zero_rows_with_any_strides():
+    """An empty [0, D] tensor counts as contiguous whatever its strides (one received from an
+    all-to-all had strides torch._grouped_mm rejects: a 4-rank EP test caught it)."""
+    _, grp = _pair(DEBUG)
+    ex = grp.blocks[0].moe.experts
+    x = torch.randn(64, 0).t()  # [0, 64], strides (1, 64)
+    assert x.is_contiguous()
+    with torch.no_grad():
+        out, bias = ex(x, torch.zeros(DEBUG.num_experts, dtype=torch.long), torch.zeros(0))
+    assert out.shape == (0, 64) and bias is None
+
+
 def test_grouped_weights_equal_sequential_after_init():
     seq, grp = _pair(DEBUG, seed=11)
     for la, lb in zip(seq.moe_layers(), grp.moe_layers()):
