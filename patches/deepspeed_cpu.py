@@ -7,7 +7,7 @@ dice_ds uses DeepSpeed only for its expert / expert-data-parallel group construc
 (``deepspeed.utils.groups._create_expert_and_data_parallel``), which asserts that
 ``deepspeed.comm.init_distributed`` ran. On the CPU accelerator that call constructs a
 ``TorchBackend`` whose ``__init__`` JIT-compiles ``deepspeed_shm_comm`` (a C++ shared-memory
-all-reduce) with g++ and ninja: 31–37 s on first use (megatron-on-cpu.md §5). dice_ds never calls
+all-reduce) with g++ and ninja: 31–37 s on first use (docs/megatron-cpu.md §5). dice_ds never calls
 DeepSpeed's collectives (every collective goes through ``torch.distributed`` on the groups DeepSpeed
 created), so the op is never needed.
 

@@ -3,7 +3,7 @@
 #
 # Two network namespaces joined by a veth pair (10.200.0.1 <-> 10.200.0.2, addresses only on the
 # interfaces inside the namespaces this script creates), each end shaped with a token-bucket filter
-# (megatron-on-cpu.md §9). Rank 0 of a 2-rank `python -m dice_ds.sample` run lives in namespace A,
+# (docs/megatron-cpu.md §9). Rank 0 of a 2-rank `python -m dice_ds.sample` run lives in namespace A,
 # rank 1 in namespace B, so every all-to-all crosses the shaped link. For each link (loopback inside
 # namespace A, then each rate in RATES) scripts/bench_slow_link.py runs the SAME sampling job in every
 # mode, REPS rounds in interleaved order (sync displaced interweaved dice dice-bf16, sync ...), and

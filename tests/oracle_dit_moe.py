@@ -1,4 +1,4 @@
-"""Test oracle: a plain-PyTorch DiT-MoE written straight from dice-spec.md §1.1, independent of dice_ds.
+"""Test oracle: a plain-PyTorch DiT-MoE written straight from docs/spec.md §1.1, independent of dice_ds.
 
 Owns ``OracleDiTMoE`` (parameter names are the released DiT-MoE state-dict keys of spec §1.3, both
 attention layouts), ``ORACLE_SIZES`` (spec §1.2 numbers, restated here on purpose) and
