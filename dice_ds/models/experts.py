@@ -97,6 +97,8 @@ def grouped_linear(x_RD: torch.Tensor, w_LND: torch.Tensor, counts_L: torch.Tens
                    offs_L: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rows of group i times ``w_LND[i].T``: [R, D] x [L, N, D] -> [R, N] (rows sorted by group)."""
     if _use_grouped_mm(x_RD, w_LND):
+        if x_RD.stride() != (x_RD.shape[1], 1):  # "contiguous" with an odd stride on a size-1
+            x_RD = torch.empty(x_RD.shape, dtype=x_RD.dtype, device=x_RD.device).copy_(x_RD)
         if offs_L is None:
             offs_L = torch.cumsum(counts_L.to(x_RD.device), 0).to(torch.int32)
         y = torch._grouped_mm(x_RD, w_LND.transpose(1, 2), offs=offs_L)

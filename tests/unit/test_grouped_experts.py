@@ -64,6 +64,12 @@ def test_zero_rows_with_any_strides():
     with torch.no_grad():
         out, bias = ex(x, torch.zeros(DEBUG.num_experts, dtype=torch.long), torch.zeros(0))
     assert out.shape == (0, 64) and bias is None
+    one = torch.randn(1, 3 * 64 + 1)[:, :64]  # one row, "contiguous", row stride 193 (not 16-byte)
+    assert one.is_contiguous()
+    counts = torch.tensor([0, 1, 0, 0])
+    with torch.no_grad():
+        ref = ex(one.clone(), counts, torch.ones(1))[0]
+        assert torch.equal(ex(one, counts, torch.ones(1))[0], ref)
 
 
 def test_grouped_weights_equal_sequential_after_init():
