@@ -88,18 +88,31 @@ def fixtures(tmp_path_factory):
     return d
 
 
-def _argv(command: str) -> tuple[str, list[str]]:
+def _argv(command: str) -> tuple[str, list[str], dict[str, str]]:
+    """(entry point, argv, environment of leading VAR=value words, e.g. a launcher's WORLD_SIZE)."""
     words = shlex.split(command)
+    env = {}
+    while words and re.match(r"^[A-Z_]+=", words[0]):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
     if words[:1] == ["dice-ds"]:
-        return "cli", words[1:]
+        return "cli", words[1:], env
     if words[:3] == ["python", "-m", "dice_ds.ds_config"]:
-        return "ds_config", words[3:]
+        return "ds_config", words[3:], env
     raise AssertionError(f"table command must start with dice-ds or python -m dice_ds.ds_config: "
                          f"{command}")
 
 
 def test_the_table_has_at_least_25_rows():
     assert len(table_rows()) >= 25
+
+
+def test_help_shows_defaults_and_no_forms(capsys):
+    from dice_ds.options import build_parser
+
+    text = build_parser().format_help()
+    assert "[default: 32]" in text and "[default: 1.5]" in text and "[default: off]" in text
+    assert "--no-ep" in text and "--no-tf32" in text
 
 
 @pytest.mark.parametrize("command, expected", table_rows(), ids=[c for c, _ in table_rows()])
@@ -109,7 +122,9 @@ def test_bad_input_is_one_line_and_exit_code_2(command, expected, fixtures, monk
     monkeypatch.chdir(fixtures)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    which, argv = _argv(command)
+    which, argv, env = _argv(command)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     main = cli.main if which == "cli" else ds_config.main
     try:
         code = main(argv)
