@@ -142,7 +142,8 @@ def _human_bytes(n) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 _PEER_PATTERNS = re.compile(r"timed out|timeout|connection (closed|reset|refused)|closed by peer|"
-                            r"broken pipe|reset by peer|socket|peer|nccl|gloo", re.IGNORECASE)
+                            r"reset by peer|broken pipe|remote (worker|process)|ncclRemoteError|"
+                            r"communicator was aborted", re.IGNORECASE)
 
 
 def is_peer_failure(exc: BaseException) -> bool:

@@ -142,3 +142,14 @@ def test_cli_refuses_a_complete_directory_with_another_cfg_scale(tmp_path):
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert json.load(open(tmp_path / "out" / "run.json"))["cfg_scale"] == 2.0
     assert [p for p in os.listdir(tmp_path) if p.startswith("out.old-")]
+
+
+def test_peer_failures_are_told_from_other_errors():
+    from dice_ds.runenv import is_peer_failure
+
+    for text in ("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1",
+                 "[unbound_buffer.cc:129] Timed out waiting 10000ms for send operation to complete",
+                 "NCCL communicator was aborted on rank 1"):
+        assert is_peer_failure(RuntimeError(text)), text
+    assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_peer_failure(ValueError("Timed out"))  # not a collective's error type
