@@ -195,3 +195,19 @@ def test_readme_config_example_is_valid_and_every_config_checks():
     paths = sorted(os.path.join(ROOT, "configs", "ds", f)
                    for f in os.listdir(os.path.join(ROOT, "configs", "ds")))
     assert ds_config.main(["check", *paths]) == 0
+
+
+def test_deepspeed_launcher_bad_input_is_one_line_exit_2_no_traceback(fixtures):
+    """The deepspeed launcher relays the ranks' exit code 2 and adds only its own log lines."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    if not os.path.exists(launcher):
+        pytest.skip("deepspeed launcher not installed")
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--module", "dice_ds.sample", "--config",
+                           "dp.json", "--cfg-scale", "nan"], cwd=fixtures,
+                          env={**ENV, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                          timeout=180)
+    out = proc.stdout + proc.stderr
+    ours = [ln for ln in out.splitlines() if ln.startswith("dice-ds sample: error:")]
+    assert proc.returncode == 2, out[-3000:]
+    assert len(ours) == 1 and "--cfg-scale: must be a finite number" in ours[0], out[-3000:]
+    assert "Traceback" not in out
