@@ -1,8 +1,11 @@
 """Run options of ``dice-ds sample``: one dataclass, its argparse parser, JSON config merge, validation.
 
-Owns ``RunOptions`` (every flag; field name = argparse dest = JSON config key), ``parse_options``
-(defaults < ``--config FILE.json`` < flags given on the command line), ``validate_options`` (every
-check that needs no checkpoint and no process group) and the mapping to ``ParallelPlan``.
+Owns ``RunOptions`` (every flag; field name = argparse dest), ``parse_options`` (defaults <
+``--config FILE.json`` < flags given on the command line; the DeepSpeed-style file layout and its
+schema live in ``dice_ds.ds_config``, which maps JSON paths onto these field names; boolean flags
+have ``--no-<flag>`` forms), ``validate_options`` (every check that needs no checkpoint and no
+process group: types, finiteness, ranges, combinations, files, ``--sample-dir``) and the mapping to
+``ParallelPlan``. The bad inputs and their messages are listed in ``docs/bad-inputs.md``.
 
 Invariants: nothing here imports torch or starts a process group; every bad input raises
 ``ConfigError`` with one line naming the flag and the fix. Which flags were given explicitly (on the
