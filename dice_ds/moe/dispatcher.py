@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from dice_ds.moe.payload import CountsExchange, pack_rows, unpack_rows
 from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, ExchangeRecord, LayerState, RecordExtras
 
@@ -90,14 +91,49 @@ class _PendingDispatch:
     hidden_shape_before_permute: torch.Size
     routing_map_TE: torch.Tensor
     sorted_indices_R: torch.Tensor
-    send_PL: torch.Tensor
-    recv_PL: torch.Tensor
-    counts_handle: object
+    counts: CountsExchange
     extras: RecordExtras
 
 
-class StaleAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
-    """megatron's all-to-all dispatcher whose stale calls exchange across steps (base class)."""
+class PackedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """megatron's all-to-all dispatcher whose dispatch sends tokens and probs as ONE message.
+
+    Everything but the wire format of ``token_dispatch`` is megatron's (its count all-gather, host
+    sync and local phases), and the packing is bit-exact (``dice_ds.moe.payload``), so outputs are
+    bitwise those of megatron's two separate all-to-alls with one rendezvous less per call.
+    """
+
+    def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
+        if self.ep_size == 1:
+            return super().token_dispatch(permutated_local_input_tokens, permuted_probs)
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_ep_alltoall", self.tokens_per_expert)
+        send_l = [int(x) for x in self.input_splits]
+        recv_l = [int(x) for x in self.output_splits]
+        packed = pack_rows(permutated_local_input_tokens, permuted_probs)
+        recv = packed.new_empty((sum(recv_l), packed.shape[1]))
+        dist.all_to_all_single(recv, packed, recv_l, send_l, group=self.ep_group)
+        tokens_RD, probs_R = unpack_rows(recv)
+        return tokens_RD, probs_R.to(permuted_probs.dtype)
+
+
+class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
+    """The dispatcher whose stale calls exchange across steps (base class of DICE's two modes).
+
+    Exchange schedule of a stale call (docs/design.md "Exchange schedule"; the runtime calls the
+    phases in this order: route, ``preprocess``, shared expert, ``token_dispatch``, experts,
+    ``token_combine``):
+
+    1. ``preprocess`` posts the count exchange on its own group (``counts_group``), so it never
+       queues behind payload still on the wire;
+    2. ``token_dispatch`` takes the source exchange, posts this call's OWN dispatch at once if its
+       counts have landed (polled, never waited; the shared expert ran in between), then waits
+       the source and, if the counts landed meanwhile, posts the own dispatch before the experts;
+    3. ``token_combine`` posts the own dispatch if still pending (the only place that blocks on
+       the counts), THEN the combine of the rows just computed (on ``combine_group``), so a
+       dispatch, which the next ring layer needs within one layer, never queues behind a combine,
+       which is needed one step later.
+    """
 
     take_own_combine_first: bool = True
     """Take this layer's own combine before launching the source's (False only matters when the
@@ -105,7 +141,8 @@ class StaleAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, *,
                  layer: int, state: LayerState, source_state: LayerState, ledger: CommLedger,
-                 timer: PhaseTimer, on_store: Callable[[], None]):
+                 timer: PhaseTimer, on_store: Callable[[], None], counts_group=None,
+                 combine_group=None):
         super().__init__(num_local_experts, local_expert_indices, config=config,
                          pg_collection=pg_collection)
         self.layer = layer
@@ -114,14 +151,18 @@ class StaleAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.ledger = ledger
         self.timer = timer
         self.on_store = on_store
+        self.counts_group = counts_group if counts_group is not None else self.ep_group
+        self.combine_group = combine_group if combine_group is not None else self.ep_group
         self.stale = False
         self.step: Optional[int] = None
         self.extras = RecordExtras()
         self.experts_weighted = True
         self.installed: Optional[ExchangeRecord] = None
         self.returned: Optional[Exchange] = None
-        self._counts = None
+        self._counts: Optional[CountsExchange] = None
         self._pending: Optional[_PendingDispatch] = None
+        self.launched_early = 0
+        """own dispatches posted before the expert compute (for the bench's phase report)."""
 
     def begin_call(self, *, stale: bool, step: Optional[int], experts_weighted: bool = True,
                    extras: RecordExtras = RecordExtras()) -> None:
@@ -133,11 +174,18 @@ class StaleAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.installed = self.returned = None
 
     def abort_call(self) -> None:
-        """Forget a call that did not finish (an exception mid-forward): wait, then drop."""
+        """Finish a call that did not (an exception mid-forward, on every rank alike).
+
+        Whether the own dispatch went out before the failure depends on timing and may differ
+        between ranks, so a pending one is posted now: every rank then has posted the same
+        collectives, and ``LayerState.drain`` can wait on them all without a hang."""
         if self._counts is not None:
-            self._counts[2].wait()
+            self._counts.wait()
         if self._pending is not None:
-            self._pending.counts_handle.wait()
+            if self.state.dispatch is None:
+                self._launch_own_dispatch()
+            else:
+                self._pending.counts.wait()
         self._counts = self._pending = None
 
     # -- count exchange (inside megatron's dispatch_preprocess) ------------------------------
@@ -145,10 +193,8 @@ class StaleAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if not self.stale:
             return super().preprocess(routing_map)
         counts_E = routing_map.sum(dim=0).long()  # length E by construction (pitfall 16)
-        send_PL = counts_E.view(self.ep_size, self.num_local_experts).contiguous()
-        recv_PL = torch.empty_like(send_PL)
-        handle = dist.all_to_all_single(recv_PL, send_PL, group=self.ep_group, async_op=True)
-        self._counts = (send_PL, recv_PL, handle)
+        self._counts = CountsExchange(counts_E.view(self.ep_size, self.num_local_experts),
+                                      self.counts_group)
         self.num_out_tokens = routing_map.size(0) * self.config.moe_router_topk
         self.input_splits = self.output_splits = self.output_splits_tp = None
         return None
@@ -157,34 +203,42 @@ class StaleAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
         if not self.stale:
             return super().token_dispatch(permutated_local_input_tokens, permuted_probs)
-        send_PL, recv_PL, handle = self._counts
-        self._counts = None
+        counts, self._counts = self._counts, None
         self._pending = _PendingDispatch(
             tokens_RD=permutated_local_input_tokens, probs_R=permuted_probs,
             hidden_shape=self.hidden_shape,
             hidden_shape_before_permute=self.hidden_shape_before_permute,
             routing_map_TE=self.routing_map,
             sorted_indices_R=self.reversed_local_input_permutation_mapping,
-            send_PL=send_PL, recv_PL=recv_PL, counts_handle=handle, extras=self.extras)
-        source = self.source_state.take("dispatch")
+            counts=counts, extras=self.extras)
+        source = self.source_state.take("dispatch")  # moved out first: the slot may be reused
+        self._launch_own_dispatch_if_ready()
         with self.timer.phase("wait_dispatch"):
             source.wait()
+        self._launch_own_dispatch_if_ready()
         install_record(self, source.record)
         self.installed = source.record
         return source.tokens, source.probs
+
+    def _launch_own_dispatch_if_ready(self) -> None:
+        if self._pending is not None and self._pending.counts.ready():
+            self._launch_own_dispatch()
+            self.launched_early += 1
 
     # -- combine -------------------------------------------------------------------------------
     def token_combine(self, hidden_states, async_finish=True, allocate_on_comm_stream=True):
         if not self.stale:
             return super().token_combine(hidden_states)
+        if self._pending is not None:
+            self._launch_own_dispatch()
         # taking a slot only moves the exchange out of the held state; its wait comes last
         take_first = self.take_own_combine_first or self.source_state is not self.state
         own = self.state.take("combine") if take_first else None
         computed = self.installed
         self.source_state.put("combine", self._launch(
             "combine", hidden_states, None, send=computed.output_splits,
-            recv=computed.input_splits, record=computed, weighted=self.experts_weighted))
-        self.state.put("dispatch", self._launch_own_dispatch())
+            recv=computed.input_splits, record=computed, weighted=self.experts_weighted,
+            group=self.combine_group))
         self.on_store()
         if own is None:
             own = self.state.take("combine")
@@ -194,48 +248,50 @@ class StaleAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.installed, self.returned = own.record, own
         return own.tokens
 
-    def _launch_own_dispatch(self) -> Exchange:
+    def _launch_own_dispatch(self) -> None:
         p, self._pending = self._pending, None
         with self.timer.phase("wait_counts"):
-            p.counts_handle.wait()
-        recv_PL = p.recv_PL
+            p.counts.wait()
+        send_PL, recv_PL = p.counts.send_host_PL, p.counts.recv_PL
         record = ExchangeRecord(
             step=self.step, layer=self.layer, hidden_shape=p.hidden_shape,
             hidden_shape_before_permute=p.hidden_shape_before_permute,
             routing_map_TE=p.routing_map_TE, sorted_indices_R=p.sorted_indices_R,
-            input_splits=p.send_PL.sum(dim=1).cpu().numpy(),
-            output_splits=recv_PL.sum(dim=1).cpu().numpy(),
+            input_splits=send_PL.sum(dim=1).numpy(),
+            output_splits=recv_PL.sum(dim=1).numpy(),
             output_splits_tp=np.array([int(recv_PL.sum())]),
             tokens_per_expert_L=recv_PL.sum(dim=0),
             num_global_tokens_per_local_expert_PL=recv_PL if self.num_local_experts > 1 else None,
             num_out_tokens=int(p.sorted_indices_R.numel()), extras=p.extras)
-        return self._launch("dispatch", p.tokens_RD, p.probs_R, send=record.input_splits,
-                            recv=record.output_splits, record=record)
+        self.state.put("dispatch", self._launch(
+            "dispatch", p.tokens_RD, p.probs_R, send=record.input_splits,
+            recv=record.output_splits, record=record, group=self.ep_group))
 
     def _launch(self, kind: str, payload_RD, probs_R, *, send, recv, record: ExchangeRecord,
-                weighted: bool = True) -> Exchange:
-        """Post the async all-to-all(s) of one exchange; the buffers travel with ``record``."""
+                group, weighted: bool = True) -> Exchange:
+        """Post the async all-to-all of one exchange (tokens and probs packed into one message);
+        the buffers travel with ``record``."""
         send_l, recv_l = [int(x) for x in send], [int(x) for x in recv]
-        payload_RD = payload_RD.contiguous()
-        recv_RD = payload_RD.new_empty((sum(recv_l), *payload_RD.shape[1:]))
-        handles = [dist.all_to_all_single(recv_RD, payload_RD, recv_l, send_l,
-                                          group=self.ep_group, async_op=True)]
-        sends, recv_probs, prob_bytes = [payload_RD], None, 0
-        if probs_R is not None:
-            probs_R = probs_R.contiguous()
-            recv_probs = probs_R.new_empty((sum(recv_l), *probs_R.shape[1:]))
-            handles.append(dist.all_to_all_single(recv_probs, probs_R, recv_l, send_l,
-                                                  group=self.ep_group, async_op=True))
-            sends.append(probs_R)
-            prob_bytes = probs_R.numel() * probs_R.element_size()
         me = self.ep_group.rank()
         row_bytes = payload_RD[0].numel() * payload_RD.element_size() if len(payload_RD) else 0
+        token_bytes = payload_RD.numel() * payload_RD.element_size()
+        prob_bytes = 0 if probs_R is None else probs_R.numel() * 4
+        payload_RX = (payload_RD.contiguous() if probs_R is None
+                      else pack_rows(payload_RD, probs_R))
+        recv_RX = payload_RX.new_empty((sum(recv_l), *payload_RX.shape[1:]))
+        handle = dist.all_to_all_single(recv_RX, payload_RX, recv_l, send_l, group=group,
+                                        async_op=True)
         self.ledger.sent(step=self.step, layer=record.layer, kind=kind, rows=sum(send_l),
-                         token_bytes=payload_RD.numel() * payload_RD.element_size(),
-                         prob_bytes=prob_bytes, remote_rows=sum(send_l) - send_l[me],
-                         row_bytes=row_bytes)
-        return Exchange(record=record, tokens=recv_RD, probs=recv_probs, weighted=weighted,
-                        handles=handles, send=sends)
+                         token_bytes=token_bytes, prob_bytes=prob_bytes,
+                         remote_rows=sum(send_l) - send_l[me], row_bytes=row_bytes)
+        unpack = None if probs_R is None else (lambda buf, dt=probs_R.dtype: _unpacked(buf, dt))
+        return Exchange(record=record, tokens=recv_RX, probs=None, weighted=weighted,
+                        handles=[handle], send=[payload_RX], unpack=unpack)
+
+
+def _unpacked(buf_RX: torch.Tensor, probs_dtype: torch.dtype):
+    tokens_RD, probs_R = unpack_rows(buf_RX)
+    return tokens_RD, probs_R.to(probs_dtype)
 
 
 class DisplacedAlltoAllTokenDispatcher(StaleAlltoAllTokenDispatcher):

@@ -120,6 +120,9 @@ class Exchange:
     handles: list = field(default_factory=list)
     send: list = field(default_factory=list)
     """send buffers: gloo/NCCL read them until the handle completes."""
+    unpack: Optional[Any] = None
+    """set while ``tokens`` is a packed tokens+probs buffer (``dice_ds.moe.payload``): called by
+    ``wait()`` to split it into ``tokens`` and ``probs``."""
 
     @property
     def in_flight(self) -> bool:
@@ -130,6 +133,9 @@ class Exchange:
             h.wait()
         self.handles.clear()
         self.send.clear()
+        if self.unpack is not None:
+            self.tokens, self.probs = self.unpack(self.tokens)
+            self.unpack = None
         return self
 
     def nbytes(self) -> int:

@@ -43,7 +43,8 @@ import torch
 
 from dice_ds.models.dit_moe import DTYPES
 from dice_ds.moe import importance, policy
-from dice_ds.moe.dispatcher import DISPATCHERS, StaleAlltoAllTokenDispatcher, capture_record
+from dice_ds.moe.dispatcher import (DISPATCHERS, PackedAlltoAllTokenDispatcher,
+                                    StaleAlltoAllTokenDispatcher, capture_record)
 from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, LayerState, RecordExtras, SlotCache
 
@@ -103,14 +104,21 @@ class DiceRuntime:
     def install(self, make_pg_collection) -> "DiceRuntime":
         """Attach to every layer; give async layers a stale dispatcher (megatron's is kept)."""
         for l, layer in self.layers.items():
+            old = layer.token_dispatcher
             if l in self.async_layers:
-                old = layer.token_dispatcher
                 self._megatron_dispatchers[l] = old
                 layer.token_dispatcher = DISPATCHERS[self.plan.mode](
                     old.num_local_experts, old.local_expert_indices, layer.config,
                     make_pg_collection(), layer=l, state=self.states[l],
                     source_state=self.states[self.ring[l]], ledger=self.ledger, timer=self.timer,
-                    on_store=self._observe_cache)
+                    on_store=self._observe_cache,
+                    counts_group=getattr(self.groups, "ep_counts", None),
+                    combine_group=getattr(self.groups, "ep_combine", None))
+            elif self.ep_size > 1:  # sync-only layer: megatron's dispatcher, one message a dispatch
+                self._megatron_dispatchers[l] = old
+                layer.token_dispatcher = PackedAlltoAllTokenDispatcher(
+                    old.num_local_experts, old.local_expert_indices, config=layer.config,
+                    pg_collection=make_pg_collection())
             layer.runtime = self
         return self
 
@@ -282,12 +290,12 @@ class DiceRuntime:
         l, disp, act = layer.moe_index, layer.token_dispatcher, h_S1D.dtype
         source = self.layers[self.ring[l]]
         disp.begin_call(stale=True, step=self._step, experts_weighted=not self.current_weights)
-        with self.timer.phase("shared"):
-            shared = layer.shared_experts_compute(h_S1D)
         probs_TE, rmap_TE, routing = self._route(layer, h_S1D)
         with self.timer.phase("preprocess"):
             tokens_RD, probs_R = layer.preprocess(h_S1D, probs_TE, rmap_TE)  # posts the counts
         disp.extras = self._extras(layer, routing, rmap_TE)
+        with self.timer.phase("shared"):  # after the counts went out: they land meanwhile
+            shared = layer.shared_experts_compute(h_S1D)
         with self.timer.phase("dispatch"):
             recv_RD, recv_probs = disp.token_dispatch(self._to_payload(tokens_RD), probs_R)
         with self.timer.phase("experts"):

@@ -36,6 +36,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -147,6 +148,11 @@ class ModelGroups:
     """A group of this rank alone: tensor/context parallel dimensions are 1."""
     backend: str = field(default="torch")
     """Which library created ``ep`` / ``expt_dp``: 'deepspeed' or 'torch'."""
+    ep_counts: Optional[dist.ProcessGroup] = None
+    """Same members as ``ep`` (EP > 1): the count exchange of stale calls, on its own group so it
+    never waits behind payload on ``ep`` (docs/design.md "Exchange schedule")."""
+    ep_combine: Optional[dist.ProcessGroup] = None
+    """Same members as ``ep`` (EP > 1): the combine all-to-all of stale calls."""
 
     @property
     def ep_size(self) -> int:
@@ -250,7 +256,12 @@ def build_model_groups(ep_size: int = 1, group_backend: str | None = None) -> Mo
         ep, expt_dp = _torch_expert_groups(ep_size, single)
     if ep_size == 1:
         ep = single  # identical membership; megatron then short-circuits every EP collective
-    return ModelGroups(ep=ep, expt_dp=expt_dp, single=single, backend=backend)
+        side = (None, None)
+    else:  # same members as ep: stale count and combine exchanges never queue behind a dispatch
+        ep_lists = ep_rank_lists(world, ep_size)[0]
+        side = tuple(_new_group_containing_me(ep_lists) for _ in range(2))
+    return ModelGroups(ep=ep, expt_dp=expt_dp, single=single, backend=backend,
+                       ep_counts=side[0], ep_combine=side[1])
 
 
 def local_model_groups() -> ModelGroups:
