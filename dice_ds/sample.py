@@ -343,10 +343,12 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
     info.update({
         "images_per_second": samples_run / seconds if seconds > 0 else 0.0,
         "samples_run": samples_run,
-        # bytes that left a rank in the EP all-to-alls (all ranks), the largest stale-output cache
-        "bytes_exchanged": sum(s.get("a2a_bytes_sent_remote", s.get("a2a_bytes_sent", 0)) or 0
-                               for s in stats),
-        "cache_peak_bytes": max((s.get("ep_cache_peak_bytes") or 0) for s in stats),
+        # bytes that left a rank in the EP all-to-alls and SP all-gathers (all ranks), the
+        # largest stale cache (EP outputs + displaced-SP K/V buffers)
+        "bytes_exchanged": sum((s.get("a2a_bytes_sent_remote", s.get("a2a_bytes_sent", 0)) or 0)
+                               + (s.get("sp_bytes_exchanged") or 0) for s in stats),
+        "cache_peak_bytes": max((s.get("ep_cache_peak_bytes") or 0)
+                                + (s.get("sp_kv_buffer_bytes") or 0) for s in stats),
         "sample_dir": prep.sample_dir, "dice_ds_version": dice_ds.__version__,
         "git_commit": _git_commit(), "start_time": per_rank[0]["start_time"],
         "host": per_rank[0]["host"], "hosts": sorted({r["host"] for r in per_rank}),
