@@ -1,4 +1,4 @@
-"""The ``dice-ds`` console script: ``dice-ds sample ...`` and ``dice-ds eval ...``.
+"""The ``dice-ds`` console script: ``dice-ds sample|eval|bench ...``.
 
 Owns only the subcommand dispatch. ``sample`` is ``dice_ds.sample.main``; ``eval`` is
 ``dice_ds.eval.cli.main`` (imported lazily, so sampling never imports the evaluation stack).
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: dice-ds {sample,eval} [options]
+USAGE = """usage: dice-ds {sample,eval,bench} [options]
 
   sample   sample images from a DiT-MoE (data or expert parallel, DICE); see dice-ds sample --help
   eval     evaluate a sample directory or .npz; see dice-ds eval --help
+  bench    speed of every parallel mode on loopback and emulated links; see dice-ds bench --help
 """
 
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from dice_ds.sample import main as sample_main
 
         return sample_main(rest)
+    if command == "bench":
+        from dice_ds.bench.cli import main as bench_main
+
+        return bench_main(rest)
     if command == "eval":
         try:
             from dice_ds.eval.cli import main as eval_main

@@ -1,6 +1,6 @@
 """``dice-ds eval --sweep``: the quality table of the shipped digits model across parallel modes.
 
-Owns the mode list (``MODES``: name + ``dice-ds sample`` flags), launching one
+Owns the quality table's mode list (``MODES``, rows of ``dice_ds.modes``), launching one
 ``torchrun --standalone --nproc_per_node W -m dice_ds.sample`` per mode with the same seeds, evaluating
 each run with ``dice_ds.eval.metrics`` (digits-FID, class accuracy, PSNR/MSE against the sync-EP run
 of the same seeds), and writing the table as markdown and JSON together with the exact command.
@@ -27,42 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-INTERWEAVED = ("--ep", "--ep-async", "--ep-async-pipeline")
+from dice_ds.modes import MODES as ALL_MODES
+from dice_ds.modes import Mode
 
-
-@dataclass(frozen=True)
-class Mode:
-    """One row of the table: a name and the ``dice-ds sample`` flags that select it."""
-
-    name: str
-    flags: tuple[str, ...]
-    note: str = ""
-
-
-def _skip(strategy: str, async_mode: str = "all") -> tuple[str, ...]:
-    return INTERWEAVED + ("--ep-async-mode", async_mode, "--ep-async-noskip-step", "2",
-                          "--ep-async-skip-strategy", strategy)
-
-
-MODES: tuple[Mode, ...] = (
-    Mode("DP", (), "no expert parallelism; every rank holds all experts"),
-    Mode("sync EP", ("--ep",), "the reference of the PSNR column"),
-    Mode("displaced EP", ("--ep", "--ep-async", "--ep-async-mode", "all"), "2-step stale"),
-    Mode("interweaved", INTERWEAVED + ("--ep-async-mode", "all"), "1-step stale, all layers"),
-    Mode("interweaved + deep sync", INTERWEAVED + ("--ep-async-mode", "shallow"),
-         "async layers l < L/2, deep layers sync (DICE's selective sync)"),
-    Mode("interweaved + shallow sync", INTERWEAVED + ("--ep-async-mode", "deep"),
-         "async layers l >= L/2"),
-    Mode("interweaved + staggered sync", INTERWEAVED + ("--ep-async-mode", "interleaved"),
-         "async even layers"),
-    Mode("interweaved + cond. comm low", _skip("low"), "P = 2, skip the lower-score slot"),
-    Mode("interweaved + cond. comm high", _skip("high"), "P = 2, skip the higher-score slot"),
-    Mode("interweaved + cond. comm rand", _skip("rand"), "P = 2, skip a random slot"),
-    Mode("DICE", _skip("low", "shallow"), "interweaved + deep sync + low skip (P = 2)"),
-    Mode("sync SP", ("--sp",), "patch parallelism, K/V all-gathered every layer (exact)"),
-    Mode("displaced SP", ("--sp", "--sp-async"),
-         "DistriFusion-style: remote K/V 1 step stale, own K/V fresh"),
-)
+MODES: tuple[Mode, ...] = tuple(m for m in ALL_MODES if m.key != "dice-bf16")
+"""The quality table's rows: every mode of ``dice_ds.modes`` (the payload-dtype variant aside)."""
 
 
 @dataclass

@@ -1,0 +1,183 @@
+"""``dice-ds bench``: every parallel mode, the same 2-rank job, on loopback and emulated slow links.
+
+Owns the subcommand: flags, the interleaved run order, the console progress and the output files.
+For each link (``--links loopback,300mbit,100mbit``): the namespaces are shaped to the rate, every
+mode runs ``--rounds`` times round-robin (dp sync displaced ... dp sync ...; slow drift of the
+machine's load spreads over all modes), and after the first round the communication-only probe
+replays the sync run's exchange sizes. Results go to ``--out``: bench.json (every run), bench.md
+(the table), bench.png (speed-up vs PSNR per link) and one directory per run with the ranks' logs.
+
+Nothing is timed by this process: numbers are what the runs (run.json) and the probe report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dice_ds.bench import launch, links, report
+from dice_ds.modes import by_key
+
+DEFAULT_MODES = "dp,sync,displaced,interweaved,dice,dice-bf16,sp,sp-async"
+
+
+def job_args(a) -> list[str]:
+    """The sampling job every mode runs (only the mode flags differ)."""
+    job = ["--model", a.model, "--image-size", str(a.image_size), "--device", "cpu",
+           "--vae", "none", "--sampler", "rf", "--num-sampling-steps", str(a.steps),
+           "--per-proc-batch-size", str(a.batch), "--num-fid-samples", str(2 * a.batch),
+           "--cfg-scale", "1.5", "--global-seed", "0"]
+    job += ["--ckpt", a.ckpt] if a.ckpt else ["--init", "random"]
+    return job + list(a.extra)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dice-ds bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Speed of every parallel mode at 2 ranks on loopback and emulated links "
+                    "(network namespaces + tbf; root), with the overlap bound and PSNR vs sync EP.")
+    p.add_argument("--links", default="loopback,300mbit,100mbit",
+                   help="comma-separated: 'loopback' and/or tc rates (e.g. 300mbit)")
+    p.add_argument("--modes", default=DEFAULT_MODES,
+                   help="comma-separated mode keys of dice_ds/modes.py (dp is the compute time)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per link (>= 1)")
+    p.add_argument("--burst", default="small",
+                   help="tbf burst: 'small' = max(8kb, 0.4 ms of line rate), or a tc size "
+                        "such as 256kb (the older, bursty setting)")
+    p.add_argument("--model", default="DiT-S/2")
+    p.add_argument("--ckpt", default=None, help="checkpoint (default: random weights)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=2, help="images per rank (CFG doubles it)")
+    p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per run")
+    p.add_argument("--out", default=None, help="output directory (default: a new temp dir)")
+    p.add_argument("extra", nargs=argparse.REMAINDER,
+                   help="after '--': extra dice-ds sample flags for every run")
+    return p
+
+
+def _check(a, p) -> list[str]:
+    if a.rounds < 1:
+        p.error("--rounds must be >= 1")
+    for name in ("steps", "batch", "image_size"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    for m in modes:
+        try:
+            by_key(m)
+        except KeyError as e:
+            p.error(str(e.args[0]))
+    if "sync" not in modes:
+        p.error("--modes must include 'sync' (the speed-up reference)")
+    link_list = [x.strip() for x in a.links.split(",") if x.strip()]
+    for link in link_list:
+        if link != "loopback":
+            try:
+                links.rate_bits(link)
+            except ValueError as e:
+                p.error(str(e))
+    if a.extra and a.extra[0] == "--":
+        a.extra = a.extra[1:]
+    return modes, link_list
+
+
+def _first_error(log_dir: str) -> str:
+    for rank in (0, 1):
+        try:
+            lines = Path(log_dir, f"rank{rank}.log").read_text().strip().splitlines()
+        except OSError:
+            continue
+        if lines:
+            return lines[-1][:200]
+    return "no log"
+
+
+def _git_commit() -> str:
+    r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short",
+                        "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    a = p.parse_args(argv)
+    modes, link_list = _check(a, p)
+    shaped = [x for x in link_list if x != "loopback"]
+    why = links.available()
+    if why and shaped:
+        print(f"dice-ds bench: shaped links {shaped} skipped: {why}", file=sys.stderr)
+        link_list = [x for x in link_list if x == "loopback"]
+        if not link_list:
+            return 0
+    out = Path(a.out or tempfile.mkdtemp(prefix="dice_bench."))
+    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(128 + s)))
+    job = job_args(a)
+    runs, probes, loads, shaping = [], {}, [], {}
+    unavailable: dict[str, str] = {}
+    port = 29700 + os.getpid() % 1000
+    t_start = time.monotonic()
+    with links.Links(use_netns=why is None) as net:
+        for link in link_list:
+            net.shape(link, a.burst)
+            if link != "loopback":
+                shaping[link] = f"tbf rate {link} burst {net.burst_used[link]} latency 100ms"
+            for rnd in range(a.rounds):
+                for m in modes:
+                    if m in unavailable:
+                        continue
+                    port += 1
+                    loads.append(os.getloadavg()[0])
+                    rec = launch.sample_run(net, link, port, job + list(by_key(m).flags),
+                                            out / link / m / f"r{rnd}", a.run_timeout)
+                    rec.update(link=link, mode=m, round=rnd)
+                    runs.append(rec)
+                    if rec["ok"]:
+                        note = f"{rec['sampling_seconds']:7.2f} s"
+                    else:
+                        note = f"FAILED ({rec['why']}: {_first_error(rec['logs'])})"
+                        if rnd == 0:
+                            unavailable[m] = note
+                    print(f"[bench {time.monotonic() - t_start:6.0f} s] {link:9} round {rnd + 1}/"
+                          f"{a.rounds} {m:12} {note}  (load {loads[-1]:.1f})", file=sys.stderr,
+                          flush=True)
+                if rnd == 0:
+                    sync = next((r for r in runs if r["link"] == link and r["mode"] == "sync"
+                                 and r["ok"]), None)
+                    if sync and max(sync["bytes_remote"]) > 0:
+                        calls = max(1, max(sync["exchanges"]))
+                        port += 1
+                        probes[link] = launch.probe_run(
+                            net, link, port, int(max(sync["bytes_remote"]) / calls), calls,
+                            out / link / "probe", a.run_timeout)
+                        pr = probes[link]
+                        print(f"[bench] {link:9} probe: " + (
+                            f"{pr['seconds']:.2f} s for {calls} exchanges "
+                            f"({pr['throughput_bits'] / 1e6:.0f} Mbit/s)" if pr["ok"]
+                            else f"FAILED ({pr['why']})"), file=sys.stderr, flush=True)
+    rows = report.summarise(runs, probes)
+    cmd = "dice-ds bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": _git_commit(), "cpus": os.cpu_count(), "job": " ".join(job),
+            "load_min": min(loads or [0]), "load_max": max(loads or [0]), "shaping": shaping,
+            "probes": probes, "unavailable": unavailable, "rounds": a.rounds,
+            "wall_seconds": time.monotonic() - t_start}
+    res = report.write(out, rows, runs, meta)
+    print(res["markdown"])
+    for m, note in unavailable.items():
+        print(f"mode {m} not available: {note}", file=sys.stderr)
+    if res["plot_why"]:
+        print(f"dice-ds bench: {res['plot_why']}", file=sys.stderr)
+    print(f"dice-ds bench: results in {out} (bench.json, bench.md"
+          + (", bench.png)" if res["plot"] else ")"), file=sys.stderr)
+    return 0 if any(r["ok"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Run one 2-rank job of ``dice-ds bench`` on a link: a sampling run or the communication probe.
+
+Owns starting both ranks (each the leader of its own session, so a timeout, a failed rank, Ctrl-C or
+SIGTERM kills both whole process groups), the per-run timeout, and reading back what the job wrote.
+Nothing is timed here: sampling runs report their own ``sampling_seconds`` (run.json), the probe its
+own seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dice_ds.bench.links import Links
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        p.wait()
+
+
+def run_pair(links: Links, link: str, port: int, module_argv: list[str], run_dir: Path,
+             timeout_s: float) -> tuple[bool, str]:
+    """Both ranks of ``python -m <module_argv>``; (ok, why) with logs in ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        for rank in (0, 1):
+            prefix, env = links.rank_env(link, rank, port)
+            with open(run_dir / f"rank{rank}.log", "w") as log:
+                procs.append(subprocess.Popen([*prefix, sys.executable, "-m", *module_argv],
+                                              env=env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                return False, f"timeout after {timeout_s:.0f} s"
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.1)
+    finally:
+        _kill(procs)
+    codes = [p.returncode for p in procs]
+    return (codes == [0, 0]), f"exit codes {codes}"
+
+
+def sample_run(links: Links, link: str, port: int, argv: list[str], run_dir: Path,
+               timeout_s: float) -> dict:
+    """One sampling run; returns the bench's record of it (``ok`` False with ``why`` on failure)."""
+    sample_dir = run_dir / "samples"
+    ok, why = run_pair(links, link, port, ["dice_ds.sample", *argv, "--sample-dir",
+                                           str(sample_dir)], run_dir, timeout_s)
+    info_path = sample_dir / "run.json"
+    if not ok or not info_path.exists():
+        return {"ok": False, "why": why, "logs": str(run_dir)}
+    info = json.loads(info_path.read_text())
+    ranks = [r.get("runtime") or {} for r in info.get("per_rank", [])]
+    return {
+        "ok": True, "sampling_seconds": info["sampling_seconds"],
+        "phase_seconds": [r.get("phase_seconds", {}) for r in ranks],
+        "bytes_remote": [r.get("a2a_bytes_sent_remote", 0) for r in ranks],
+        "bytes_sent": [r.get("a2a_bytes_sent", 0) for r in ranks],
+        "exchanges": [sum(len(k) for layers in (r.get("a2a_rows_by_step") or {}).values()
+                          for k in layers.values()) for r in ranks],
+        "cache_peak_bytes": [r.get("ep_cache_peak_bytes", 0) for r in ranks],
+        "sp_stats": [{k: v for k, v in r.items() if k.startswith("sp_")} for r in ranks],
+        "latents": str(sample_dir / "latents.npz"),
+    }
+
+
+def probe_run(links: Links, link: str, port: int, bytes_per_call: int, calls: int,
+              run_dir: Path, timeout_s: float) -> dict:
+    """The communication-only probe (``dice_ds.bench.probe``) with the given exchange sizes."""
+    out = run_dir / "probe.json"
+    ok, why = run_pair(links, link, port, ["dice_ds.bench.probe", "--bytes-per-call",
+                                           str(bytes_per_call), "--calls", str(calls), "--out",
+                                           str(out)], run_dir, timeout_s)
+    if not ok or not out.exists():
+        return {"ok": False, "why": why, "logs": str(run_dir)}
+    return {"ok": True, **json.loads(out.read_text())}

@@ -1,0 +1,177 @@
+"""Results of ``dice-ds bench``: medians, speed-up, the overlap bound, quality, tables and the plot.
+
+Owns turning the list of run records into one summary per (link, mode) and rendering it.
+Definitions (docs/benchmarks.md "Method"):
+
+- time: median ``sampling_seconds`` (slower rank) over the rounds; speed-up = median sync EP time /
+  median mode time;
+- T_compute: the median time of the DP run (same job, no exchange); T_comm(mode): the probe's
+  seconds for the sync run's exchanges on this link, scaled by the mode's remote bytes over sync's
+  (the slower rank); bound = T_sync / max(T_compute, T_comm(mode)), the speed-up perfect overlap
+  would give; % of bound = speed-up / bound;
+- phases: rank 0's exclusive seconds per phase summed over the run, median over rounds;
+- bytes: remote all-to-all bytes per rank and their sum; cache: peak stale-exchange bytes (max rank);
+- PSNR: of the mode's latents against the sync EP latents of the same round and seeds, with the
+  sync latents' peak-to-peak range as the signal (inf when identical).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+PHASES = ("router", "preprocess", "shared", "dispatch", "experts", "combine", "postprocess",
+          "wait_counts", "wait_dispatch", "wait_combine", "drain")
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def psnr(ref_path: str, path: str) -> float | None:
+    try:
+        ref = np.load(ref_path)["arr_0"].astype(np.float64)
+        out = np.load(path)["arr_0"].astype(np.float64)
+    except (OSError, KeyError, ValueError):
+        return None
+    if ref.shape != out.shape:
+        return None
+    mse = float(np.mean((ref - out) ** 2))
+    peak = float(ref.max() - ref.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def summarise(runs: list[dict], probes: dict) -> list[dict]:
+    """One row per (link, mode) in the order they were run."""
+    rows = []
+    links = list(dict.fromkeys(r["link"] for r in runs))
+    for link in links:
+        mine = [r for r in runs if r["link"] == link]
+        modes = list(dict.fromkeys(r["mode"] for r in mine))
+        med = {m: _median([r["sampling_seconds"] for r in mine if r["mode"] == m and r["ok"]])
+               for m in modes}
+        sync_runs = [r for r in mine if r["mode"] == "sync" and r["ok"]]
+        sync_bytes = max(sync_runs[0]["bytes_remote"]) if sync_runs else None
+        probe = probes.get(link) or {}
+        t_probe = probe.get("seconds") if probe.get("ok") else None
+        t_sync, t_dp = med.get("sync"), med.get("dp")
+        for m in modes:
+            ok = [r for r in mine if r["mode"] == m and r["ok"]]
+            row = {"link": link, "mode": m, "runs": len(ok),
+                   "failed": sum(not r["ok"] for r in mine if r["mode"] == m)}
+            if not ok:
+                rows.append(row)
+                continue
+            secs = [r["sampling_seconds"] for r in ok]
+            bytes_remote = [max(r["bytes_remote"] or [0]) for r in ok][0]
+            t_comm = (t_probe * bytes_remote / sync_bytes
+                      if t_probe and sync_bytes and m != "dp" else (0.0 if m == "dp" else None))
+            speed = t_sync / med[m] if t_sync else None
+            bound = (t_sync / max(t_dp, t_comm) if t_sync and t_dp and t_comm is not None
+                     and m not in ("dp", "sync") else None)
+            ref = next((r for r in sync_runs if r["round"] == ok[0]["round"]), None)
+            row.update({
+                "seconds": med[m], "min": min(secs), "max": max(secs),
+                "speedup": speed, "t_compute": t_dp, "t_comm": t_comm, "bound": bound,
+                "pct_of_bound": speed / bound if speed and bound else None,
+                "phases": {p: _median([r["phase_seconds"][0].get(p, 0.0) if r["phase_seconds"]
+                                       else 0.0 for r in ok]) for p in PHASES},
+                "bytes_remote_per_rank": ok[0]["bytes_remote"],
+                "bytes_remote_total": sum(ok[0]["bytes_remote"]),
+                "cache_peak_bytes": max(ok[0]["cache_peak_bytes"] or [0]),
+                "sp_stats": ok[0].get("sp_stats"),
+                "psnr_vs_sync": psnr(ref["latents"], ok[0]["latents"]) if ref and m != "sync"
+                else None,
+                "seconds_all": secs,
+            })
+            rows.append(row)
+    return rows
+
+
+def _f(x, fmt="{:.2f}", none="-"):
+    if x is None:
+        return none
+    if isinstance(x, float) and math.isinf(x):
+        return "exact"
+    return fmt.format(x)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    out = [f"`{meta['command']}`", "",
+           f"{meta['date']}, commit {meta['commit']}, {meta['cpus']} CPU cores, load average "
+           f"{meta['load_min']:.1f}-{meta['load_max']:.1f} during the runs; job: {meta['job']}", ""]
+    for link in dict.fromkeys(r["link"] for r in rows):
+        shaping = meta["shaping"].get(link, "")
+        probe = meta["probes"].get(link) or {}
+        thr = (f"; probe {probe['throughput_bits'] / 1e6:.0f} Mbit/s per direction"
+               if probe.get("ok") else "")
+        out += [f"### {link}{(' (' + shaping + ')') if shaping else ''}{thr}", "",
+                "| mode | runs | s (median) | min-max | speed-up | bound | % of bound | "
+                "T_comm s | remote MB/rank | cache KB | PSNR dB | router | counts | dispatch | "
+                "experts | combine | wait disp. | wait comb. | wait counts |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                "---:|---:|---:|---:|"]
+        for r in rows:
+            if r["link"] != link:
+                continue
+            if not r["runs"]:
+                out.append(f"| {r['mode']} | 0 | failed | | | | | | | | | | | | | | | | |")
+                continue
+            ph = r["phases"]
+            out.append(
+                f"| {r['mode']} | {r['runs']} | {r['seconds']:.2f} | {r['min']:.2f}-{r['max']:.2f} "
+                f"| {_f(r['speedup'], '{:.2f}x')} | {_f(r['bound'], '{:.2f}x')} "
+                f"| {_f(r['pct_of_bound'] and 100 * r['pct_of_bound'], '{:.0f} %')} "
+                f"| {_f(r['t_comm'])} | {r['bytes_remote_per_rank'][0] / 1e6:.1f} "
+                f"| {r['cache_peak_bytes'] / 1e3:.0f} | {_f(r['psnr_vs_sync'], '{:.1f}')} | "
+                + " | ".join(f"{ph[p]:.2f}" for p in ("router", "preprocess", "dispatch",
+                                                       "experts", "combine", "wait_dispatch",
+                                                       "wait_combine", "wait_counts")) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> str | None:
+    """Speed-up vs PSNR per link (the paper's trade-off figure); returns why not, if not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'dice_ds[bench]'): no plot"
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    fig, axes = plt.subplots(1, len(links), figsize=(4.2 * len(links), 3.6), squeeze=False)
+    for ax, link in zip(axes[0], links):
+        pts = [r for r in rows if r["link"] == link and r.get("speedup")]
+        finite = [r["psnr_vs_sync"] for r in pts if r.get("psnr_vs_sync") not in (None, math.inf)]
+        top = (max(finite) + 5) if finite else 60
+        for r in pts:
+            q = r.get("psnr_vs_sync")
+            q = top if q is None or math.isinf(q) else q
+            ax.scatter(r["speedup"], q)
+            ax.annotate(r["mode"], (r["speedup"], q), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.axvline(1.0, color="grey", lw=0.5)
+        ax.set_title(link)
+        ax.set_xlabel("speed-up over sync EP")
+        ax.set_ylabel(f"PSNR vs sync (dB; exact plotted at {top:.0f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write(out_dir: Path, rows: list[dict], runs: list[dict], meta: dict) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs},
+                                                   indent=1, default=str))
+    md = markdown(rows, meta)
+    (out_dir / "bench.md").write_text(md + "\n")
+    why = plot(rows, out_dir / "bench.png")
+    return {"markdown": md, "plot": None if why else str(out_dir / "bench.png"), "plot_why": why}
