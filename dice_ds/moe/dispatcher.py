@@ -300,24 +300,14 @@ class DisplacedAlltoAllTokenDispatcher(StaleAlltoAllTokenDispatcher):
 
     take_own_combine_first = True
 
-    @staticmethod
-    def keeps_after_sync(is_ring_tail: bool) -> tuple[bool, bool]:
-        """(dispatch, combine): which fresh exchanges a sync call must leave for the next step."""
-        return True, True
-
 
 class InterweavedAlltoAllTokenDispatcher(StaleAlltoAllTokenDispatcher):
     """Interweaved EP: compute the ring predecessor's tokens of this step; own outputs come back
     one step later (1 step stale at every async layer)."""
 
     take_own_combine_first = False
-
-    @staticmethod
-    def keeps_after_sync(is_ring_tail: bool) -> tuple[bool, bool]:
-        # The ring tail's dispatch crosses the step boundary (the ring head consumes it). Every
-        # other layer reads its combine slot before its ring successor writes it, so it needs the
-        # sync step's rows; the tail's slot is written by the head (which runs first) instead.
-        return is_ring_tail, not is_ring_tail
+    """What a sync call leaves for these dispatchers' next stale call (the ring tail's dispatch,
+    the other layers' combines) is the schedule's ``keeps_after_sync`` (dice_ds/schedule.py)."""
 
 
 DISPATCHERS = {"displaced": DisplacedAlltoAllTokenDispatcher,

@@ -162,7 +162,7 @@ def describe_schedule(plan: "ParallelPlan", num_steps: int, depth: int) -> dict:
 def exchanges_kept_after_sync(mode: str, layer: int,
                               async_layer_indices: tuple[int, ...]) -> tuple[bool, bool]:
     """(dispatch, combine): which fresh exchanges a SYNC call of ``layer`` leaves for the next
-    async step (the same table as the stale dispatchers' ``keeps_after_sync``).
+    async step (what the stale dispatchers of dice_ds/moe/dispatcher.py consume).
 
     Sync layers and sync modes keep nothing. Displaced keeps both (its next async call computes the
     held dispatch and returns the held combine). Interweaved: the ring tail keeps its dispatch (the

@@ -42,11 +42,12 @@ from typing import Optional
 import torch
 
 from dice_ds.models.dit_moe import DTYPES
-from dice_ds.moe import importance, policy
+from dice_ds.moe import importance
 from dice_ds.moe.dispatcher import (DISPATCHERS, PackedAlltoAllTokenDispatcher,
                                     StaleAlltoAllTokenDispatcher, capture_record)
 from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, LayerState, RecordExtras, SlotCache
+from dice_ds.schedule import Schedule
 
 """Tokens and expert outputs are cast to the payload dtype for the all-to-all and back after it;
 router probs always travel in fp32 (a [R] vector: 1/D of the token bytes, and the expert weights
@@ -74,11 +75,11 @@ class DiceRuntime:
         self.stale_enabled = plan.async_enabled
         self.skip_enabled = plan.skip_period > 1 and self.ep_size > 1
         self.current_weights = plan.stale_output_weights == "current"
-        self.async_layers = (policy.async_layer_indices(plan.async_layers, self.depth)
-                             if self.stale_enabled else ())
-        interweaved = plan.mode == "interweaved"
-        self.ring = {l: policy.ring_predecessor(l, self.async_layers) if interweaved else l
-                     for l in self.async_layers}
+        # the layer structure (async layers, ring) does not depend on the step count; the full
+        # schedule is rebuilt by begin_step for each S
+        self.schedule = Schedule.build(plan, 1, self.depth)
+        self.async_layers = self.schedule.async_layers
+        self.ring = {l: self.schedule.ring_source(l) for l in self.async_layers}
         self.states = {l: LayerState(l) for l in self.layers}
         self.timer = PhaseTimer(device)
         self.ledger = CommLedger()
@@ -96,7 +97,6 @@ class DiceRuntime:
         self._rand.manual_seed(self.plan.skip_seed)
         self._step: Optional[int] = None
         self._num_steps: Optional[int] = None
-        self._sync_steps: frozenset = frozenset()
         self._step_sync = True
         self._called: set = set()
         self._skip_log: dict = defaultdict(list)
@@ -150,11 +150,9 @@ class DiceRuntime:
             raise ValueError(f"begin_step({step}, {num_steps}): need 1 <= step <= num_steps")
         if num_steps != self._num_steps:
             self._num_steps = num_steps
-            p = self.plan
-            self._sync_steps = (policy.sync_steps(num_steps, p.warmup, p.cooldown, p.strided)
-                                if self.stale_enabled else frozenset(range(1, num_steps + 1)))
+            self.schedule = Schedule.build(self.plan, num_steps, self.depth)
         self._step = step
-        self._step_sync = step in self._sync_steps
+        self._step_sync = self.schedule.ep_sync_step(step)
         self._called.clear()
         if self._step_sync:
             with self.timer.phase("drain"):
@@ -180,7 +178,8 @@ class DiceRuntime:
 
     # -- per-call orchestration ----------------------------------------------------------------
     def layer_is_stale(self, layer: int) -> bool:
-        return self.stale_enabled and not self._step_sync and layer in self.async_layers
+        # without async layers nothing is ever stale (and DP may run without begin_step)
+        return bool(self.async_layers) and self.schedule.ep_stale(self._step, layer)
 
     def moe_forward(self, layer, h_S1D: torch.Tensor) -> torch.Tensor:
         l = layer.moe_index
@@ -208,8 +207,10 @@ class DiceRuntime:
             slot_ids_T2 = torch.stack([hi_T, lo_T], dim=1)
             slot_probs_T2 = probs_TE.gather(1, slot_ids_T2).float()
             state, skipped_slot_T = self.states[layer.moe_index], None
-            if (self.skip_enabled and policy.is_skip_step(self._step, self.plan.skip_period)
-                    and state.full_launched):
+            if self.skip_enabled and self.schedule.skips(self._step, layer.moe_index):
+                if not state.full_launched:  # the schedule never skips before a full exchange
+                    raise RuntimeError(f"layer {layer.moe_index} step {self._step}: skip scheduled "
+                                       "before any full exchange of the batch (begin_step order?)")
                 skipped_TE = importance.skip_map(probs_TE, rmap_TE, self.plan.skip_strategy,
                                                  self._rand)
                 # slot 0 (higher score) skipped where the skip mask hits the hi expert
@@ -247,9 +248,7 @@ class DiceRuntime:
 
     def _refills(self, l: int) -> tuple[bool, bool]:
         """(dispatch, combine) exchanges a sync call of layer l leaves for the next async step."""
-        if l not in self.async_layers:
-            return False, False
-        return DISPATCHERS[self.plan.mode].keeps_after_sync(l == self.async_layers[-1])
+        return self.schedule.keeps_after_sync(l)
 
     def _sync_forward(self, layer, h_S1D: torch.Tensor) -> torch.Tensor:
         """megatron's phases, plus records for the exchanges the next async step reads."""
@@ -348,7 +347,8 @@ class DiceRuntime:
         return {
             "ep_size": self.ep_size,
             "mode": self.plan.mode,
-            "sync_steps": sorted(self._sync_steps),
+            "sync_steps": sorted(self.schedule.ep_sync_steps),
+            "schedule": self.schedule.to_json(),
             "async_layers": list(self.async_layers),
             "ring": {str(l): p for l, p in self.ring.items()} if self.plan.mode == "interweaved"
             else {},

@@ -1,5 +1,5 @@
 """dice_ds.schedule.Schedule against the policy tables (tests/unit/test_policy.py) and the
-dispatchers' own keeps_after_sync."""
+table of exchanges kept after a sync step."""
 import json
 
 import pytest
@@ -48,17 +48,21 @@ def test_schedule_equals_the_policy_functions(plan):
     assert d["skip_steps"] == legacy["skip_steps"]
 
 
-def test_keeps_after_sync_matches_the_dispatchers():
-    from dice_ds.moe.dispatcher import DISPATCHERS
-
+def test_keeps_after_sync_table():
+    """Displaced keeps both exchanges of every async layer; interweaved the ring tail's dispatch
+    and every other async layer's combine; sync layers nothing (what the dispatchers consume)."""
     for mode in ("displaced", "interweaved"):
         plan = ParallelPlan(ep_size=2, mode=mode, async_layers="interleaved")
         sched = Schedule.build(plan, 6, 8)
         ring = sched.async_layers
         assert ring == (0, 2, 4, 6)
         for l in range(8):
-            expect = DISPATCHERS[mode].keeps_after_sync(l == ring[-1]) if l in ring else (False,
-                                                                                         False)
+            if l not in ring:
+                expect = (False, False)
+            elif mode == "displaced":
+                expect = (True, True)
+            else:
+                expect = (l == ring[-1], l != ring[-1])
             assert sched.keeps_after_sync(l) == expect, (mode, l)
     assert Schedule.build(ParallelPlan(ep_size=2), 6, 8).keeps == ((False, False),) * 8
 
