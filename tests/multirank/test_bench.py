@@ -5,7 +5,6 @@ network namespaces that the bench creates and removes. Checks the outputs' struc
 namespaces are gone afterwards, and the report's arithmetic on hand-made records.
 """
 import json
-import math
 import os
 import subprocess
 import sys
