@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", default="small",
                    help="tbf burst: 'small' = max(8kb, 0.4 ms of line rate), or a tc size "
                         "such as 256kb (the older, bursty setting)")
+    p.add_argument("--sysctl", action="append", default=None, metavar="KEY=VALUE",
+                   help="sysctl set inside both namespaces (repeatable; default: "
+                        f"{' '.join(links.DEFAULT_SYSCTLS)}; --sysctl '' keeps the kernel's)")
     p.add_argument("--model", default="DiT-S/2")
     p.add_argument("--ckpt", default=None, help="checkpoint (default: random weights)")
     p.add_argument("--image-size", type=int, default=128)
@@ -123,11 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     unavailable: dict[str, str] = {}
     port = 29700 + os.getpid() % 1000
     t_start = time.monotonic()
-    with links.Links(use_netns=why is None) as net:
+    sysctls = (links.DEFAULT_SYSCTLS if a.sysctl is None
+               else tuple(kv for kv in a.sysctl if kv.strip()))
+    with links.Links(use_netns=why is None, sysctls=sysctls) as net:
         for link in link_list:
             net.shape(link, a.burst)
             if link != "loopback":
-                shaping[link] = f"tbf rate {link} burst {net.burst_used[link]} latency 100ms"
+                shaping[link] = (f"tbf rate {link} burst {net.burst_used[link]} latency 100ms"
+                                 + (f"; {', '.join(sysctls)}" if sysctls else ""))
             for rnd in range(a.rounds):
                 for m in modes:
                     if m in unavailable:

@@ -11,6 +11,13 @@ default burst is small ("small": max(8 KB, 0.4 ms at line rate) in 8 KB steps, 1
 refill a large bucket and then leave far above line rate. ``burst="256kb"`` (or any tc size) keeps
 the older setting for comparison.
 
+Queue depth: Linux lets one TCP connection park up to ``tcp_limit_output_bytes`` (4 MB here) in the
+qdisc, so behind a bulk transfer a small message on ANOTHER connection (the count exchange, a
+dispatch behind a combine) waits for up to a whole tbf queue (100 ms of line rate): bufferbloat that
+a cluster fabric, which interleaves connections at packet granularity, does not have. Inside both
+namespaces the bench sets it to 64 KB by default (``sysctls``; ``--sysctl`` overrides, an empty
+``--sysctl`` list keeps the kernel's values).
+
 Needs root (CAP_NET_ADMIN), ``ip`` and ``tc``; ``available()`` says why not otherwise. The loopback
 link needs none of it: without root its ranks run on the host's loopback.
 """
@@ -23,6 +30,7 @@ import shutil
 import subprocess
 
 ADDR = {"A": "10.200.0.1", "B": "10.200.0.2"}
+DEFAULT_SYSCTLS = ("net.ipv4.tcp_limit_output_bytes=65536",)
 _UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
 
 
@@ -57,8 +65,9 @@ def _ip(*args: str) -> None:
 class Links:
     """The namespace pair; ``shape(link)`` sets the rate, ``where(link, rank)`` places a rank."""
 
-    def __init__(self, use_netns: bool):
+    def __init__(self, use_netns: bool, sysctls: tuple[str, ...] = DEFAULT_SYSCTLS):
         self.use_netns = use_netns
+        self.sysctls = tuple(sysctls)
         pid = os.getpid()
         self.ns = {"A": f"ddsA{pid}", "B": f"ddsB{pid}"}
         self.burst_used: dict[str, str] = {}
@@ -78,6 +87,9 @@ class Links:
                 _ip("-n", ns, "addr", "add", f"{ADDR[side]}/24", "dev", dev)
                 _ip("-n", ns, "link", "set", "lo", "up")
                 _ip("-n", ns, "link", "set", dev, "up")
+                for kv in self.sysctls:
+                    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", kv],
+                                   check=True, capture_output=True, text=True)
         except subprocess.CalledProcessError as e:
             self.__exit__(None, None, None)
             raise RuntimeError(f"creating network namespaces failed: {e.stderr.strip()}") from e

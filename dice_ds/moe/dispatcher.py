@@ -95,6 +95,32 @@ class _PendingDispatch:
     extras: RecordExtras
 
 
+class CombineOutbox:
+    """Combines waiting to be posted until the next own dispatch has gone out (one per runtime).
+
+    A combine is needed one step later, a dispatch within one layer; on a shared link whatever is
+    posted first goes first, so a stale call defers its combine here and the next stale call posts
+    it right AFTER its own dispatch. Every rank flushes at the same points of its program (after an
+    own dispatch, before any sync call, step boundary, drain or reset), so all ranks post the same
+    collectives in the same order on each group.
+    """
+
+    def __init__(self):
+        self._pending: list[Callable[[], None]] = []
+
+    def defer(self, post: Callable[[], None]) -> None:
+        self._pending.append(post)
+
+    def flush(self) -> int:
+        posted, self._pending = self._pending, []
+        for post in posted:
+            post()
+        return len(posted)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
 class PackedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """megatron's all-to-all dispatcher whose dispatch sends tokens and probs as ONE message.
 
@@ -130,9 +156,10 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
        counts have landed (polled, never waited; the shared expert ran in between), then waits
        the source and, if the counts landed meanwhile, posts the own dispatch before the experts;
     3. ``token_combine`` posts the own dispatch if still pending (the only place that blocks on
-       the counts), THEN the combine of the rows just computed (on ``combine_group``), so a
-       dispatch, which the next ring layer needs within one layer, never queues behind a combine,
-       which is needed one step later.
+       the counts) and defers the combine of the rows just computed to the ``CombineOutbox``: it
+       goes out right after the NEXT stale call's own dispatch, so a dispatch, which the next ring
+       layer needs within one layer, never queues behind a combine, which is needed one step
+       later.
     """
 
     take_own_combine_first: bool = True
@@ -142,7 +169,7 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, *,
                  layer: int, state: LayerState, source_state: LayerState, ledger: CommLedger,
                  timer: PhaseTimer, on_store: Callable[[], None], counts_group=None,
-                 combine_group=None):
+                 combine_group=None, outbox: Optional[CombineOutbox] = None):
         super().__init__(num_local_experts, local_expert_indices, config=config,
                          pg_collection=pg_collection)
         self.layer = layer
@@ -153,6 +180,7 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
         self.on_store = on_store
         self.counts_group = counts_group if counts_group is not None else self.ep_group
         self.combine_group = combine_group if combine_group is not None else self.ep_group
+        self.outbox = outbox if outbox is not None else CombineOutbox()
         self.stale = False
         self.step: Optional[int] = None
         self.extras = RecordExtras()
@@ -234,13 +262,18 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
         # taking a slot only moves the exchange out of the held state; its wait comes last
         take_first = self.take_own_combine_first or self.source_state is not self.state
         own = self.state.take("combine") if take_first else None
-        computed = self.installed
-        self.source_state.put("combine", self._launch(
-            "combine", hidden_states, None, send=computed.output_splits,
-            recv=computed.input_splits, record=computed, weighted=self.experts_weighted,
-            group=self.combine_group))
-        self.on_store()
-        if own is None:
+        computed, weighted, step = self.installed, self.experts_weighted, self.step
+
+        def post_combine():
+            self.source_state.put("combine", self._launch(
+                "combine", hidden_states, None, send=computed.output_splits,
+                recv=computed.input_splits, record=computed, weighted=weighted,
+                group=self.combine_group, step=step))
+            self.on_store()
+
+        self.outbox.defer(post_combine)
+        if own is None:  # ring of one: the combine just deferred is the one returned
+            self.outbox.flush()
             own = self.state.take("combine")
         with self.timer.phase("wait_combine"):
             own.wait()
@@ -265,10 +298,11 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
             num_out_tokens=int(p.sorted_indices_R.numel()), extras=p.extras)
         self.state.put("dispatch", self._launch(
             "dispatch", p.tokens_RD, p.probs_R, send=record.input_splits,
-            recv=record.output_splits, record=record, group=self.ep_group))
+            recv=record.output_splits, record=record, group=self.ep_group, step=self.step))
+        self.outbox.flush()
 
     def _launch(self, kind: str, payload_RD, probs_R, *, send, recv, record: ExchangeRecord,
-                group, weighted: bool = True) -> Exchange:
+                group, step: int, weighted: bool = True) -> Exchange:
         """Post the async all-to-all of one exchange (tokens and probs packed into one message);
         the buffers travel with ``record``."""
         send_l, recv_l = [int(x) for x in send], [int(x) for x in recv]
@@ -281,7 +315,7 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
         recv_RX = payload_RX.new_empty((sum(recv_l), *payload_RX.shape[1:]))
         handle = dist.all_to_all_single(recv_RX, payload_RX, recv_l, send_l, group=group,
                                         async_op=True)
-        self.ledger.sent(step=self.step, layer=record.layer, kind=kind, rows=sum(send_l),
+        self.ledger.sent(step=step, layer=record.layer, kind=kind, rows=sum(send_l),
                          token_bytes=token_bytes, prob_bytes=prob_bytes,
                          remote_rows=sum(send_l) - send_l[me], row_bytes=row_bytes)
         unpack = None if probs_R is None else (lambda buf, dt=probs_R.dtype: _unpacked(buf, dt))

@@ -43,7 +43,7 @@ import torch
 
 from dice_ds.models.dit_moe import DTYPES
 from dice_ds.moe import importance
-from dice_ds.moe.dispatcher import (DISPATCHERS, PackedAlltoAllTokenDispatcher,
+from dice_ds.moe.dispatcher import (DISPATCHERS, CombineOutbox, PackedAlltoAllTokenDispatcher,
                                     StaleAlltoAllTokenDispatcher, capture_record)
 from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, LayerState, RecordExtras, SlotCache
@@ -90,6 +90,10 @@ class DiceRuntime:
             (n for n, d in DTYPES.items() if d == (self.payload_dtype or act)), str(act))
         self._rand = torch.Generator()
         self._megatron_dispatchers: dict = {}
+        self.outbox = CombineOutbox()
+        self.combine_fifo = True
+        """stale combines share the dispatch group (one FIFO, dispatch first); False: their own
+        group (docs/design.md "Exchange schedule" has the measurements of both)."""
         self._clear_run()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -113,7 +117,8 @@ class DiceRuntime:
                     source_state=self.states[self.ring[l]], ledger=self.ledger, timer=self.timer,
                     on_store=self._observe_cache,
                     counts_group=getattr(self.groups, "ep_counts", None),
-                    combine_group=getattr(self.groups, "ep_combine", None))
+                    combine_group=self.groups.ep if self.combine_fifo else
+                    getattr(self.groups, "ep_combine", None), outbox=self.outbox)
             elif self.ep_size > 1:  # sync-only layer: megatron's dispatcher, one message a dispatch
                 self._megatron_dispatchers[l] = old
                 layer.token_dispatcher = PackedAlltoAllTokenDispatcher(
@@ -136,6 +141,7 @@ class DiceRuntime:
         for layer in self.layers.values():
             if isinstance(layer.token_dispatcher, StaleAlltoAllTokenDispatcher):
                 layer.token_dispatcher.abort_call()
+        self.outbox.flush()
         for st in self.states.values():
             st.reset()
         self._clear_run()
@@ -156,12 +162,14 @@ class DiceRuntime:
         self._called.clear()
         if self._step_sync:
             with self.timer.phase("drain"):
+                self.outbox.flush()
                 for st in self.states.values():
                     st.drain()
 
     def finish(self) -> None:
         """End of a batch: wait on everything in flight and free every held buffer."""
         with self.timer.phase("drain"):
+            self.outbox.flush()
             for st in self.states.values():
                 st.reset()
         self._step = None
@@ -253,6 +261,7 @@ class DiceRuntime:
     def _sync_forward(self, layer, h_S1D: torch.Tensor) -> torch.Tensor:
         """megatron's phases, plus records for the exchanges the next async step reads."""
         l, disp, act = layer.moe_index, layer.token_dispatcher, h_S1D.dtype
+        self.outbox.flush()  # deferred stale combines go before this call's collectives
         if isinstance(disp, StaleAlltoAllTokenDispatcher):
             disp.begin_call(stale=False, step=self._step)
         with self.timer.phase("shared"):
