@@ -1,4 +1,4 @@
-"""The ``dice-ds`` console script: ``dice-ds sample|eval|bench ...``.
+"""The ``dice-ds`` console script: ``dice-ds sample|eval|bench|plan|tune ...``.
 
 Owns only the subcommand dispatch. ``sample`` is ``dice_ds.sample.main``; ``eval`` is
 ``dice_ds.eval.cli.main`` (imported lazily, so sampling never imports the evaluation stack).
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: dice-ds {sample,eval,bench} [options]
+USAGE = """usage: dice-ds {sample,eval,bench,plan,tune} [options]
 
   sample   sample images from a DiT-MoE (data or expert parallel, DICE); see dice-ds sample --help
   eval     evaluate a sample directory or .npz; see dice-ds eval --help
   bench    speed of every parallel mode on loopback and emulated links; see dice-ds bench --help
+  plan     predicted step time of every mode on GPUs and links; see dice-ds plan --help
+  tune     choose async layers, sync steps and skipping for a quality budget; see dice-ds tune --help
 """
 
 
@@ -31,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         from dice_ds.bench.cli import main as bench_main
 
         return bench_main(rest)
+    if command == "plan":
+        from dice_ds.plan.cli import main as plan_main
+
+        return plan_main(rest)
+    if command == "tune":
+        from dice_ds.tune.cli import main as tune_main
+
+        return tune_main(rest)
     if command == "eval":
         try:
             from dice_ds.eval.cli import main as eval_main
@@ -42,5 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def entry() -> None:
+    """The console script: ``main()``, then (after ``dice-ds sample``) exit without interpreter
+    teardown (``dice_ds.sample.exit_after`` says why)."""
+    code = main()
+    if len(sys.argv) > 1 and sys.argv[1] == "sample":
+        from dice_ds.sample import exit_after
+
+        exit_after(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2, help="images per rank (CFG doubles it)")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per run")
     p.add_argument("--out", default=None, help="output directory (default: a new temp dir)")
+    p.add_argument("--rerender", metavar="DIR", default=None,
+                   help="re-make bench.md/.json/.png of an earlier --out DIR from its runs' "
+                        "run.json files (no run)")
     p.add_argument("extra", nargs=argparse.REMAINDER,
                    help="after '--': extra dice-ds sample flags for every run")
     return p
@@ -108,9 +111,28 @@ def _git_commit() -> str:
     return r.stdout.strip() or "unknown"
 
 
+def rerender(out: Path) -> int:
+    """Rebuild the report of an earlier invocation from the run.json files it kept."""
+    import json
+
+    data = json.loads((out / "bench.json").read_text())
+    runs = []
+    for r in data["runs"]:
+        info = Path(r["latents"]).with_name("run.json") if r.get("latents") else None
+        if r.get("ok") and info is not None and info.exists():
+            r = {**r, **launch.record_of(json.loads(info.read_text()), info.parent)}
+        runs.append(r)
+    rows = report.summarise(runs, data["meta"]["probes"])
+    res = report.write(out, rows, runs, data["meta"])
+    print(res["markdown"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = p.parse_args(argv)
+    if a.rerender:
+        return rerender(Path(a.rerender))
     modes, link_list = _check(a, p)
     shaped = [x for x in link_list if x != "loopback"]
     why = links.available()

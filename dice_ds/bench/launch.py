@@ -64,18 +64,37 @@ def sample_run(links: Links, link: str, port: int, argv: list[str], run_dir: Pat
     info_path = sample_dir / "run.json"
     if not ok or not info_path.exists():
         return {"ok": False, "why": why, "logs": str(run_dir)}
-    info = json.loads(info_path.read_text())
+    return record_of(json.loads(info_path.read_text()), sample_dir)
+
+
+def sync_fraction(runtime: dict) -> float | None:
+    """Share of (step, MoE layer) calls that run a fresh exchange (1: all; None: not EP or SP)."""
+    sch = runtime.get("schedule")
+    if not sch:
+        return None
+    steps, depth = sch["num_steps"], sch["depth"]
+    if sch.get("sp_async"):
+        return len(sch["sp_sync_steps"]) / steps
+    stale = (steps - len(sch["ep_sync_steps"])) * len(sch["async_layers"])
+    return 1.0 - stale / (steps * depth)
+
+
+def record_of(info: dict, sample_dir: Path) -> dict:
+    """The bench's record of one finished run, from its run.json."""
     ranks = [r.get("runtime") or {} for r in info.get("per_rank", [])]
     return {
         "ok": True, "sampling_seconds": info["sampling_seconds"],
         "phase_seconds": [r.get("phase_seconds", {}) for r in ranks],
-        "bytes_remote": [r.get("a2a_bytes_sent_remote", 0) for r in ranks],
+        # EP all-to-all bytes to other ranks + SP all-gather bytes (K/V and the final x)
+        "bytes_remote": [(r.get("a2a_bytes_sent_remote") or 0) + (r.get("sp_bytes_exchanged") or 0)
+                         for r in ranks],
         "bytes_sent": [r.get("a2a_bytes_sent", 0) for r in ranks],
         "exchanges": [sum(len(k) for layers in (r.get("a2a_rows_by_step") or {}).values()
                           for k in layers.values()) for r in ranks],
         "cache_peak_bytes": [r.get("ep_cache_peak_bytes", 0) for r in ranks],
         "sp_stats": [{k: v for k, v in r.items() if k.startswith("sp_")} for r in ranks],
         "latents": str(sample_dir / "latents.npz"),
+        "sync_fraction": sync_fraction(ranks[0]) if ranks else None,
     }
 
 

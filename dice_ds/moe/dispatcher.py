@@ -1,33 +1,37 @@
-"""DICE's stale all-to-all dispatchers: megatron's ``MoEAlltoAllTokenDispatcher`` with only its
-communication replaced (spec §2.2.2, §2.2.3, §2.8; design-notes "Displaced EP on these phases").
+"""DICE's all-to-all dispatchers: megatron's ``MoEAlltoAllTokenDispatcher`` with only its
+communication replaced (docs/spec.md §2.2.2, §2.2.3, §2.8; docs/design.md "Exchange schedule").
 
-Owns ``DisplacedAlltoAllTokenDispatcher`` and ``InterweavedAlltoAllTokenDispatcher`` and the two
-helpers that move an ``ExchangeRecord`` in and out of megatron's per-call attributes
-(``capture_record`` / ``install_record``).
+Owns ``PackedAlltoAllTokenDispatcher`` (every EP layer: a dispatch is one message of tokens + probs),
+``DisplacedAlltoAllTokenDispatcher`` / ``InterweavedAlltoAllTokenDispatcher`` (async layers), the
+``CombineOutbox`` that orders stale combines behind dispatches, and the two helpers that move an
+``ExchangeRecord`` in and out of megatron's per-call attributes (``capture_record`` /
+``install_record``).
 
-What is overridden, and only when the runtime marks the call stale (``begin_call(stale=True)``;
-otherwise every method is megatron's own, so a sync call IS megatron's all-to-all EP):
+What the stale dispatchers override, and only when the runtime marks the call stale
+(``begin_call(stale=True)``; otherwise a call is megatron's phases with the packed dispatch):
 
 - ``preprocess``: the count exchange. megatron all-gathers the per-expert counts and needs them on
   the host before the payload all-to-all (pitfall 8). Here an async ``all_to_all_single`` of the
-  [P, L] counts is posted right after routing and waited only when the payload is launched, after
-  the expert compute of the stale buffer. The local permutation (megatron's) is unchanged.
-- ``token_dispatch``: remembers this call's permuted tokens (launched later), waits on the SOURCE
-  layer's dispatch exchange and puts its record in place, so megatron's ``dispatch_postprocess`` /
-  ``combine_preprocess`` sort the received rows with the metadata of the step they belong to.
-- ``token_combine``: launches the async combine of the rows just computed (with the source record),
-  launches this call's own async dispatch, waits on this layer's own combine exchange and puts ITS
-  record in place for megatron's ``combine_postprocess`` (pitfall 13).
+  [P, L] counts is posted right after routing, on its own group. The local permutation (megatron's)
+  is unchanged.
+- ``token_dispatch``: takes the SOURCE layer's dispatch exchange, posts this call's own dispatch
+  if its counts have landed (polled), waits on the source and puts its record in place, so
+  megatron's ``dispatch_postprocess`` / ``combine_preprocess`` sort the received rows with the
+  metadata of the step they belong to.
+- ``token_combine``: posts the own dispatch if still pending, defers the combine of the rows just
+  computed (with the source record) to the outbox, waits on this layer's own combine exchange and
+  puts ITS record in place for megatron's ``combine_postprocess`` (pitfall 13).
 
 The two modes differ in two facts only: where the expert input comes from (displaced: this layer's
 dispatch of the previous step; interweaved: the ring predecessor's dispatch of this step, so the
 runtime computes the predecessor's experts) and when this layer's own combine is taken (displaced:
 before launching the new one -> 2 steps stale; interweaved: the one its ring successor launched
-last step -> 1 step stale; with a ring of one layer the just-launched combine is waited at once).
+last step -> 1 step stale; with a ring of one layer the just-deferred combine is posted and waited
+at once).
 
-gloo: ``all_to_all_single`` with list splits and ``async_op=True`` only (megatron-on-cpu.md §4).
-Payload dtype casts are the runtime's; this module sends what it is given. Router probs travel in
-their own (fp32) all-to-all next to the tokens.
+gloo: ``all_to_all_single`` with list splits and ``async_op=True`` only (docs/megatron-cpu.md §4).
+Payload dtype casts are the runtime's; this module sends what it is given. Router probs keep fp32:
+their bits ride in the packed message (``dice_ds.moe.payload``).
 """
 
 from __future__ import annotations
