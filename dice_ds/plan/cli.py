@@ -1,0 +1,145 @@
+"""``dice-ds plan``: predicted step time per parallel mode on GPUs / links, and validation.
+
+Owns the subcommand's flags and the loops over models x GPU counts x scenarios
+('device:link' pairs, e.g. rtx4090:pcie4). ``--bench-json B`` with ``--device cpu`` uses this CPU
+as measured by a ``dice-ds bench`` run (its DP row's FLOP/s); ``--validate B`` predicts every row
+of that bench and compares. Output: plan.md, plan.json, plan.png in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from dice_ds.config import ConfigError, get_flavor
+from dice_ds.plan import report
+from dice_ds.plan.costs import Workload, costs_from_flops
+from dice_ds.plan.predict import PLAN_MODES, Topology, predict_all
+from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
+
+DEFAULT_SCENARIOS = "rtx4090:pcie4,a100:pcie4,h100:nvlink-h100"
+PAPER = {"model": "DiT-XL/2", "gpus": 8, "scenario": "rtx4090:pcie4", "reported": 1.26}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dice-ds plan",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Analytical step time of every parallel mode "
+                                            "(docs/plan.md).")
+    p.add_argument("--models", default="DiT-XL/2,DiT-G/2")
+    p.add_argument("--gpus", default="8,16,64")
+    p.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
+                   help="device:link pairs; devices rtx4090, a100, h100, cpu (needs --bench-json);"
+                        " links pcie4, nvlink-h100, ib400, loopback or a rate like 300mbit")
+    p.add_argument("--inter-link", default="ib400", help="between nodes (groups > --gpus-per-node)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--modes", default=",".join(PLAN_MODES))
+    p.add_argument("--batch", type=int, default=32, help="images per GPU (CFG doubles the rows)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--no-cfg", action="store_true", help="cfg scale 1 (no doubled batch)")
+    p.add_argument("--dtype", default="fp16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--efficiency", type=float, default=EFFICIENCY,
+                   help="fraction of the device's dense peak a step sustains")
+    p.add_argument("--bench-json", default=None, help="calibrates the 'cpu' device")
+    p.add_argument("--validate", default=None, metavar="BENCH_JSON",
+                   help="also predict every row of this dice-ds bench JSON and compare")
+    p.add_argument("--fit-on", default=None, metavar="LINK",
+                   help="validation: also fit the emulation constants (latency, counts "
+                        "head-of-line bytes, CPU dilation) on this shaped link's rows and "
+                        "predict every link with them")
+    p.add_argument("--save-loads", action="store_true",
+                   help="validation: write <bench>.loads.json (the sync runs' routing rows) beside "
+                        "the bench JSON, so it validates without the run directories")
+    p.add_argument("--no-loads", action="store_true",
+                   help="validation: ignore the sync run's per-rank routing loads")
+    p.add_argument("--out", default="plan_out")
+    return p
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def scenarios(a, models, gpus) -> list[dict]:
+    rows = []
+    topo = Topology(a.gpus_per_node, parse_link(a.inter_link))
+    for model in models:
+        cfg = get_flavor(model)
+        w = Workload(cfg, images_per_rank=a.batch, cfg_guidance=not a.no_cfg, steps=a.steps,
+                     dtype=a.dtype)
+        for scen in _split(a.scenarios):
+            dev_name, link_name = scen.split(":", 1)
+            if dev_name == "cpu":
+                if not a.bench_json:
+                    raise ValueError("device 'cpu' needs --bench-json (a dice-ds bench JSON)")
+                from dice_ds.plan.validate import cpu_device, load
+
+                dev = cpu_device(load(a.bench_json))
+            else:
+                dev = replace(parse_device(dev_name), efficiency=a.efficiency)
+            costs = costs_from_flops(w, dev.flops)
+            link = parse_link(link_name)
+            for n in gpus:
+                for r in predict_all(w, costs, link, n, _split(a.modes), topo=topo):
+                    rows.append({"model": cfg.name, "gpus": n, "scenario": scen, **r})
+    return rows
+
+
+def paper_line(rows: list[dict]) -> str | None:
+    dice = next((r for r in rows if r["model"] == PAPER["model"] and r["gpus"] == PAPER["gpus"]
+                 and r["scenario"] == PAPER["scenario"] and r["mode"] == "dice"), None)
+    if not dice:
+        return None
+    return (f"Paper setting ({PAPER['gpus']} x RTX 4090 over PCIe, XL/2, batch per GPU as given, "
+            f"steps as given): DICE predicted {dice['speedup']:.2f}x over sync EP "
+            f"(paper reports {PAPER['reported']}x).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    a = p.parse_args(argv)
+    try:
+        gpus = [int(x) for x in _split(a.gpus)]
+        scen = scenarios(a, _split(a.models), gpus) if a.models else []
+        val = None
+        if a.validate:
+            from dice_ds.plan.validate import load, validate
+
+            bench = load(a.validate)
+            if a.save_loads:
+                from dice_ds.plan.validate import save_loads
+
+                print(f"dice-ds plan: wrote {save_loads(bench)}", file=sys.stderr)
+            val = validate(bench, use_loads=not a.no_loads)
+            if a.fit_on:
+                from dice_ds.plan.validate import fit_emulation
+
+                emu = fit_emulation(bench, a.fit_on, use_loads=not a.no_loads)
+                fitted = {(r["link"], r["mode"]): r
+                          for r in validate(bench, not a.no_loads, emu)}
+                for r in val:
+                    f = fitted.get((r["link"], r["mode"]))
+                    if f and "error" not in f:
+                        r["fitted"] = {k: f[k] for k in ("predicted", "error_pct",
+                                                         "speedup_predicted", "comm_share")}
+                        r["emulation"] = emu
+    except (ValueError, KeyError, ConfigError) as e:
+        print(f"dice-ds plan: error: {e}", file=sys.stderr)
+        return 2
+    cmd = "dice-ds plan " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "efficiency": a.efficiency, "batch": a.batch, "steps": a.steps, "dtype": a.dtype,
+            "cfg": not a.no_cfg, "paper": paper_line(scen)}
+    text = report.write(Path(a.out), scen, val, meta)
+    print(text)
+    if meta["paper"]:
+        print(meta["paper"])
+    print(f"dice-ds plan: results in {a.out} (plan.md, plan.json, plan.png)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

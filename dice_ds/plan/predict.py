@@ -1,0 +1,115 @@
+"""Predictions per mode for ``dice-ds plan``: the mode table, group sizes, plans and results.
+
+Owns ``PLAN_MODES`` (the bench's modes of ``dice_ds.modes`` plus ``hybrid`` = DICE over an EP group
+x displaced SP of size 2), the EP / SP sizes a mode gets on W GPUs (EP size is capped by E, SP by
+``SP_CAP``; the rest of the world is data parallel and does not change per-GPU time), the
+``ParallelPlan`` of a mode (built by ``dice_ds.options.build_plan`` from the mode's own
+``dice-ds sample`` flags, so the schedule is the one the sampler would run) and ``predict``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dice_ds.modes import DICE_FLAGS, by_key
+from dice_ds.plan.costs import LayerCosts, Workload, messages
+from dice_ds.plan.memory import memory
+from dice_ds.plan.presets import Link
+from dice_ds.plan.sim import Loads, simulate
+from dice_ds.schedule import Schedule
+
+PLAN_MODES = ("dp", "sync", "displaced", "interweaved", "dice", "dice-bf16", "sp", "sp-async",
+              "hybrid")
+SP_CAP = 8
+"""SP size cap (DistriFusion's largest setting; 256 tokens / 8 = 32 per rank)."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Ranks per node and the inter-node link, for groups larger than a node."""
+
+    gpus_per_node: int = 8
+    inter: Link | None = None
+
+
+def sizes(mode: str, world: int, num_experts: int) -> tuple[int, int]:
+    """(EP size, SP size) of ``mode`` on ``world`` GPUs."""
+    ep_max = max(d for d in range(1, min(world, num_experts) + 1)
+                 if num_experts % d == 0 and world % d == 0)
+    if mode == "dp":
+        return 1, 1
+    if mode in ("sp", "sp-async"):
+        return 1, max(d for d in range(1, min(world, SP_CAP) + 1) if world % d == 0)
+    if mode == "hybrid":
+        ep = max(d for d in range(1, min(world // 2, num_experts) + 1)
+                 if num_experts % d == 0 and (world // 2) % d == 0)
+        return ep, 2
+    return ep_max, 1
+
+
+def mode_flags(mode: str, ep: int, sp: int) -> list[str]:
+    if mode == "hybrid":
+        return [*DICE_FLAGS, "--ep-size", str(ep), "--sp-size", str(sp), "--sp-async"]
+    flags = list(by_key(mode).flags)
+    if ep > 1 and sp > 1:
+        flags += ["--ep-size", str(ep), "--sp-size", str(sp)]
+    return flags
+
+
+def build_plan(flags: list[str], w: Workload, world: int):
+    """The validated ParallelPlan the sampler would build from these flags."""
+    from dice_ds.config import FLAVORS
+    from dice_ds.options import build_plan as options_plan
+    from dice_ds.options import parse_options
+
+    side = int(round(math.sqrt(w.tokens_per_image))) * w.cfg.patch_size * 8
+    # the flavor only sizes the token count here (patch 2 everywhere); E and depth are passed
+    name = w.cfg.name if w.cfg.name in FLAVORS else "debug"
+    opts = parse_options([*flags, "--model", name, "--vae", "none", "--image-size",
+                          str(side), "--num-sampling-steps", str(w.steps), "--init", "random"])
+    return options_plan(opts, world_size=world, num_experts=w.cfg.num_experts, depth=w.cfg.depth)
+
+
+def group_link(link: Link, group: int, topo: Topology) -> Link:
+    """The link a group of ``group`` ranks sees: intra-node, or limited by the off-node share."""
+    if group <= topo.gpus_per_node or topo.inter is None:
+        return link
+    off = (group - topo.gpus_per_node) / (group - 1)
+    bw = 1.0 / max((1 - off) / link.bandwidth, off / topo.inter.bandwidth)
+    return Link(f"{link.name} + {topo.inter.name}", bw, max(link.latency, topo.inter.latency),
+                max(link.hol_bytes, topo.inter.hol_bytes))
+
+
+def predict_plan(plan, w: Workload, costs: LayerCosts, link: Link, loads: Loads | None = None,
+                 topo: Topology = Topology()) -> dict:
+    """Prediction for a validated ``ParallelPlan``."""
+    sched = Schedule.build(plan, w.steps, w.cfg.depth)
+    msgs = messages(w, plan.ep_size, plan.sp_size, plan.payload_dtype)
+    lk = group_link(link, plan.ep_size * plan.sp_size, topo)
+    res = simulate(sched, costs, msgs, lk, ranks=max(plan.ep_size, 1),
+                   loads=loads if plan.ep_size > 1 else None)
+    return {"ep": plan.ep_size, "sp": plan.sp_size,
+            "batch_seconds": res.seconds, "step_seconds": res.seconds / w.steps,
+            "compute_seconds": res.compute, "comm_share": res.comm_share,
+            "bytes_per_rank": res.bytes_per_rank, "stalls": res.stalls, "link": lk.name,
+            "memory": memory(w, sched, plan.ep_size, plan.sp_size, plan.payload_dtype)}
+
+
+def predict(mode: str, w: Workload, costs: LayerCosts, link: Link, world: int,
+            loads: Loads | None = None, topo: Topology = Topology(), flags=None) -> dict:
+    """One mode's prediction: batch and step seconds, comm share, bytes, memory per GPU."""
+    ep, sp = sizes(mode, world, w.cfg.num_experts)
+    flags = list(flags) if flags is not None else mode_flags(mode, ep, sp)
+    plan = build_plan(flags, w, ep * sp)
+    return {"mode": mode, "flags": " ".join(flags),
+            **predict_plan(plan, w, costs, link, loads, topo)}
+
+
+def predict_all(w: Workload, costs: LayerCosts, link: Link, world: int, modes=PLAN_MODES,
+                loads: Loads | None = None, topo: Topology = Topology()) -> list[dict]:
+    rows = [predict(m, w, costs, link, world, loads, topo) for m in modes]
+    sync = next((r for r in rows if r["mode"] == "sync"), None)
+    for r in rows:
+        r["speedup"] = sync["batch_seconds"] / r["batch_seconds"] if sync else None
+    return rows

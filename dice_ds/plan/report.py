@@ -1,0 +1,129 @@
+"""Tables and the plot of ``dice-ds plan``: markdown, JSON and a PNG.
+
+Owns rendering the GPU scenario predictions (per model, GPU count and device/link: step time,
+speed-up over sync EP, exposed-communication share, per-GPU stale cache and K/V), the validation
+table (predicted vs measured per link and mode) and the plot (speed-up per mode per scenario; and
+predicted vs measured seconds when a validation ran).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MIB = 2**20
+
+
+def _mib(x: float) -> str:
+    return f"{x / MIB:,.0f}" if x >= MIB else (f"{x / MIB:.2f}" if x else "0")
+
+
+def scenario_table(rows: list[dict]) -> str:
+    out = ["| model | GPUs | device / link | mode | EP x SP | step ms | speed-up vs sync EP | "
+           "exposed comm | expert weights MiB/GPU | stale cache MiB/GPU | skip cache MiB/GPU | "
+           "K/V cache MiB/GPU |",
+           "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        m = r["memory"]
+        out.append(f"| {r['model']} | {r['gpus']} | {r['scenario']} | {r['mode']} | "
+                   f"{r['ep']} x {r['sp']} | {1e3 * r['step_seconds']:.1f} | "
+                   f"{r['speedup']:.2f}x | {100 * r['comm_share']:.0f} % | "
+                   f"{_mib(m['expert_weights'])} | {_mib(m['stale_cache'])} | "
+                   f"{_mib(m['skip_cache'])} | {_mib(m['kv_cache'])} |")
+    return "\n".join(out)
+
+
+def validation_table(rows: list[dict]) -> str:
+    fit = any("fitted" in r for r in rows)
+    head = ("| link | mode | measured s | predicted s (probe) | error | "
+            + ("predicted s (+ fitted emulation) | error | " if fit else "")
+            + "speed-up measured | speed-up predicted | predicted exposed comm | "
+            "remote MB/rank meas. / pred. | stale cache KB meas. / pred. |")
+    out = [head, "|---|---|" + "---:|" * (head.count("|") - 3)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['link']} | {r['mode']} | – | {r['error']} |")
+            continue
+        cal = " (calibration)" if r["calibration"] else ""
+        sm = r["speedup_measured"]
+        f = r.get("fitted")
+        fit_cols = ((f"{f['predicted']:.2f} | {f['error_pct']:+.0f} % | " if f else "– | – | ")
+                    if fit else "")
+        sp = f["speedup_predicted"] if f else r["speedup_predicted"]
+        out.append(
+            f"| {r['link']} | {r['mode']}{cal} | {r['measured']:.2f} | {r['predicted']:.2f} | "
+            f"{r['error_pct']:+.0f} % | {fit_cols}{f'{sm:.2f}x' if sm else '–'} | "
+            f"{sp:.2f}x | {100 * (f or r)['comm_share']:.0f} % | "
+            f"{r['bytes_measured'] / 1e6:.1f} / {r['bytes_predicted'] / 1e6:.1f} | "
+            f"{(r['cache_measured'] or 0) / 1e3:.0f} / {r['cache_predicted'] / 1e3:.0f} |")
+    emu = next((r["emulation"] for r in rows if "emulation" in r), None)
+    if emu:
+        out += ["", f"Emulation constants fitted on {emu['fitted_on']} (max |error| there "
+                f"{emu['max_abs_error_pct']:.0f} %): exchanges get "
+                f"{100 * emu['efficiency']:.0f} % of the probe's throughput, counts wait behind "
+                f"{emu['hol_bytes'] / 1e3:.0f} KB, compute {1 + emu['cpu_dilation']:.1f}x slower "
+                "while the rank's link is busy. Speed-up and exposed comm columns use them."]
+    return "\n".join(out)
+
+
+def plot(scen: list[dict], val: list[dict] | None, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    groups = list(dict.fromkeys((r["model"], r["gpus"], r["scenario"]) for r in scen))
+    modes = list(dict.fromkeys(r["mode"] for r in scen))
+    ncol = 2 if val else 1
+    fig, axes = plt.subplots(1, ncol, figsize=(7 * ncol, 4.2), squeeze=False)
+    ax = axes[0][0]
+    width = 0.8 / max(1, len(groups))
+    for gi, g in enumerate(groups):
+        ys = [next((r["speedup"] for r in scen if (r["model"], r["gpus"], r["scenario"]) == g
+                    and r["mode"] == m), 0) for m in modes]
+        ax.bar([x + gi * width for x in range(len(modes))], ys, width,
+               label=f"{g[0]} {g[1]} GPUs {g[2]}")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(modes))], modes, rotation=45,
+                  fontsize=7)
+    ax.set_ylabel("predicted speed-up over sync EP")
+    ax.legend(fontsize=5)
+    if val:
+        ax = axes[0][1]
+        pts = [r for r in val if "error" not in r]
+        for link in dict.fromkeys(r["link"] for r in pts):
+            mine = [r for r in pts if r["link"] == link]
+            ys = [(r.get("fitted") or r)["predicted"] for r in mine]
+            ax.scatter([r["measured"] for r in mine], ys, label=link)
+            for r, y in zip(mine, ys):
+                ax.annotate(r["mode"], (r["measured"], y), fontsize=6)
+        hi = max([r["measured"] for r in pts] + [(r.get("fitted") or r)["predicted"]
+                                                  for r in pts] + [1])
+        ax.plot([0, hi], [0, hi], color="grey", lw=0.5)
+        ax.plot([0, hi], [0, 1.15 * hi], color="grey", lw=0.3, ls="--")
+        ax.plot([0, hi], [0, 0.85 * hi], color="grey", lw=0.3, ls="--")
+        ax.set_xlabel("measured s (dice-ds bench)")
+        ax.set_ylabel("predicted s (dice-ds plan" + (", fitted emulation)" if any(
+            "fitted" in r for r in pts) else ")"))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write(out: Path, scen: list[dict], val: list[dict] | None, meta: dict) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"`{meta['command']}`", ""]
+    if scen:
+        md += ["### Predictions", "", scenario_table(scen), ""]
+    if val:
+        md += ["### Validation against dice-ds bench", "", validation_table(val), ""]
+    text = "\n".join(md)
+    (out / "plan.md").write_text(text + "\n")
+    (out / "plan.json").write_text(json.dumps({"meta": meta, "predictions": scen,
+                                               "validation": val}, indent=1, default=str))
+    why = plot(scen, val, out / "plan.png")
+    return text + (f"\n({why})" if why else "")

@@ -1,0 +1,238 @@
+"""The exchange schedule of ``docs/design.md`` replayed on a clock per rank: one batch of S steps.
+
+Owns ``simulate``: given a frozen ``dice_ds.schedule.Schedule`` (which (step, layer) is sync,
+stale, skipping; the interweaved ring), per-layer compute seconds, message bytes, a link and
+optionally each rank's expert load per (step, layer), it walks the program every rank runs, in
+order, and returns the batch time. Every rank is at the same program point at once (all ranks run
+the same program), so collectives are evaluated across ranks at that point.
+
+What each call costs, as implemented (``dice_ds/moe/dispatcher.py``, ``runtime.py``):
+
+- sync call (sync EP, sync steps, sync layers): the outbox is flushed, then four serial pieces:
+  counts (blocking: every rank's post + latency + ``hol_bytes`` at line rate), dispatch
+  (blocking all-to-all: waits behind whatever this rank's link still carries), the experts (a
+  rank with more rows takes longer and the combine waits for the slowest rank), combine
+  (blocking);
+- stale call: counts posted on their own group after the router (arrival: every rank's post +
+  latency, plus at most ``hol_bytes`` queued ahead of them), shared expert, own dispatch posted at
+  once if the counts landed, else after waiting the source, else after the experts (token_combine);
+  every own dispatch flushes the combine outbox behind it (one FIFO per rank); the experts run on
+  the source tokens (displaced: this layer's previous-step dispatch; interweaved: the ring
+  predecessor's dispatch of this step, the ring head's the tail's of the previous step); the
+  combine it produces goes into the outbox; then the call waits for the combine it consumes
+  (displaced: computed one step ago from tokens two steps old; interweaved: of its own previous
+  step's tokens);
+- a sync step drains (every rank waits until every link is idle); so does the end of the batch;
+- conditional communication: a skipping call sends half the rows and computes half the expert rows;
+- SP: sync SP gathers each layer's K/V blocking; displaced SP posts one gather per bucket of
+  ``bucket`` layers at the bucket's last layer and waits for it at the bucket's first layer one
+  step later (sync steps gather blocking); every step ends with a blocking gather of x.
+
+Link: one egress FIFO per rank (bandwidth, per-message latency); on emulated links compute may
+run slower while the rank's link is busy (``Link.cpu_dilation``: the transfer itself takes CPU on
+the 2-core bench machine). Not modelled: scheduling noise between ranks sharing cores, per-peer
+link asymmetry, ingress limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from dice_ds.plan.costs import LayerCosts, Messages
+from dice_ds.plan.presets import Link
+from dice_ds.schedule import Schedule
+
+Loads = Callable[[int, int], list]
+"""(step, layer) -> per-rank expert-row multiplier (1.0 = mean load)."""
+
+
+@dataclass
+class SimResult:
+    seconds: float
+    """batch time: the slowest rank at the end of the batch."""
+    compute: float
+    """compute seconds of the slowest rank (no waiting)."""
+    bytes_per_rank: float
+    stalls: dict
+
+    @property
+    def comm_share(self) -> float:
+        return max(0.0, 1.0 - self.compute / self.seconds) if self.seconds else 0.0
+
+
+class _Ranks:
+    def __init__(self, n: int, link: Link):
+        self.n, self.link = n, link
+        self.t = [0.0] * n
+        self.free = [0.0] * n
+        self.compute = [0.0] * n
+        self.outbox: list[list] = [[] for _ in range(n)]
+        self.bytes = [0.0] * n
+        self.stalls: dict[str, float] = {}
+
+    def work(self, r: int, sec: float) -> None:
+        self.compute[r] += sec
+        k = self.link.cpu_dilation
+        busy = self.free[r] - self.t[r]
+        if k > 0 and busy > 0:   # slower while the link carries this rank's bytes
+            sec = sec * (1 + k) if sec * (1 + k) <= busy else busy + sec - busy / (1 + k)
+        self.t[r] += sec
+
+    def wait(self, r: int, until: float, why: str) -> None:
+        if until > self.t[r]:
+            self.stalls[why] = self.stalls.get(why, 0.0) + (until - self.t[r]) / self.n
+            self.t[r] = until
+
+    def send(self, r: int, at: float, nbytes: float) -> float:
+        """Queue ``nbytes`` on rank r's egress at time ``at``; returns the arrival time."""
+        if nbytes <= 0:
+            return at
+        start = max(at, self.free[r])
+        self.free[r] = start + nbytes / self.link.bandwidth
+        self.bytes[r] += nbytes
+        return self.free[r] + self.link.latency
+
+    def hol(self, r: int, at: float) -> float:
+        backlog = max(0.0, self.free[r] - at) * self.link.bandwidth
+        return min(backlog, self.link.hol_bytes) / self.link.bandwidth
+
+    def flush(self, r: int, at: float, arrivals: dict) -> None:
+        for key, nbytes in self.outbox[r]:
+            arrivals.setdefault(key, [0.0] * self.n)[r] = self.send(r, at, nbytes)
+        self.outbox[r].clear()
+
+    def blocking(self, nbytes: list, why: str) -> None:
+        """A blocking collective at the current point: done when the last piece arrives."""
+        done = max(self.send(r, self.t[r], nbytes[r]) for r in range(self.n))
+        done = max(done, max(self.t) + self.link.latency)
+        for r in range(self.n):
+            self.wait(r, done, why)
+
+    def small(self, why: str) -> None:
+        """A blocking exchange of a few bytes (a sync call's counts): latency plus ``hol_bytes``
+        (on an emulated link the previous exchange's tail is still in the kernel's queues when
+        the collective returns: measured, docs/plan.md)."""
+        lk = self.link
+        done = max(self.t) + lk.latency + lk.hol_bytes / lk.bandwidth
+        for r in range(self.n):
+            self.wait(r, done, why)
+
+    def drain(self, arrivals: dict) -> None:
+        for r in range(self.n):
+            self.flush(r, self.t[r], arrivals)
+        idle = max(max(self.free) + self.link.latency, max(self.t))
+        for r in range(self.n):
+            self.wait(r, idle, "drain")
+
+
+def simulate(sched: Schedule, costs: LayerCosts, msgs: Messages, link: Link, *, ranks: int,
+             loads: Loads | None = None, bucket: int = 4) -> SimResult:
+    """One batch of ``sched.num_steps`` steps on ``ranks`` EP ranks (1 for DP / pure SP)."""
+    S, L = sched.num_steps, sched.depth
+    R = _Ranks(ranks, link)
+    ones = [1.0] * ranks
+    load = loads or (lambda i, l: ones)
+    disp: dict = {}
+    comb: dict = {}
+    kv: dict = {}
+    ep = msgs.dispatch > 0
+    for i in range(S, 0, -1):
+        if sched.ep_sync_step(i) and sched.async_layers:
+            R.drain(comb)
+        sp_sync = sched.sp_sync_step(i) if sched.sp_size > 1 else True
+        for l in range(L):
+            _attention(R, sched, costs, msgs, kv, i, l, sp_sync, bucket)
+            skip = 0.5 if sched.skips(i, l) else 1.0
+            if not ep:
+                for r in range(ranks):
+                    R.work(r, costs.router + costs.shared + costs.post
+                           + costs.experts * skip * load(i, l)[r])
+            elif sched.ep_stale(i, l):
+                _stale(R, sched, costs, msgs, disp, comb, load, i, l, skip)
+            else:
+                _sync(R, costs, msgs, comb, load(i, l), skip)
+        if sched.sp_size > 1:
+            R.blocking([msgs.x] * ranks, "x gather")
+    R.drain(comb)
+    slow = max(range(ranks), key=lambda r: R.t[r])
+    return SimResult(seconds=R.t[slow], compute=max(R.compute),
+                     bytes_per_rank=max(R.bytes), stalls=R.stalls)
+
+
+def _attention(R: _Ranks, sched, costs, msgs, kv, i, l, sp_sync, bucket) -> None:
+    for r in range(R.n):
+        R.work(r, costs.attn)
+    if sched.sp_size <= 1:
+        return
+    if sp_sync:
+        R.blocking([msgs.kv] * R.n, "kv gather")
+        return
+    b = l // bucket
+    if l % bucket == 0 and (i + 1, b) in kv:
+        for r in range(R.n):
+            R.wait(r, kv[(i + 1, b)], "kv wait")
+    if l % bucket == bucket - 1 or l == sched.depth - 1:
+        size = msgs.kv * (l - b * bucket + 1)
+        kv[(i, b)] = max(R.send(r, R.t[r], size) for r in range(R.n))
+
+
+def _sync(R: _Ranks, costs, msgs, comb, load, skip) -> None:
+    n = R.n
+    for r in range(n):
+        R.flush(r, R.t[r], comb)
+        R.work(r, costs.router)
+    R.small("counts")
+    for r in range(n):
+        R.work(r, costs.shared)
+    R.blocking([msgs.dispatch * skip] * n, "dispatch")
+    for r in range(n):
+        R.work(r, costs.experts * skip * load[r])
+    R.blocking([msgs.combine * skip * load[r] for r in range(n)], "combine")
+    for r in range(n):
+        R.work(r, costs.post)
+
+
+def _stale(R: _Ranks, sched, costs, msgs, disp, comb, load, i, l, skip) -> None:
+    n, S = R.n, sched.num_steps
+    interweaved = sched.ep_mode == "interweaved"
+    src_layer = sched.ring_source(l) if interweaved else l
+    src_step = i + 1 if (not interweaved or src_layer >= l) else i
+    need = (i + 1, l) if interweaved else (i + 2, l)
+    src_skip = 0.5 if src_step <= S and sched.skips(src_step, src_layer) else 1.0
+    src_load = load(src_step, src_layer) if src_step <= S else [1.0] * n
+    posted = [False] * n
+    post_t = []
+    for r in range(n):
+        R.work(r, costs.router)
+        post_t.append(R.t[r])
+    counts = max(post_t[r] + R.hol(r, post_t[r]) for r in range(n)) + R.link.latency
+    mine = disp.setdefault((i, l), [0.0] * n)
+
+    def post(r):
+        mine[r] = R.send(r, R.t[r], msgs.dispatch * skip)
+        R.flush(r, R.t[r], comb)
+        posted[r] = True
+
+    for r in range(n):
+        R.work(r, costs.shared)
+        if counts <= R.t[r]:
+            post(r)
+    src = max(disp.get((src_step, src_layer), [0.0]))
+    for r in range(n):
+        R.wait(r, src, "wait dispatch")
+        if not posted[r] and counts <= R.t[r]:
+            post(r)
+    for r in range(n):
+        R.work(r, costs.experts * src_skip * src_load[r])
+        if not posted[r]:
+            R.wait(r, counts, "wait counts")
+            post(r)
+        R.outbox[r].append(((src_step, src_layer), msgs.combine * src_skip * src_load[r]))
+    for r in range(n):
+        if any(key == need for key, _ in R.outbox[r]):
+            R.flush(r, R.t[r], comb)
+    arrive = max(comb.get(need, [0.0]))
+    for r in range(n):
+        R.wait(r, arrive, "wait combine")
+        R.work(r, costs.post)

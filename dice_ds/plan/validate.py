@@ -1,0 +1,189 @@
+"""``dice-ds plan --validate BENCH.json``: the model against ``dice-ds bench`` measurements.
+
+Owns reading a bench JSON (``dice_ds.bench.report``: ``meta.job``, ``meta.probes``, ``rows``,
+``runs``), calibrating from it exactly two things per link -- per-layer compute from the DP row's
+phases (``costs_from_phases``) and the link bandwidth from the communication-only probe
+(``meta.probes[link].throughput_bits``) -- plus the routing loads (rows each rank computed per
+(step, layer), from the sync run's run.json when the run directory still exists: routing, not
+timing), then predicting every other row and comparing. Also ``cpu_device``: 'this CPU' as a
+``Device`` whose throughput is the bench job's FLOPs over the DP time.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from dice_ds.config import get_flavor
+from dice_ds.plan.costs import Workload, costs_from_phases, layer_flops
+from dice_ds.plan.predict import predict
+from dice_ds.plan.presets import LINKS, Device, Link, calibrated_link, parse_link
+
+
+def load(path: str) -> dict:
+    bench = json.loads(Path(path).read_text())
+    bench["_path"] = str(path)
+    return bench
+
+
+def sidecar(bench: dict) -> Path | None:
+    """``<bench>.loads.json`` beside the bench JSON: the sync runs' routing rows per link, for
+    when the run directories are gone (written by ``dice-ds plan --validate B --save-loads``)."""
+    return Path(bench["_path"]).with_suffix(".loads.json") if bench.get("_path") else None
+
+
+def save_loads(bench: dict) -> Path:
+    """Write the sidecar from the sync runs' run.json files (which must still exist)."""
+    out = {}
+    for link in dict.fromkeys(r["link"] for r in bench["rows"]):
+        path = _sync_run_json(bench, link)
+        if path is not None and path.is_file():
+            ranks = [p["runtime"]["a2a_rows_by_step"]
+                     for p in json.loads(path.read_text())["per_rank"]]
+            out[link] = {f"{s},{l}": [rk[s][l]["combine"] for rk in ranks]
+                         for s in ranks[0] for l in ranks[0][s]}
+    dest = sidecar(bench)
+    dest.write_text(json.dumps(out) + "\n")
+    return dest
+
+
+def workload_of(bench: dict) -> Workload:
+    """The bench job as a Workload (``--vae none``: 8 pixels per latent cell)."""
+    args = shlex.split(bench["meta"]["job"])
+
+    def arg(name, default=None):
+        return args[args.index(name) + 1] if name in args else default
+
+    cfg = get_flavor(arg("--model", "DiT-S/2"))
+    side = int(arg("--image-size", cfg.input_size * 8)) // 8 // cfg.patch_size
+    return Workload(cfg=cfg, images_per_rank=int(arg("--per-proc-batch-size", 2)),
+                    cfg_guidance=float(arg("--cfg-scale", 1.5)) > 1, dtype=arg("--dtype", "fp32"),
+                    steps=int(arg("--num-sampling-steps", 10)), tokens=side * side)
+
+
+def row(bench: dict, link: str, mode: str) -> dict | None:
+    return next((r for r in bench["rows"] if r["link"] == link and r["mode"] == mode
+                 and r.get("runs")), None)
+
+
+def link_of(bench: dict, link: str, emulation: dict | None = None) -> Link:
+    """The link as the probe measured it; ``emulation`` constants apply to shaped links only."""
+    probe = (bench["meta"].get("probes") or {}).get(link) or {}
+    if link == "loopback":
+        base = LINKS["loopback"]
+        bw = probe["throughput_bits"] / 8 if probe.get("ok") else base.bandwidth
+        return Link("loopback (probe)", bw, base.latency, base.hol_bytes)
+    if not probe.get("ok"):
+        return parse_link(link)
+    emu = {k: v for k, v in (emulation or {}).items() if k in EMULATION_GRID}
+    return calibrated_link(link, probe["throughput_bits"], **emu)
+
+
+_LOADS: dict = {}
+
+
+def loads_of(bench: dict, link: str):
+    """Per-(step, layer) rows each rank computed in the sync run (None if its run.json is gone)."""
+    key = (bench.get("_path"), link)
+    if key not in _LOADS:
+        _LOADS[key] = _load_table(bench, link)
+    if _LOADS[key] is None:
+        return None
+    table, n = _LOADS[key]
+    return lambda i, l: table.get((i, l), [1.0] * n)
+
+
+def _sync_run_json(bench: dict, link: str) -> Path | None:
+    run = next((r for r in bench.get("runs", []) if r["link"] == link and r["mode"] == "sync"
+                and r.get("ok")), None)
+    return Path(run["latents"]).parent / "run.json" if run else None
+
+
+def _load_table(bench: dict, link: str):
+    path, rows_by = _sync_run_json(bench, link), None
+    if path is not None and path.is_file():
+        ranks = [p["runtime"]["a2a_rows_by_step"]
+                 for p in json.loads(path.read_text())["per_rank"]]
+        rows_by = {(int(s), int(l)): [float(rk[s][l]["combine"]) for rk in ranks]
+                   for s in ranks[0] for l in ranks[0][s]}
+    elif sidecar(bench) is not None and sidecar(bench).is_file():
+        data = json.loads(sidecar(bench).read_text()).get(link)
+        if data:
+            rows_by = {tuple(int(x) for x in k.split(",")): [float(v) for v in vals]
+                       for k, vals in data.items()}
+    if not rows_by:
+        return None
+    table = {k: [x / (sum(v) / len(v)) if sum(v) else 1.0 for x in v] for k, v in rows_by.items()}
+    return table, len(next(iter(rows_by.values())))
+
+
+def cpu_device(bench: dict, link: str = "loopback") -> Device:
+    """'this CPU': the bench job's FLOPs per rank over its DP seconds (efficiency 1 by definition)."""
+    w = workload_of(bench)
+    dp = row(bench, link, "dp") or next(r for r in bench["rows"] if r["mode"] == "dp")
+    flops = sum(layer_flops(w).values()) * w.cfg.depth * w.steps
+    return Device("this CPU (bench DP)", flops / dp["seconds"], efficiency=1.0)
+
+
+def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
+             links: tuple[str, ...] | None = None) -> list[dict]:
+    """Predicted vs measured seconds and speed-up per (link, mode) of the bench."""
+    w = workload_of(bench)
+    out = []
+    for link in links or tuple(dict.fromkeys(r["link"] for r in bench["rows"])):
+        dp, sync = row(bench, link, "dp"), row(bench, link, "sync")
+        if dp is None or sync is None:
+            continue
+        costs = costs_from_phases(dp, w.cfg.depth, w.steps)
+        lk = link_of(bench, link, emulation)
+        loads = loads_of(bench, link) if use_loads else None
+        preds = {}
+        for r in bench["rows"]:
+            if r["link"] != link or not r.get("runs"):
+                continue
+            try:
+                preds[r["mode"]] = predict(r["mode"], w, costs, lk, 2, loads)
+            except (KeyError, ValueError) as e:
+                preds[r["mode"]] = {"error": str(e)}
+        t_sync = preds.get("sync", {}).get("batch_seconds")
+        for m, p in preds.items():
+            meas = row(bench, link, m)
+            if "error" in p:
+                out.append({"link": link, "mode": m, "error": p["error"]})
+                continue
+            sec = p["batch_seconds"]
+            out.append({"link": link, "mode": m, "measured": meas["seconds"], "predicted": sec,
+                        "error_pct": 100 * (sec - meas["seconds"]) / meas["seconds"],
+                        "speedup_measured": meas.get("speedup"),
+                        "speedup_predicted": t_sync / sec if t_sync else None,
+                        "comm_share": p["comm_share"], "bytes_predicted": p["bytes_per_rank"],
+                        "bytes_measured": max(meas.get("bytes_remote_per_rank") or [0]),
+                        "cache_predicted": p["memory"]["stale_cache"],
+                        "cache_measured": meas.get("cache_peak_bytes"),
+                        "calibration": m == "dp", "loads": loads is not None,
+                        "link_mbit": lk.bandwidth * 8 / 1e6})
+    return out
+
+
+EMULATION_GRID = {"efficiency": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
+                  "hol_bytes": (0.0, 64e3, 128e3, 192e3, 256e3, 384e3),
+                  "cpu_dilation": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5)}
+
+
+def fit_emulation(bench: dict, link: str, use_loads: bool = True) -> dict:
+    """Emulation constants (bandwidth fraction of the probe, counts head-of-line bytes, CPU
+    dilation; all dimensionless or in bytes, so they can carry over to another rate) that
+    minimise the largest |error| over the non-DP rows of ONE shaped link; grid search over
+    ``EMULATION_GRID``. The other links are then predicted with them (hold-out)."""
+    import itertools
+
+    best = None
+    for eff, hol, dil in itertools.product(*EMULATION_GRID.values()):
+        emu = {"efficiency": eff, "hol_bytes": hol, "cpu_dilation": dil}
+        rows = [r for r in validate(bench, use_loads, emu, links=(link,))
+                if "error" not in r and not r["calibration"]]
+        worst = max((abs(r["error_pct"]) for r in rows), default=0.0)
+        if best is None or worst < best[0]:
+            best = (worst, emu)
+    return {**best[1], "fitted_on": link, "max_abs_error_pct": best[0]}

@@ -1,0 +1,172 @@
+"""``dice-ds tune``: pick a DICE policy for a quality budget and write it as a sample config.
+
+Owns the subcommand: reading (or measuring, ``--measure``) the sensitivity table, fitting the
+proxy-to-PSNR map on the measured quality table, the speed model (``dice_ds.plan``: per-phase
+costs and link from a ``dice-ds bench`` JSON of the same model, or a GPU device/link preset), the
+search (``dice_ds.tune.search``) and writing the chosen policy as a ``dice-ds sample --config``
+JSON, validated by ``dice_ds.ds_config`` before it is written, plus a report JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from dice_ds.config import ConfigError, get_flavor
+from dice_ds.plan.costs import Workload, costs_from_flops, costs_from_phases
+from dice_ds.plan.predict import predict_plan
+from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
+from dice_ds.schedule import Schedule
+from dice_ds.tune import quality, search, sensitivity
+
+DICE_FIXED = search.Policy("interweaved", (), 0, 0, 0, 2)
+"""DICE's fixed policy; its layers are the shallow half (filled in for the model's depth)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dice-ds tune",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Fastest predicted DICE policy within a quality "
+                                            "budget (docs/tune.md).")
+    p.add_argument("--budget", required=True,
+                   help="predicted PSNR vs sync EP in dB that the policy must keep (e.g. 40), or "
+                        "'dice': no larger predicted deviation than DICE's fixed policy")
+    p.add_argument("--sensitivity", default="docs/tune_sensitivity.json",
+                   help="sensitivity table (JSON); with --measure it is written there")
+    p.add_argument("--measure", action="store_true", help="measure the table first (one process)")
+    p.add_argument("--ckpt", default="dice_ds/assets/digits_dit_moe.pt")
+    p.add_argument("--model", default="digits")
+    p.add_argument("--samples", type=int, default=64, help="--measure: samples in the run")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--quality", default="docs/quality.json",
+                   help="measured PSNR vs sync per mode (dice-ds eval --sweep JSON) for the fit")
+    p.add_argument("--world", type=int, default=2, help="EP ranks")
+    p.add_argument("--batch", type=int, default=125, help="images per rank")
+    p.add_argument("--bench-json", default=None,
+                   help="speed model from this dice-ds bench JSON (its DP row and probe; the "
+                        "bench job must be the same model)")
+    p.add_argument("--link", default="300mbit", help="link preset, rate, or the bench's link name")
+    p.add_argument("--device", default="rtx4090", help="without --bench-json: device preset")
+    p.add_argument("--out", default="configs/ds/digits_tuned.json")
+    return p
+
+
+def _speed_model(a, w: Workload):
+    if a.bench_json:
+        from dice_ds.plan.validate import link_of, load, row, workload_of
+
+        bench = load(a.bench_json)
+        bw = workload_of(bench)
+        dp = row(bench, a.link, "dp")
+        if dp is None:
+            raise ValueError(f"{a.bench_json}: no DP row on link {a.link!r}")
+        if bw.cfg.name != w.cfg.name:
+            raise ValueError(f"{a.bench_json} timed {bw.cfg.name}, not {w.cfg.name}")
+        scale = (w.images_per_rank * (2 if w.cfg_guidance else 1)) / (
+            bw.images_per_rank * (2 if bw.cfg_guidance else 1))
+        costs = costs_from_phases(dp, bw.cfg.depth, bw.steps).scaled(scale)
+        return costs, link_of(bench, a.link), f"bench {a.bench_json} ({a.link}), x{scale:g} rows"
+    dev = replace(parse_device(a.device), efficiency=EFFICIENCY)
+    return costs_from_flops(w, dev.flops), parse_link(a.link), f"{dev.name} / {a.link}"
+
+
+def _fit(path: str, table: dict, w: Workload, world: int) -> quality.PsnrFit:
+    from dice_ds.plan.predict import build_plan
+
+    data = json.loads(Path(path).read_text())
+    pts = []
+    for r in data["rows"]:
+        f = r.get("flags") or ""
+        if "--ep-async" not in f or "high" in f or "rand" in f or r.get("psnr_db") is None:
+            continue
+        plan = build_plan(f.split(), w, world)
+        pts.append((r["mode"], quality.deviation(Schedule.build(plan, w.steps, w.cfg.depth),
+                                                 table), r["psnr_db"]))
+    return quality.PsnrFit.fit(pts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        if a.measure:
+            table = sensitivity.measure(a.ckpt, a.model, a.samples, a.steps, a.cfg_scale)
+            sensitivity.save(table, a.sensitivity)
+        table = sensitivity.load(a.sensitivity)
+        cfg = get_flavor(a.model)
+        w = Workload(cfg, images_per_rank=a.batch, cfg_guidance=a.cfg_scale > 1, steps=a.steps,
+                     dtype="fp32")
+        costs, link, speed_src = _speed_model(a, w)
+        fit = _fit(a.quality, table, w, a.world)
+        sync = predict_plan(search.Policy(period=1).plan(a.world).validate(
+            world_size=a.world, num_experts=cfg.num_experts, depth=cfg.depth), w, costs, link)
+
+        def evaluate(p: search.Policy):
+            plan = p.plan(a.world).validate(world_size=a.world, num_experts=cfg.num_experts,
+                                            depth=cfg.depth)
+            t = predict_plan(plan, w, costs, link)["batch_seconds"]
+            return sync["batch_seconds"] / t, quality.deviation(
+                Schedule.build(plan, w.steps, cfg.depth), table)
+
+        dice = replace(DICE_FIXED, layers=tuple(range(cfg.depth // 2)))
+        dice_speed, dice_d = evaluate(dice)
+        if a.budget == "dice":
+            d_max = dice_d
+        else:
+            d_max = fit.max_deviation(float(a.budget.removesuffix("dB")))
+        best, seen = search.search(cfg.depth, evaluate, d_max)
+    except (ValueError, KeyError, ConfigError, OSError) as e:
+        print(f"dice-ds tune: error: {e}", file=sys.stderr)
+        return 2
+    if best is None:
+        print(f"dice-ds tune: no policy meets the budget {a.budget} (not even sync EP)",
+              file=sys.stderr)
+        return 1
+    policy, speed, dev = best
+    a.command = "dice-ds tune " + " ".join(argv if argv is not None else sys.argv[1:])
+    _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen, table)
+    return 0
+
+
+def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen,
+           table) -> None:
+    from dice_ds.ds_config import convert_flat, validate_data
+
+    opts = {"model": a.model, "ckpt": a.ckpt, "vae": "identity", "device": "cpu",
+            "num_sampling_steps": a.steps, "cfg_scale": a.cfg_scale,
+            "per_proc_batch_size": a.batch, **policy.options()}
+    data = {"description": (f"dice-ds tune --budget {a.budget}: predicted {speed:.2f}x over sync "
+                            f"EP ({speed_src}), predicted PSNR vs sync {fit.psnr(dev):.1f} dB; "
+                            f"DICE's fixed policy: {dice_speed:.2f}x, {fit.psnr(dice_d):.1f} dB"),
+            **convert_flat(opts)}
+    validate_data(data, a.out)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(data, indent=2) + "\n")
+    top = sorted((x for x in seen if x[2] <= d_max), key=lambda x: -x[1])[:10]
+    report = {"command": a.command,
+              "budget": a.budget, "d_max": d_max, "speed_model": speed_src,
+              "fit": {"a": fit.a, "b": fit.b, "points": fit.residuals},
+              "chosen": {"flags": " ".join(policy.flags()), "speedup": speed, "deviation": dev,
+                         "psnr_pred": fit.psnr(dev)},
+              "dice_fixed": {"flags": " ".join(dice.flags()), "speedup": dice_speed,
+                             "deviation": dice_d, "psnr_pred": fit.psnr(dice_d)},
+              "evaluated": len(seen),
+              "top_feasible": [{"flags": " ".join(p.flags()), "speedup": s, "deviation": d,
+                                "psnr_pred": fit.psnr(d)} for p, s, d in top],
+              "layer_sensitivity_mean": [sum(row) / max(1, len(row) - 1)
+                                         for row in table["stale"]["1"]]}
+    rep = Path(a.out).with_suffix(".report.json")
+    rep.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"chosen: {' '.join(policy.flags())}\n  predicted {speed:.2f}x over sync EP, "
+          f"PSNR vs sync {fit.psnr(dev):.1f} dB (deviation {dev:.3f}, budget {d_max:.3f})\n"
+          f"DICE fixed: {' '.join(dice.flags())}\n  predicted {dice_speed:.2f}x, "
+          f"{fit.psnr(dice_d):.1f} dB (deviation {dice_d:.3f})\n"
+          f"fit PSNR = {fit.a:.2f} - {fit.b:.2f} * 10 log10(D) over {len(fit.residuals)} modes\n"
+          f"wrote {a.out} and {rep}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Quality proxy for ``dice-ds tune``: a schedule's predicted deviation from sync EP, and its PSNR.
+
+Owns ``deviation(sched, table)`` and ``PsnrFit``. The deviation D sums, over every (step, layer)
+call, the relative error the schedule substitutes there, read from the sensitivity table
+(``dice_ds.tune.sensitivity``):
+
+- a stale call: ``stale[k][l][i]`` with k = 1 for interweaved and for displaced right after a sync
+  step, k = 2 for displaced otherwise (the staleness of docs/design.md);
+- a skipping SYNC call ('low' strategy): ``low_share[l] * stale[1][l][i]`` (the low slot's output
+  comes from the previous full exchange). A skipping STALE call adds nothing: its skipped slot is
+  replaced by an output about as old as the stale one it already uses -- measured: interweaved with
+  and without low skipping are 38.22 / 38.23 dB PSNR vs sync (docs/quality.md).
+
+``PsnrFit`` maps D to PSNR vs sync: PSNR = a - b * 10 log10(D), least squares over measured rows
+of docs/quality.json (the 'low'-skip and no-skip EP modes); the fit's residuals are reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dice_ds.schedule import Schedule
+
+
+def deviation(sched: Schedule, table: dict) -> float:
+    stale, share = table["stale"], table["low_share"]
+    S = sched.num_steps
+    if S != table["steps"]:
+        raise ValueError(f"sensitivity table has {table['steps']} steps, the schedule {S}")
+    total = 0.0
+    for i in range(S, 0, -1):
+        after_sync = i + 1 <= S and sched.ep_sync_step(i + 1)
+        for l in range(sched.depth):
+            if sched.ep_stale(i, l):
+                k = 1 if sched.ep_mode == "interweaved" or after_sync else 2
+                total += stale[str(k)][l][i]
+            elif sched.skips(i, l):
+                total += share[l] * stale["1"][l][i]
+    return total
+
+
+@dataclass(frozen=True)
+class PsnrFit:
+    a: float
+    b: float
+    residuals: tuple[tuple[str, float, float], ...] = ()
+    """(mode, measured PSNR, fitted PSNR) of the points fitted."""
+
+    def psnr(self, d: float) -> float:
+        return math.inf if d <= 0 else self.a - self.b * 10 * math.log10(d)
+
+    def max_deviation(self, psnr_db: float) -> float:
+        """The largest D whose predicted PSNR is still >= ``psnr_db``."""
+        return 10 ** ((self.a - psnr_db) / (10 * self.b))
+
+    @classmethod
+    def fit(cls, points: list[tuple[str, float, float]]) -> "PsnrFit":
+        """points: (mode, D, measured PSNR dB); needs >= 2 points with D > 0."""
+        pts = [(m, 10 * math.log10(d), p) for m, d, p in points if d > 0 and math.isfinite(p)]
+        if len(pts) < 2:
+            raise ValueError("PSNR fit needs at least two measured modes with staleness")
+        n = len(pts)
+        mx = sum(x for _, x, _ in pts) / n
+        my = sum(y for _, _, y in pts) / n
+        sxx = sum((x - mx) ** 2 for _, x, _ in pts)
+        slope = sum((x - mx) * (y - my) for _, x, y in pts) / sxx if sxx > 0 else -2.0
+        b = -slope
+        a = my + b * mx
+        fit = cls(a, b)
+        return cls(a, b, tuple((m, p, fit.psnr(10 ** (x / 10))) for m, x, p in pts))

@@ -1,0 +1,130 @@
+"""Policy search for ``dice-ds tune``: the fastest predicted schedule within a quality budget.
+
+Owns ``Policy`` (EP mode, async layer set -- any subset --, warm-up, cool-down, strided sync,
+skip period with the 'low' strategy), its ``ParallelPlan`` and sampler flags, and ``search``.
+
+Search: for every point of a small grid over (mode, warm-up, cool-down, stride, period), the
+async layer set is chosen either exhaustively (depth <= ``EXHAUSTIVE_MAX``: every subset) or
+greedily: starting from no async layer, add the layer with the largest predicted time saved per
+unit of added deviation (``dice_ds.tune.quality.deviation``) whose result stays within the
+budget; stop when no layer both fits and saves time. The answer is the feasible policy with the
+largest predicted speed-up over sync EP (ties: smaller deviation). Only the 'low' skip strategy is
+searched: it is the measured best (docs/quality.md: low < rand < high).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+from dice_ds.parallel.plan import ParallelPlan
+
+EXHAUSTIVE_MAX = 10
+
+
+@dataclass(frozen=True)
+class Policy:
+    mode: str = "interweaved"
+    layers: tuple[int, ...] = ()
+    warmup: int = 0
+    cooldown: int = 0
+    strided: int = 0
+    period: int = 1
+
+    def plan(self, ep_size: int) -> ParallelPlan:
+        stale = bool(self.layers)
+        return ParallelPlan(
+            ep_size=ep_size, mode=self.mode if stale else "sync",
+            async_layers=self.layers if stale else "shallow",
+            warmup=self.warmup if stale else 0, cooldown=self.cooldown if stale else 0,
+            strided=self.strided if stale else 0, skip_period=self.period,
+            skip_strategy="low" if self.period > 1 else None)
+
+    def options(self) -> dict:
+        """``RunOptions`` field values (for ``dice_ds.ds_config.convert_flat``)."""
+        out: dict = {"ep": True}
+        if self.layers:
+            out.update(ep_async=True, ep_async_pipeline=self.mode == "interweaved",
+                       ep_async_layers=",".join(map(str, self.layers)))
+            for key, value in (("ep_async_warm_up", self.warmup),
+                               ("ep_async_cool_down", self.cooldown),
+                               ("strided_sync", self.strided)):
+                if value:
+                    out[key] = value
+        if self.period > 1:
+            out.update(ep_async_noskip_step=self.period, ep_async_skip_strategy="low")
+        return out
+
+    def flags(self) -> list[str]:
+        f = ["--ep"]
+        if self.layers:
+            f += ["--ep-async"] + (["--ep-async-pipeline"] if self.mode == "interweaved" else [])
+            f += ["--ep-async-layers", ",".join(map(str, self.layers))]
+            for flag, value in (("--ep-async-warm-up", self.warmup),
+                                ("--ep-async-cool-down", self.cooldown),
+                                ("--strided-sync", self.strided)):
+                if value:
+                    f += [flag, str(value)]
+        if self.period > 1:
+            f += ["--ep-async-noskip-step", str(self.period), "--ep-async-skip-strategy", "low"]
+        return f
+
+
+SMALL_GRID = {"mode": ("interweaved", "displaced"), "warmup": (0, 1, 2, 4), "cooldown": (0, 2),
+              "strided": (0, 5), "period": (1, 2, 4)}
+LARGE_GRID = {"mode": ("interweaved",), "warmup": (0, 1, 2), "cooldown": (0,), "strided": (0,),
+              "period": (1, 2)}
+
+Evaluate = Callable[[Policy], tuple[float, float]]
+"""policy -> (predicted speed-up over sync EP, deviation D)."""
+
+
+def _greedy(base: Policy, depth: int, ev, d_max: float) -> list[tuple[Policy, float, float]]:
+    cur = base
+    cur_s, cur_d = ev(cur)
+    seen = [(cur, cur_s, cur_d)]
+    while True:
+        best = None
+        for l in range(depth):
+            if l in cur.layers:
+                continue
+            cand = Policy(**{**cur.__dict__, "layers": tuple(sorted(cur.layers + (l,)))})
+            s, d = ev(cand)
+            seen.append((cand, s, d))
+            if d > d_max or s <= cur_s:
+                continue
+            score = (s - cur_s) / max(d - cur_d, 1e-12)
+            if best is None or score > best[0]:
+                best = (score, cand, s, d)
+        if best is None:
+            return seen
+        _, cur, cur_s, cur_d = best
+
+
+def search(depth: int, ev: Evaluate, d_max: float, grid: dict | None = None
+           ) -> tuple[tuple[Policy, float, float] | None, list]:
+    """(best feasible (policy, speed-up, D) or None, every evaluated point)."""
+    grid = grid or (SMALL_GRID if depth <= EXHAUSTIVE_MAX else LARGE_GRID)
+    cache: dict = {}
+
+    def cached(p: Policy):
+        if p not in cache:
+            cache[p] = ev(p)
+        return cache[p]
+
+    seen = []
+    for mode, w, c, s, period in itertools.product(*(grid[k] for k in
+                                                     ("mode", "warmup", "cooldown", "strided",
+                                                      "period"))):
+        base = Policy(mode, (), w, c, s, period)
+        if depth <= EXHAUSTIVE_MAX:
+            for r in range(0, depth + 1):
+                for layers in itertools.combinations(range(depth), r):
+                    p = Policy(mode, layers, w, c, s, period)
+                    seen.append((p, *cached(p)))
+        else:
+            seen += _greedy(base, depth, cached, d_max)
+    feasible = [x for x in seen if x[2] <= d_max]
+    best = max(feasible, key=lambda x: (x[1], -x[2]), default=None)
+    return best, seen

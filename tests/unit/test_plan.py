@@ -1,0 +1,136 @@
+"""dice_ds.plan: message sizes, FLOPs, link topology and the simulated schedule on hand-computed
+cases (no process group)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dice_ds.config import ModelConfig
+from dice_ds.parallel.plan import ParallelPlan
+from dice_ds.plan.costs import (
+    LayerCosts,
+    Messages,
+    Workload,
+    costs_from_phases,
+    layer_flops,
+    messages,
+)
+from dice_ds.plan.memory import memory
+from dice_ds.plan.predict import Topology, group_link, predict, sizes
+from dice_ds.plan.presets import Link, parse_link
+from dice_ds.plan.sim import simulate
+from dice_ds.schedule import Schedule
+
+CFG = ModelConfig("t", depth=2, hidden_size=8, num_heads=2, num_experts=4, input_size=4)
+W = Workload(CFG, images_per_rank=1, cfg_guidance=True, steps=3, dtype="fp32")
+C = LayerCosts(attn=1.0, router=0.5, shared=0.5, experts=2.0, post=0.0)   # 4 s per layer call
+
+
+def test_rows_messages_and_flops():
+    assert CFG.num_tokens == 4 and W.rows == 8                # 1 image x CFG 2 x 4 tokens
+    m = messages(W, ep=2)
+    slots = 8 * 2 / 2                                         # N k (W-1)/W
+    assert m.dispatch == slots * (8 + 1) * 4                  # h + 1 prob column, fp32
+    assert m.combine == slots * 8 * 4
+    assert messages(W, ep=2, payload="bf16").dispatch == slots * (8 + 2) * 2
+    assert messages(W, ep=1).dispatch == 0
+    f = layer_flops(W)
+    assert f["experts"] == 6 * 8 * 2 * 8 * 32 and f["router"] == 2 * 8 * 8 * 4
+    assert f["shared"] == 6 * 8 * 8 * 16
+
+
+def test_link_presets_and_topology():
+    assert parse_link("300mbit").bandwidth == pytest.approx(300e6 / 8)
+    intra, inter = Link("a", 100.0, 0.0), Link("b", 10.0, 0.0)
+    g = group_link(intra, 16, Topology(8, inter))
+    off = 8 / 15                                              # off-node share of remote bytes
+    assert g.bandwidth == pytest.approx(1 / max((1 - off) / 100.0, off / 10.0))
+    assert group_link(intra, 8, Topology(8, inter)) is intra
+    assert sizes("sync", 64, 8) == (8, 1) and sizes("sync", 16, 16) == (16, 1)
+    assert sizes("sp", 64, 8) == (1, 8) and sizes("hybrid", 8, 8) == (4, 2)
+    assert sizes("dp", 8, 8) == (1, 1)
+
+
+def _sched(**kw):
+    return Schedule.build(ParallelPlan(**kw), 3, 2)
+
+
+FAST = Link("fast", 1e18, 0.0)
+SLOW = Link("slow", 1.0, 0.0)          # 1 byte/s: comm dominates
+MSG = Messages(dispatch=10.0, combine=10.0, counts=0.0)
+
+
+def test_dp_and_sync_ep_are_serial_sums():
+    dp = simulate(_sched(), C, Messages(0, 0, 0), FAST, ranks=1)
+    assert dp.seconds == pytest.approx(3 * 2 * 4.0)
+    sync = simulate(_sched(ep_size=2), C, MSG, SLOW, ranks=2)
+    # every call: 4 s compute + dispatch 10 s + combine 10 s, serially
+    assert sync.seconds == pytest.approx(3 * 2 * (4.0 + 20.0))
+    assert sync.comm_share == pytest.approx(20 / 24)
+
+
+def test_imbalance_makes_the_combine_wait_for_the_slowest_rank():
+    loads = lambda i, l: [1.5, 0.5]                                  # noqa: E731
+    r = simulate(_sched(ep_size=2), C, Messages(0, 0, 0), FAST, ranks=2, loads=loads)
+    assert r.seconds == pytest.approx(6 * (2.0 + 2.0 * 1.5))
+
+
+def test_displaced_hides_comm_when_it_is_cheap():
+    plan = dict(ep_size=2, mode="displaced", async_layers="all")
+    r = simulate(_sched(**plan), C, MSG, Link("x", 1e3, 0.0), ranks=2)
+    # first step sync (2 x (4 + 0.02)), then pure compute; the last combines drain at the end
+    assert r.seconds == pytest.approx(2 * 4.02 + 4 * 4.0, abs=0.1)
+
+
+def test_async_modes_are_bounded_by_the_link_when_comm_bound():
+    for mode in ("displaced", "interweaved"):
+        r = simulate(_sched(ep_size=2, mode=mode, async_layers="all"), C, MSG, SLOW, ranks=2)
+        sync = 3 * 2 * 24.0
+        assert 6 * 20.0 <= r.seconds < sync                     # all bytes pass the link
+        assert r.bytes_per_rank == pytest.approx(6 * 20.0)
+
+
+def test_interweaved_dispatch_has_one_layer_to_hide_behind():
+    # a stale call posts its dispatch after attention + router + shared (2 s into the layer); the
+    # next ring layer needs it 4 s later: a 3.5 s dispatch lands in time, a 4.5 s one stalls
+    plan = _sched(ep_size=2, mode="interweaved", async_layers="all")
+    ok = simulate(plan, C, Messages(3.5, 0.0, 0.0), SLOW, ranks=2)
+    late = simulate(plan, C, Messages(4.5, 0.0, 0.0), SLOW, ranks=2)
+    assert ok.stalls.get("wait dispatch", 0.0) == 0.0
+    assert late.stalls["wait dispatch"] > 0.4
+
+
+def test_skip_halves_the_bytes_of_skip_steps():
+    base = simulate(_sched(ep_size=2), C, MSG, FAST, ranks=2).bytes_per_rank
+    skip = simulate(_sched(ep_size=2, skip_period=2, skip_strategy="low"), C, MSG, FAST,
+                    ranks=2).bytes_per_rank
+    # 3 steps: i = 3 (first, never skips), 2 (2 % 2 == 0: full), 1 (skips): 2.5 of 3 steps
+    assert skip == pytest.approx(base * 2.5 / 3)
+
+
+def test_memory_interweaved_is_about_half_of_displaced():
+    big = Workload(CFG.replace(depth=8), images_per_rank=2, steps=4, dtype="fp32")
+    disp = memory(big, Schedule.build(ParallelPlan(ep_size=2, mode="displaced",
+                                                   async_layers="all"), 4, 8), 2, 1, None)
+    iw = memory(big, Schedule.build(ParallelPlan(ep_size=2, mode="interweaved",
+                                                 async_layers="all"), 4, 8), 2, 1, None)
+    assert 0.5 <= iw["stale_cache"] / disp["stale_cache"] <= 0.6
+    n, h = big.rows, 8
+    assert disp["stale_cache"] == 8 * (n * 2 * (h + 1) * 4 + n * 2 * h * 4)
+
+
+def test_costs_from_phases_spread_the_rest_over_layer_calls():
+    row = {"seconds": 10.0, "phases": {"router": 1.0, "preprocess": 1.0, "shared": 2.0,
+                                       "experts": 4.0, "dispatch": 0.5, "combine": 0.5}}
+    c = costs_from_phases(row, depth=2, steps=5)
+    assert (c.router, c.shared, c.experts, c.post) == (0.2, 0.2, 0.4, 0.1)
+    assert c.attn == pytest.approx(1.0 / 10)
+    assert c.total * 10 == pytest.approx(10.0)
+
+
+def test_predict_builds_the_samplers_plan():
+    r = predict("dice", W, C, FAST, 2)
+    assert r["ep"] == 2 and "--ep-async-pipeline" in r["flags"]
+    assert math.isfinite(r["batch_seconds"]) and r["memory"]["skip_cache"] > 0

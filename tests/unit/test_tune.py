@@ -1,0 +1,82 @@
+"""dice_ds.tune: the deviation proxy, the PSNR fit and the policy search on synthetic tables."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dice_ds.parallel.plan import ParallelPlan
+from dice_ds.schedule import Schedule
+from dice_ds.tune import quality, search
+
+S, L = 4, 2
+TABLE = {"steps": S, "stale": {"1": [[float(l + 1)] * (S + 1) for l in range(L)],
+                               "2": [[10.0 * (l + 1)] * (S + 1) for l in range(L)]},
+         "low_share": [0.5, 0.5]}
+
+
+def _d(**kw):
+    return quality.deviation(Schedule.build(ParallelPlan(ep_size=2, **kw), S, L), TABLE)
+
+
+def test_deviation_counts_staleness_per_call():
+    assert _d() == 0.0                                                    # sync EP
+    assert _d(mode="interweaved", async_layers=(0,)) == 3 * 1.0           # steps 3, 2, 1
+    # displaced: step 3 comes right after the sync step 4 (1 stale), steps 2, 1 are 2 stale
+    assert _d(mode="displaced", async_layers=(0,)) == 1.0 + 2 * 10.0
+    assert _d(mode="interweaved", async_layers=(0,), warmup=1) == 2 * 1.0
+    # low skip (P = 2: steps 3 and 1) costs only on the sync layer 1: 2 x 0.5 x 2.0
+    assert _d(mode="interweaved", async_layers=(0,), skip_period=2,
+              skip_strategy="low") == 3.0 + 2.0
+
+
+def test_psnr_fit_recovers_a_line_and_inverts():
+    pts = [(f"m{k}", d, 50.0 - 2.0 * 10 * math.log10(d)) for k, d in enumerate((0.5, 1, 4))]
+    fit = quality.PsnrFit.fit(pts)
+    assert fit.a == pytest.approx(50.0) and fit.b == pytest.approx(2.0)
+    assert fit.max_deviation(fit.psnr(3.0)) == pytest.approx(3.0)
+    assert all(abs(m - f) < 1e-9 for _, m, f in fit.residuals)
+
+
+SENS = [1.0, 5.0, 2.0, 10.0]
+
+
+def _ev(p: search.Policy):
+    return 1.0 + 0.1 * len(p.layers), sum(SENS[l % 4] for l in p.layers)
+
+
+ONE = {"mode": ("interweaved",), "warmup": (0,), "cooldown": (0,), "strided": (0,),
+       "period": (1,)}
+
+
+def test_exhaustive_search_takes_the_fastest_subset_within_budget():
+    best, seen = search.search(4, _ev, d_max=3.5, grid=ONE)
+    assert best[0].layers == (0, 2) and best[1] == pytest.approx(1.2)
+    assert len(seen) == 16                                   # every subset, empty included
+
+
+def test_greedy_search_adds_the_cheapest_layers_first():
+    best, _ = search.search(12, _ev, d_max=12.0, grid=ONE)   # depth 12 > EXHAUSTIVE_MAX
+    # sensitivities 1, 5, 2, 10 repeating: the three 1s and three 2s fit (D = 9), no 5 fits
+    assert sorted(best[0].layers) == [0, 2, 4, 6, 8, 10] and best[2] == pytest.approx(9.0)
+
+
+def test_no_feasible_policy_gives_none():
+    best, _ = search.search(4, lambda p: (1.0, 1.0), d_max=0.5, grid=ONE)
+    assert best is None
+
+
+def test_policy_becomes_a_valid_sample_config():
+    from dice_ds.ds_config import convert_flat, validate_data
+    from dice_ds.options import async_layers_of, build_plan, parse_options
+
+    p = search.Policy("interweaved", (0, 2), warmup=1, period=2)
+    data = convert_flat({"model": "digits", **p.options()})
+    validate_data(data, "<test>")
+    assert data["dice"]["async"]["layers"] == [0, 2]
+    opts = parse_options(p.flags() + ["--model", "digits", "--init", "random"])
+    assert async_layers_of(opts) == (0, 2)
+    plan = build_plan(opts, world_size=2, num_experts=8, depth=4)
+    assert plan == p.plan(2).replace(skip_seed=plan.skip_seed,
+                                     stale_output_weights=plan.stale_output_weights)
