@@ -76,7 +76,13 @@ RATE_HOL = 64 * 1024
 
 
 def parse_link(name: str) -> Link:
-    """A preset name or a tc rate ('300mbit')."""
+    """A preset name, a preset with its bandwidth replaced ('pcie4@6': 6 GB/s per direction), or a
+    tc rate ('300mbit')."""
+    if "@" in name:
+        base, gbps = name.split("@", 1)
+        link = parse_link(base)
+        return Link(f"{link.name} at {gbps} GB/s", float(gbps) * 1e9, link.latency,
+                    link.hol_bytes, link.cpu_dilation)
     if name in LINKS:
         return LINKS[name]
     try:

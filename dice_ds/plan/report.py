@@ -76,7 +76,9 @@ def plot(scen: list[dict], val: list[dict] | None, path: Path) -> str | None:
         return "matplotlib is not installed: no plot"
     groups = list(dict.fromkeys((r["model"], r["gpus"], r["scenario"]) for r in scen))
     modes = list(dict.fromkeys(r["mode"] for r in scen))
-    ncol = 2 if val else 1
+    ncol = (1 if scen else 0) + (1 if val else 0)
+    if not ncol:
+        return "nothing to plot"
     fig, axes = plt.subplots(1, ncol, figsize=(7 * ncol, 4.2), squeeze=False)
     ax = axes[0][0]
     width = 0.8 / max(1, len(groups))
@@ -85,13 +87,14 @@ def plot(scen: list[dict], val: list[dict] | None, path: Path) -> str | None:
                     and r["mode"] == m), 0) for m in modes]
         ax.bar([x + gi * width for x in range(len(modes))], ys, width,
                label=f"{g[0]} {g[1]} GPUs {g[2]}")
-    ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(modes))], modes, rotation=45,
-                  fontsize=7)
-    ax.set_ylabel("predicted speed-up over sync EP")
-    ax.legend(fontsize=5)
+    if scen:
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(modes))], modes, rotation=45,
+                      fontsize=7)
+        ax.set_ylabel("predicted speed-up over sync EP")
+        ax.legend(fontsize=5)
     if val:
-        ax = axes[0][1]
+        ax = axes[0][-1]
         pts = [r for r in val if "error" not in r]
         for link in dict.fromkeys(r["link"] for r in pts):
             mine = [r for r in pts if r["link"] == link]

@@ -4,7 +4,7 @@ Owns the subcommand: reading (or measuring, ``--measure``) the sensitivity table
 proxy-to-PSNR map on the measured quality table, the speed model (``dice_ds.plan``: per-phase
 costs and link from a ``dice-ds bench`` JSON of the same model, or a GPU device/link preset), the
 search (``dice_ds.tune.search``) and writing the chosen policy as a ``dice-ds sample --config``
-JSON, validated by ``dice_ds.ds_config`` before it is written, plus a report JSON beside it.
+JSON, validated by ``dice_ds.ds_config`` before it is written, plus a report JSON (``--report``).
 """
 
 from __future__ import annotations
@@ -50,8 +50,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="speed model from this dice-ds bench JSON (its DP row and probe; the "
                         "bench job must be the same model)")
     p.add_argument("--link", default="300mbit", help="link preset, rate, or the bench's link name")
+    p.add_argument("--emulation-from", default=None, metavar="BENCH_JSON",
+                   help="emulated links: fit the emulation constants on this bench's --link rows "
+                        "(dice_ds.plan.validate.fit_emulation) and use them in the speed model")
     p.add_argument("--device", default="rtx4090", help="without --bench-json: device preset")
     p.add_argument("--out", default="configs/ds/digits_tuned.json")
+    p.add_argument("--report", default="docs/tune_report.json",
+                   help="the search report (not beside --out: configs/ds/*.json must all be configs)")
+    p.add_argument("--evidence", type=int, default=0, metavar="N",
+                   help="then sample N images with sync EP, DICE's fixed and the tuned policy "
+                        "(torchrun, --world ranks) and report PSNR vs sync (dice_ds.tune.evidence)")
     return p
 
 
@@ -69,7 +77,15 @@ def _speed_model(a, w: Workload):
         scale = (w.images_per_rank * (2 if w.cfg_guidance else 1)) / (
             bw.images_per_rank * (2 if bw.cfg_guidance else 1))
         costs = costs_from_phases(dp, bw.cfg.depth, bw.steps).scaled(scale)
-        return costs, link_of(bench, a.link), f"bench {a.bench_json} ({a.link}), x{scale:g} rows"
+        emu, note = None, ""
+        if a.emulation_from:
+            from dice_ds.plan.validate import fit_emulation
+
+            emu = fit_emulation(load(a.emulation_from), a.link)
+            note = (f", emulation fitted on {a.emulation_from}: efficiency {emu['efficiency']}, "
+                    f"hol {emu['hol_bytes']:.0f} B, dilation {emu['cpu_dilation']}")
+        return (costs, link_of(bench, a.link, emu),
+                f"bench {a.bench_json} ({a.link}), x{scale:g} rows{note}")
     dev = replace(parse_device(a.device), efficiency=EFFICIENCY)
     return costs_from_flops(w, dev.flops), parse_link(a.link), f"{dev.name} / {a.link}"
 
@@ -127,7 +143,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     policy, speed, dev = best
     a.command = "dice-ds tune " + " ".join(argv if argv is not None else sys.argv[1:])
-    _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen, table)
+    report = _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen,
+                    table)
+    if a.evidence:
+        from dice_ds.tune import evidence
+
+        rows = evidence.run(a.ckpt, policy.flags(), a.evidence, a.steps, a.cfg_scale, a.world,
+                            log=lambda m: print(m, file=sys.stderr))
+        pred = {"DICE (fixed)": report["dice_fixed"], "tuned": report["chosen"]}
+        for r in rows:
+            p = pred.get(r["policy"], {})
+            r.update(psnr_pred=p.get("psnr_pred"), speedup_pred=p.get("speedup"))
+            print(f"{r['policy']:13} PSNR vs sync {r.get('psnr_db', float('nan')):6.2f} dB "
+                  f"(predicted {p.get('psnr_pred', float('inf')):.1f}), digits-FID "
+                  f"{r.get('digits_fid', float('nan')):.2f}, class acc "
+                  f"{100 * r.get('class_accuracy', float('nan')):.1f} %, predicted speed-up "
+                  f"{p.get('speedup', 1.0):.2f}x")
+        report["evidence"] = rows
+        Path(a.report).write_text(json.dumps(report, indent=1,
+                                                                      default=str) + "\n")
     return 0
 
 
@@ -135,7 +169,7 @@ def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_sr
            table) -> None:
     from dice_ds.ds_config import convert_flat, validate_data
 
-    opts = {"model": a.model, "ckpt": a.ckpt, "vae": "identity", "device": "cpu",
+    opts = {"model": a.model, "ckpt": a.ckpt, "vae": "identity", "device": "cpu", "sampler": "rf",
             "num_sampling_steps": a.steps, "cfg_scale": a.cfg_scale,
             "per_proc_batch_size": a.batch, **policy.options()}
     data = {"description": (f"dice-ds tune --budget {a.budget}: predicted {speed:.2f}x over sync "
@@ -158,14 +192,15 @@ def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_sr
                                 "psnr_pred": fit.psnr(d)} for p, s, d in top],
               "layer_sensitivity_mean": [sum(row) / max(1, len(row) - 1)
                                          for row in table["stale"]["1"]]}
-    rep = Path(a.out).with_suffix(".report.json")
-    rep.write_text(json.dumps(report, indent=1) + "\n")
+    rep = Path(a.report)
+    rep.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"chosen: {' '.join(policy.flags())}\n  predicted {speed:.2f}x over sync EP, "
           f"PSNR vs sync {fit.psnr(dev):.1f} dB (deviation {dev:.3f}, budget {d_max:.3f})\n"
           f"DICE fixed: {' '.join(dice.flags())}\n  predicted {dice_speed:.2f}x, "
           f"{fit.psnr(dice_d):.1f} dB (deviation {dice_d:.3f})\n"
           f"fit PSNR = {fit.a:.2f} - {fit.b:.2f} * 10 log10(D) over {len(fit.residuals)} modes\n"
           f"wrote {a.out} and {rep}")
+    return report
 
 
 if __name__ == "__main__":

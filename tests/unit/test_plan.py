@@ -43,6 +43,8 @@ def test_rows_messages_and_flops():
 
 def test_link_presets_and_topology():
     assert parse_link("300mbit").bandwidth == pytest.approx(300e6 / 8)
+    assert parse_link("pcie4@6").bandwidth == 6e9
+    assert parse_link("pcie4@6").latency == parse_link("pcie4").latency
     intra, inter = Link("a", 100.0, 0.0), Link("b", 10.0, 0.0)
     g = group_link(intra, 16, Topology(8, inter))
     off = 8 / 15                                              # off-node share of remote bytes
