@@ -84,17 +84,20 @@ def scenarios(a, models, gpus) -> list[dict]:
             link = parse_link(link_name)
             for n in gpus:
                 for r in predict_all(w, costs, link, n, _split(a.modes), topo=topo):
-                    rows.append({"model": cfg.name, "gpus": n, "scenario": scen, **r})
+                    held = sum(r["memory"].values())
+                    fits = held <= dev.memory_gib * 2**30 if dev.memory_gib else None
+                    rows.append({"model": cfg.name, "gpus": n, "scenario": scen, **r,
+                                 "fits_memory": fits})
     return rows
 
 
-def paper_line(rows: list[dict]) -> str | None:
+def paper_line(rows: list[dict], batch: int, steps: int) -> str | None:
     dice = next((r for r in rows if r["model"] == PAPER["model"] and r["gpus"] == PAPER["gpus"]
                  and r["scenario"] == PAPER["scenario"] and r["mode"] == "dice"), None)
     if not dice:
         return None
-    return (f"Paper setting ({PAPER['gpus']} x RTX 4090 over PCIe, XL/2, batch per GPU as given, "
-            f"steps as given): DICE predicted {dice['speedup']:.2f}x over sync EP "
+    return (f"Paper setting ({PAPER['gpus']} x RTX 4090 over PCIe, XL/2, batch {batch} per GPU, "
+            f"{steps} steps): DICE predicted {dice['speedup']:.2f}x over sync EP "
             f"(paper reports {PAPER['reported']}x).")
 
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "dice-ds plan " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "efficiency": a.efficiency, "batch": a.batch, "steps": a.steps, "dtype": a.dtype,
-            "cfg": not a.no_cfg, "paper": paper_line(scen)}
+            "cfg": not a.no_cfg, "paper": paper_line(scen, a.batch, a.steps)}
     text = report.write(Path(a.out), scen, val, meta)
     print(text)
     if meta["paper"]:

@@ -21,15 +21,31 @@ def _mib(x: float) -> str:
 def scenario_table(rows: list[dict]) -> str:
     out = ["| model | GPUs | device / link | mode | EP x SP | step ms | speed-up vs sync EP | "
            "exposed comm | expert weights MiB/GPU | stale cache MiB/GPU | skip cache MiB/GPU | "
-           "K/V cache MiB/GPU |",
-           "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "K/V cache MiB/GPU | fits device memory |",
+           "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         m = r["memory"]
         out.append(f"| {r['model']} | {r['gpus']} | {r['scenario']} | {r['mode']} | "
                    f"{r['ep']} x {r['sp']} | {1e3 * r['step_seconds']:.1f} | "
                    f"{r['speedup']:.2f}x | {100 * r['comm_share']:.0f} % | "
                    f"{_mib(m['expert_weights'])} | {_mib(m['stale_cache'])} | "
-                   f"{_mib(m['skip_cache'])} | {_mib(m['kv_cache'])} |")
+                   f"{_mib(m['skip_cache'])} | {_mib(m['kv_cache'])} | "
+                   f"{ {True: 'yes', False: 'NO', None: '–'}[r.get('fits_memory')]} |")
+    return "\n".join(out)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """One line per (model, GPUs, scenario): sync EP step time and every mode's speed-up."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    out = ["| model | GPUs | device / link | sync EP step ms | sync EP exposed comm | "
+           + " | ".join(modes) + " |", "|---|---:|---|---:|---:|" + "---:|" * len(modes)]
+    for key in dict.fromkeys((r["model"], r["gpus"], r["scenario"]) for r in rows):
+        mine = {r["mode"]: r for r in rows if (r["model"], r["gpus"], r["scenario"]) == key}
+        sync = mine.get("sync")
+        cells = [f"{mine[m]['speedup']:.2f}x" if m in mine else "–" for m in modes]
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                   + (f"{1e3 * sync['step_seconds']:.0f} | {100 * sync['comm_share']:.0f} % | "
+                      if sync else "– | – | ") + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -121,7 +137,10 @@ def write(out: Path, scen: list[dict], val: list[dict] | None, meta: dict) -> st
     out.mkdir(parents=True, exist_ok=True)
     md = [f"`{meta['command']}`", ""]
     if scen:
-        md += ["### Predictions", "", scenario_table(scen), ""]
+        md += ["### Summary (speed-up over sync EP)", "", summary_table(scen), "",
+               "### Predictions", "", scenario_table(scen), ""]
+    if meta.get("paper"):
+        md += [meta["paper"], ""]
     if val:
         md += ["### Validation against dice-ds bench", "", validation_table(val), ""]
     text = "\n".join(md)
