@@ -91,7 +91,9 @@ def record_of(info: dict, sample_dir: Path) -> dict:
         "bytes_sent": [r.get("a2a_bytes_sent", 0) for r in ranks],
         "exchanges": [sum(len(k) for layers in (r.get("a2a_rows_by_step") or {}).values()
                           for k in layers.values()) for r in ranks],
-        "cache_peak_bytes": [r.get("ep_cache_peak_bytes", 0) for r in ranks],
+        # stale EP exchanges held across steps + displaced SP's K/V buffers
+        "cache_peak_bytes": [(r.get("ep_cache_peak_bytes") or 0) + (r.get("sp_kv_buffer_bytes") or 0)
+                             for r in ranks],
         "sp_stats": [{k: v for k, v in r.items() if k.startswith("sp_")} for r in ranks],
         "latents": str(sample_dir / "latents.npz"),
         "sync_fraction": sync_fraction(ranks[0]) if ranks else None,

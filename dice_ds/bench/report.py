@@ -14,7 +14,8 @@ Definitions (docs/benchmarks.md "Method"):
   that are synchronous (the first step of every async mode); only for modes that move the same
   bytes as sync EP (for DICE's skipped slots or a bf16 payload f * T_sync is not what its sync
   calls cost);
-- bytes: EP all-to-all bytes a rank sent to other ranks plus its SP all-gather bytes;
+- bytes: EP all-to-all bytes a rank sent to other ranks plus its SP all-gather bytes; cache: held
+  stale EP exchanges plus displaced SP K/V buffers (peak, max over ranks);
 - phases: rank 0's exclusive seconds per phase summed over the run, median over rounds;
 - bytes: remote all-to-all bytes per rank and their sum; cache: peak stale-exchange bytes (max rank);
 - PSNR: of the mode's latents against the sync EP latents of the same round and seeds, with the
