@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="validation: also fit the emulation constants (latency, counts "
                         "head-of-line bytes, CPU dilation) on this shaped link's rows and "
                         "predict every link with them")
+    p.add_argument("--emulation-from", default=None, metavar="BENCH_JSON",
+                   help="with --fit-on: fit the emulation constants on this bench instead of the "
+                        "validated one (a hold-out invocation)")
     p.add_argument("--save-loads", action="store_true",
                    help="validation: write <bench>.loads.json (the sync runs' routing rows) beside "
                         "the bench JSON, so it validates without the run directories")
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             if a.fit_on:
                 from dice_ds.plan.validate import fit_emulation
 
-                emu = fit_emulation(bench, a.fit_on, use_loads=not a.no_loads)
+                source = load(a.emulation_from) if a.emulation_from else bench
+                emu = fit_emulation(source, a.fit_on, use_loads=not a.no_loads)
                 fitted = {(r["link"], r["mode"]): r
                           for r in validate(bench, not a.no_loads, emu)}
                 for r in val:

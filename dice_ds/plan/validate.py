@@ -159,7 +159,7 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
                         "speedup_predicted": t_sync / sec if t_sync else None,
                         "comm_share": p["comm_share"], "bytes_predicted": p["bytes_per_rank"],
                         "bytes_measured": max(meas.get("bytes_remote_per_rank") or [0]),
-                        "cache_predicted": p["memory"]["stale_cache"],
+                        "cache_predicted": p["memory"]["stale_cache"] + p["memory"]["kv_cache"],
                         "cache_measured": meas.get("cache_peak_bytes"),
                         "calibration": m == "dp", "loads": loads is not None,
                         "link_mbit": lk.bandwidth * 8 / 1e6})

@@ -6,10 +6,12 @@ call, the relative error the schedule substitutes there, read from the sensitivi
 
 - a stale call: ``stale[k][l][i]`` with k = 1 for interweaved and for displaced right after a sync
   step, k = 2 for displaced otherwise (the staleness of docs/design.md);
-- a skipping SYNC call ('low' strategy): ``low_share[l] * stale[1][l][i]`` (the low slot's output
-  comes from the previous full exchange). A skipping STALE call adds nothing: its skipped slot is
-  replaced by an output about as old as the stale one it already uses -- measured: interweaved with
-  and without low skipping are 38.22 / 38.23 dB PSNR vs sync (docs/quality.md).
+- a skipping call ('low' strategy): its low slot's output comes from the layer's last exchange
+  that sent every slot, ``age`` steps ago (1 with P = 2, up to P - 1 with period P): it adds
+  ``low_share[l] * (err(age) - err(k))``, err(k) = ``stale[k][l][i]`` (k > 2: linear from k = 2),
+  k = the call's own staleness (0 for a sync call). With P = 2 a 1-step stale call adds nothing:
+  measured, interweaved with and without low skipping are 38.22 / 38.23 dB PSNR vs sync
+  (docs/quality.md).
 
 ``PsnrFit`` maps D to PSNR vs sync: PSNR = a - b * 10 log10(D), least squares over measured rows
 of docs/quality.json (the 'low'-skip and no-skip EP modes); the fit's residuals are reported.
@@ -23,20 +25,33 @@ from dataclasses import dataclass
 from dice_ds.schedule import Schedule
 
 
+def _err(stale: dict, l: int, i: int, k: int) -> float:
+    """Relative error of a k-step old routed output of layer l at step i (k > 2: linear in k from
+    the 2-step value; only 1 and 2 are measured)."""
+    if k <= 2:
+        return stale[str(k)][l][i]
+    return stale["2"][l][i] * k / 2
+
+
 def deviation(sched: Schedule, table: dict) -> float:
     stale, share = table["stale"], table["low_share"]
     S = sched.num_steps
     if S != table["steps"]:
         raise ValueError(f"sensitivity table has {table['steps']} steps, the schedule {S}")
-    total = 0.0
+    total, last_full = 0.0, S
     for i in range(S, 0, -1):
         after_sync = i + 1 <= S and sched.ep_sync_step(i + 1)
+        age = last_full - i          # steps since the last exchange that sent every slot
         for l in range(sched.depth):
+            k = 0
             if sched.ep_stale(i, l):
                 k = 1 if sched.ep_mode == "interweaved" or after_sync else 2
                 total += stale[str(k)][l][i]
-            elif sched.skips(i, l):
-                total += share[l] * stale["1"][l][i]
+            if sched.skips(i, l):
+                total += share[l] * max(0.0, _err(stale, l, i, age) - (
+                    _err(stale, l, i, k) if k else 0.0))
+        if not (sched.skips(i, 0) if sched.depth else False):
+            last_full = i
     return total
 
 

@@ -31,6 +31,14 @@ def test_deviation_counts_staleness_per_call():
               skip_strategy="low") == 3.0 + 2.0
 
 
+def test_skip_substitute_ages_with_the_period():
+    # P = 4 over S = 4: steps 3, 2, 1 skip, their cached slot is 1, 2, 3 steps old (3: linear
+    # from the 2-step value). Sync layer 1: 0.5 x (2 + 20 + 30); stale layer 0 (already 1 step
+    # stale, error 1): 0.5 x ((1 - 1) + (10 - 1) + (15 - 1)); plus its staleness 3 x 1
+    assert _d(mode="interweaved", async_layers=(0,), skip_period=4,
+              skip_strategy="low") == pytest.approx(3.0 + 26.0 + 11.5)
+
+
 def test_psnr_fit_recovers_a_line_and_inverts():
     pts = [(f"m{k}", d, 50.0 - 2.0 * 10 * math.log10(d)) for k, d in enumerate((0.5, 1, 4))]
     fit = quality.PsnrFit.fit(pts)
