@@ -68,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(a, p) -> list[str]:
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through Links' and run_pair's cleanup
+
+
+def _check(a, p) -> tuple[list[str], list[str]]:
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
     for name in ("steps", "batch", "image_size"):
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if not link_list:
             return 0
     out = Path(a.out or tempfile.mkdtemp(prefix="dice_bench."))
-    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(128 + s)))
+    signal.signal(signal.SIGTERM, _terminate)
     job = job_args(a)
     runs, probes, loads, shaping = [], {}, [], {}
     unavailable: dict[str, str] = {}

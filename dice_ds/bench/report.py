@@ -77,7 +77,7 @@ def summarise(runs: list[dict], probes: dict) -> list[dict]:
                 rows.append(row)
                 continue
             secs = [r["sampling_seconds"] for r in ok]
-            bytes_remote = [max(r["bytes_remote"] or [0]) for r in ok][0]
+            bytes_remote = max(ok[0]["bytes_remote"] or [0])
             t_comm = (t_probe * bytes_remote / sync_bytes
                       if t_probe and sync_bytes and m != "dp" else (0.0 if m == "dp" else None))
             speed = t_sync / med[m] if t_sync else None

@@ -115,14 +115,10 @@ class CombineOutbox:
     def defer(self, post: Callable[[], None]) -> None:
         self._pending.append(post)
 
-    def flush(self) -> int:
+    def flush(self) -> None:
         posted, self._pending = self._pending, []
         for post in posted:
             post()
-        return len(posted)
-
-    def __len__(self) -> int:
-        return len(self._pending)
 
 
 class PackedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
@@ -173,7 +169,7 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, *,
                  layer: int, state: LayerState, source_state: LayerState, ledger: CommLedger,
                  timer: PhaseTimer, on_store: Callable[[], None], counts_group=None,
-                 combine_group=None, outbox: Optional[CombineOutbox] = None):
+                 outbox: Optional[CombineOutbox] = None):
         super().__init__(num_local_experts, local_expert_indices, config=config,
                          pg_collection=pg_collection)
         self.layer = layer
@@ -183,7 +179,6 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
         self.timer = timer
         self.on_store = on_store
         self.counts_group = counts_group if counts_group is not None else self.ep_group
-        self.combine_group = combine_group if combine_group is not None else self.ep_group
         self.outbox = outbox if outbox is not None else CombineOutbox()
         self.stale = False
         self.step: Optional[int] = None
@@ -193,8 +188,6 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
         self.returned: Optional[Exchange] = None
         self._counts: Optional[CountsExchange] = None
         self._pending: Optional[_PendingDispatch] = None
-        self.launched_early = 0
-        """own dispatches posted before the expert compute (for the bench's phase report)."""
 
     def begin_call(self, *, stale: bool, step: Optional[int], experts_weighted: bool = True,
                    extras: RecordExtras = RecordExtras()) -> None:
@@ -255,7 +248,6 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
     def _launch_own_dispatch_if_ready(self) -> None:
         if self._pending is not None and self._pending.counts.ready():
             self._launch_own_dispatch()
-            self.launched_early += 1
 
     # -- combine -------------------------------------------------------------------------------
     def token_combine(self, hidden_states, async_finish=True, allocate_on_comm_stream=True):
@@ -272,7 +264,7 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
             self.source_state.put("combine", self._launch(
                 "combine", hidden_states, None, send=computed.output_splits,
                 recv=computed.input_splits, record=computed, weighted=weighted,
-                group=self.combine_group, step=step))
+                group=self.ep_group, step=step))
             self.on_store()
 
         self.outbox.defer(post_combine)

@@ -91,9 +91,8 @@ class DiceRuntime:
         self._rand = torch.Generator()
         self._megatron_dispatchers: dict = {}
         self.outbox = CombineOutbox()
-        self.combine_fifo = True
-        """stale combines share the dispatch group (one FIFO, dispatch first); False: their own
-        group (docs/design.md "Exchange schedule" has the measurements of both)."""
+        """stale combines go out on the dispatch group right after the next own dispatch (one
+        FIFO, dispatches first; docs/design.md "Exchange schedule" has the measured options)."""
         self._clear_run()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -116,9 +115,7 @@ class DiceRuntime:
                     make_pg_collection(), layer=l, state=self.states[l],
                     source_state=self.states[self.ring[l]], ledger=self.ledger, timer=self.timer,
                     on_store=self._observe_cache,
-                    counts_group=getattr(self.groups, "ep_counts", None),
-                    combine_group=self.groups.ep if self.combine_fifo else
-                    getattr(self.groups, "ep_combine", None), outbox=self.outbox)
+                    counts_group=getattr(self.groups, "ep_counts", None), outbox=self.outbox)
             elif self.ep_size > 1:  # sync-only layer: megatron's dispatcher, one message a dispatch
                 self._megatron_dispatchers[l] = old
                 layer.token_dispatcher = PackedAlltoAllTokenDispatcher(

@@ -151,8 +151,6 @@ class ModelGroups:
     ep_counts: Optional[dist.ProcessGroup] = None
     """Same members as ``ep`` (EP > 1): the count exchange of stale calls, on its own group so it
     never waits behind payload on ``ep`` (docs/design.md "Exchange schedule")."""
-    ep_combine: Optional[dist.ProcessGroup] = None
-    """Same members as ``ep`` (EP > 1): the combine all-to-all of stale calls."""
 
     @property
     def ep_size(self) -> int:
@@ -256,12 +254,11 @@ def build_model_groups(ep_size: int = 1, group_backend: str | None = None) -> Mo
         ep, expt_dp = _torch_expert_groups(ep_size, single)
     if ep_size == 1:
         ep = single  # identical membership; megatron then short-circuits every EP collective
-        side = (None, None)
-    else:  # same members as ep: stale count and combine exchanges never queue behind a dispatch
-        ep_lists = ep_rank_lists(world, ep_size)[0]
-        side = tuple(_new_group_containing_me(ep_lists) for _ in range(2))
+        counts = None
+    else:  # same members as ep: stale count exchanges never queue behind payload
+        counts = _new_group_containing_me(ep_rank_lists(world, ep_size)[0])
     return ModelGroups(ep=ep, expt_dp=expt_dp, single=single, backend=backend,
-                       ep_counts=side[0], ep_combine=side[1])
+                       ep_counts=counts)
 
 
 def local_model_groups() -> ModelGroups:
