@@ -47,11 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", default=None, metavar="BENCH_JSON",
                    help="also predict every row of this dice-ds bench JSON and compare")
     p.add_argument("--fit-on", default=None, metavar="LINK",
-                   help="validation: also fit the emulation constants (latency, counts "
-                        "head-of-line bytes, CPU dilation) on this shaped link's rows and "
-                        "predict every link with them")
+                   help="validation: also fit the one emulation constant (CPU seconds per "
+                        "byte moved) on this shaped link's rows and predict every link with it")
     p.add_argument("--emulation-from", default=None, metavar="BENCH_JSON",
-                   help="with --fit-on: fit the emulation constants on this bench instead of the "
+                   help="with --fit-on: fit the emulation constant on this bench instead of the "
                         "validated one (a hold-out invocation)")
     p.add_argument("--save-loads", action="store_true",
                    help="validation: write <bench>.loads.json (the sync runs' routing rows) beside "

@@ -23,7 +23,7 @@ Sources and assumptions (docs/plan.md "Presets"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dice_ds.bench.links import rate_bits
 
@@ -59,9 +59,16 @@ class Link:
     """seconds per message (one-way, incl. launch/host overhead)."""
     hol_bytes: float = 0.0
     """bytes a small message (counts) waits behind when the link is busy; 0: it overtakes."""
-    cpu_dilation: float = 0.0
-    """compute runs (1 + this) times slower while the rank's link carries traffic (the emulated
-    links of the 2-core bench, where the transfer itself takes CPU; 0 on GPUs)."""
+    single_bandwidth: float = 0.0
+    """bytes/s per direction of a lone blocking exchange (nothing queued behind it) while the
+    other direction also sends (0: ``bandwidth``). On the emulated links of ``dice-ds bench`` a
+    lone all-to-all in both directions at once gets about half the throughput of two queued ones
+    (the bench probe measures both; docs/plan.md "Link"); on GPU presets it is not modelled."""
+    cpu_per_byte: float = 0.0
+    """CPU seconds the transfer takes from the rank's compute per byte it sends or receives (the
+    emulated links, where the network path shares the 2 cores with compute; 0 on GPUs)."""
+    gather_bandwidth: float = 0.0
+    """the same for a lone blocking all-gather (sync SP's K/V; 0: ``single_bandwidth``)."""
 
 
 LINKS = {
@@ -81,8 +88,7 @@ def parse_link(name: str) -> Link:
     if "@" in name:
         base, gbps = name.split("@", 1)
         link = parse_link(base)
-        return Link(f"{link.name} at {gbps} GB/s", float(gbps) * 1e9, link.latency,
-                    link.hol_bytes, link.cpu_dilation)
+        return replace(link, name=f"{link.name} at {gbps} GB/s", bandwidth=float(gbps) * 1e9)
     if name in LINKS:
         return LINKS[name]
     try:
@@ -93,15 +99,17 @@ def parse_link(name: str) -> Link:
     return Link(name, bits / 8, RATE_LATENCY, RATE_HOL)
 
 
-def calibrated_link(name: str, throughput_bits: float, efficiency: float = 1.0,
-                    hol_bytes: float | None = None, cpu_dilation: float = 0.0) -> Link:
-    """The emulated link ``name`` with the bandwidth the bench's probe measured on it, optionally
-    with emulation constants fitted by ``dice_ds.plan.validate.fit_emulation``: the fraction of
-    the probe's throughput a run's exchanges get, the bytes a small message waits behind, and
-    the CPU dilation."""
-    base = parse_link(name)
-    return Link(f"{name} (probe)", throughput_bits / 8 * efficiency, base.latency,
-                base.hol_bytes if hol_bytes is None else hol_bytes, cpu_dilation)
+def calibrated_link(name: str, probe: dict, cpu_per_byte: float = 0.0) -> Link:
+    """The link ``name`` as the bench's probe (``dice_ds.bench.probe``) measured it: pipelined
+    and lone all-to-all throughput, lone all-gather throughput; ``cpu_per_byte`` is the one
+    emulation constant that is fitted (``dice_ds.plan.validate.fit_emulation``), on shaped links
+    only (loopback moves 64 KB frames without a qdisc: no measurable CPU cost)."""
+    base = LINKS["loopback"] if name == "loopback" else parse_link(name)
+    lone = probe.get("lone_throughput_bits", 0.0) / 8
+    return Link(f"{name} (probe)", probe["throughput_bits"] / 8, base.latency, base.hol_bytes,
+                single_bandwidth=lone,
+                gather_bandwidth=probe.get("gather_throughput_bits", 0.0) / 8 or lone,
+                cpu_per_byte=0.0 if name == "loopback" else cpu_per_byte)
 
 
 def parse_device(name: str) -> Device:

@@ -74,11 +74,10 @@ def validation_table(rows: list[dict]) -> str:
             f"{(r['cache_measured'] or 0) / 1e3:.0f} / {r['cache_predicted'] / 1e3:.0f} |")
     emu = next((r["emulation"] for r in rows if "emulation" in r), None)
     if emu:
-        out += ["", f"Emulation constants fitted on {emu['fitted_on']} (max |error| there "
-                f"{emu['max_abs_error_pct']:.0f} %): exchanges get "
-                f"{100 * emu['efficiency']:.0f} % of the probe's throughput, counts wait behind "
-                f"{emu['hol_bytes'] / 1e3:.0f} KB, compute {1 + emu['cpu_dilation']:.1f}x slower "
-                "while the rank's link is busy. Speed-up and exposed comm columns use them."]
+        out += ["", f"Emulation constant fitted on {emu['fitted_on']} (max |error| there "
+                f"{emu['max_abs_error_pct']:.0f} %): the network path takes "
+                f"{1e9 * emu['cpu_per_byte']:.1f} ns of a rank's compute per byte it sends or "
+                "receives (shaped links only). Speed-up and exposed comm columns use it."]
     return "\n".join(out)
 
 

@@ -61,11 +61,39 @@ class SimResult:
         return max(0.0, 1.0 - self.compute / self.seconds) if self.seconds else 0.0
 
 
+def lone_exchange(starts: list, sizes: list, bw: float, lone_bw: float) -> list:
+    """End times of one exchange whose ranks start sending ``sizes`` bytes at ``starts`` on idle
+    links: each direction moves at ``lone_bw`` while another direction is also sending and at
+    ``bw`` while it is the only one (the emulated links: a lone all-to-all in both directions at
+    once gets the probe's lone throughput, docs/plan.md "Link"). One rank stands for a symmetric
+    group: its peers send the same bytes at the same time."""
+    n = len(sizes)
+    if n == 1:
+        return [starts[0] + sizes[0] / lone_bw]
+    left, ends = list(sizes), list(starts)
+    now = min(starts)
+    while any(x > 0 for x in left):
+        active = [r for r in range(n) if starts[r] <= now and left[r] > 0]
+        waiting = [starts[r] for r in range(n) if starts[r] > now and left[r] > 0]
+        if not active:
+            now = min(waiting)
+            continue
+        rate = lone_bw if len(active) > 1 else bw
+        step = min([left[r] / rate for r in active] + [t - now for t in waiting])
+        for r in active:
+            left[r] -= rate * step
+            if left[r] <= 1e-9:
+                left[r], ends[r] = 0.0, now + step
+        now += step
+    return ends
+
+
 class _Ranks:
     def __init__(self, n: int, link: Link):
         self.n, self.link = n, link
         self.t = [0.0] * n
         self.free = [0.0] * n
+        self.lone = [False] * n
         self.compute = [0.0] * n
         self.outbox: list[list] = [[] for _ in range(n)]
         self.bytes = [0.0] * n
@@ -73,7 +101,10 @@ class _Ranks:
 
     def work(self, r: int, sec: float) -> None:
         self.compute[r] += sec
-        k = self.link.cpu_dilation
+        lk = self.link
+        # bytes/s this rank sends + receives while its link is busy (the peers mirror it)
+        moving = 2 * (lk.single_bandwidth if self.lone[r] and lk.single_bandwidth else lk.bandwidth)
+        k = lk.cpu_per_byte * moving
         busy = self.free[r] - self.t[r]
         if k > 0 and busy > 0:   # slower while the link carries this rank's bytes
             sec = sec * (1 + k) if sec * (1 + k) <= busy else busy + sec - busy / (1 + k)
@@ -88,8 +119,12 @@ class _Ranks:
         """Queue ``nbytes`` on rank r's egress at time ``at``; returns the arrival time."""
         if nbytes <= 0:
             return at
+        bw, bw1 = self.link.bandwidth, self.link.single_bandwidth or self.link.bandwidth
+        if at < self.free[r] and self.lone[r]:   # a second exchange joins: the first speeds up
+            self.free[r] = at + (self.free[r] - at) * bw1 / bw
+        self.lone[r] = at >= self.free[r]
         start = max(at, self.free[r])
-        self.free[r] = start + nbytes / self.link.bandwidth
+        self.free[r] = start + nbytes / (bw1 if self.lone[r] else bw)
         self.bytes[r] += nbytes
         return self.free[r] + self.link.latency
 
@@ -102,9 +137,17 @@ class _Ranks:
             arrivals.setdefault(key, [0.0] * self.n)[r] = self.send(r, at, nbytes)
         self.outbox[r].clear()
 
-    def blocking(self, nbytes: list, why: str) -> None:
+    def blocking(self, nbytes: list, why: str, lone_bw: float = 0.0) -> None:
         """A blocking collective at the current point: done when the last piece arrives."""
-        done = max(self.send(r, self.t[r], nbytes[r]) for r in range(self.n))
+        lone_bw = lone_bw or self.link.single_bandwidth
+        if lone_bw and all(self.free[r] <= self.t[r] for r in range(self.n)):
+            ends = lone_exchange(self.t, nbytes, self.link.bandwidth, lone_bw)
+            for r in range(self.n):
+                self.bytes[r] += nbytes[r]
+                self.free[r], self.lone[r] = ends[r], False
+            done = max(ends) + self.link.latency
+        else:
+            done = max(self.send(r, self.t[r], nbytes[r]) for r in range(self.n))
         done = max(done, max(self.t) + self.link.latency)
         for r in range(self.n):
             self.wait(r, done, why)
@@ -153,7 +196,7 @@ def simulate(sched: Schedule, costs: LayerCosts, msgs: Messages, link: Link, *, 
             else:
                 _sync(R, costs, msgs, comb, load(i, l), skip)
         if sched.sp_size > 1:
-            R.blocking([msgs.x] * ranks, "x gather")
+            R.blocking([msgs.x] * ranks, "x gather", link.gather_bandwidth)
     R.drain(comb)
     slow = max(range(ranks), key=lambda r: R.t[r])
     return SimResult(seconds=R.t[slow], compute=max(R.compute),
@@ -166,7 +209,7 @@ def _attention(R: _Ranks, sched, costs, msgs, kv, i, l, sp_sync, bucket) -> None
     if sched.sp_size <= 1:
         return
     if sp_sync:
-        R.blocking([msgs.kv] * R.n, "kv gather")
+        R.blocking([msgs.kv] * R.n, "kv gather", R.link.gather_bandwidth)
         return
     b = l // bucket
     if l % bucket == 0 and (i + 1, b) in kv:
@@ -177,6 +220,13 @@ def _attention(R: _Ranks, sched, costs, msgs, kv, i, l, sp_sync, bucket) -> None
         kv[(i, b)] = max(R.send(r, R.t[r], size) for r in range(R.n))
 
 
+def _others(load: list, r: int) -> float:
+    """Rank r's dispatch egress relative to the mean: it sends each other rank s about that
+    rank's share of the rows (rank s computes load[s] x the mean rows, from all ranks alike)."""
+    rest = [x for s, x in enumerate(load) if s != r]
+    return sum(rest) / len(rest) if rest else 1.0
+
+
 def _sync(R: _Ranks, costs, msgs, comb, load, skip) -> None:
     n = R.n
     for r in range(n):
@@ -185,7 +235,7 @@ def _sync(R: _Ranks, costs, msgs, comb, load, skip) -> None:
     R.small("counts")
     for r in range(n):
         R.work(r, costs.shared)
-    R.blocking([msgs.dispatch * skip] * n, "dispatch")
+    R.blocking([msgs.dispatch * skip * _others(load, r) for r in range(n)], "dispatch")
     for r in range(n):
         R.work(r, costs.experts * skip * load[r])
     R.blocking([msgs.combine * skip * load[r] for r in range(n)], "combine")
@@ -201,6 +251,7 @@ def _stale(R: _Ranks, sched, costs, msgs, disp, comb, load, i, l, skip) -> None:
     need = (i + 1, l) if interweaved else (i + 2, l)
     src_skip = 0.5 if src_step <= S and sched.skips(src_step, src_layer) else 1.0
     src_load = load(src_step, src_layer) if src_step <= S else [1.0] * n
+    here = load(i, l)
     posted = [False] * n
     post_t = []
     for r in range(n):
@@ -210,7 +261,7 @@ def _stale(R: _Ranks, sched, costs, msgs, disp, comb, load, i, l, skip) -> None:
     mine = disp.setdefault((i, l), [0.0] * n)
 
     def post(r):
-        mine[r] = R.send(r, R.t[r], msgs.dispatch * skip)
+        mine[r] = R.send(r, R.t[r], msgs.dispatch * skip * _others(here, r))
         R.flush(r, R.t[r], comb)
         posted[r] = True
 

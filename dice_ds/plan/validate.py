@@ -1,12 +1,13 @@
 """``dice-ds plan --validate BENCH.json``: the model against ``dice-ds bench`` measurements.
 
 Owns reading a bench JSON (``dice_ds.bench.report``: ``meta.job``, ``meta.probes``, ``rows``,
-``runs``), calibrating from it exactly two things per link -- per-layer compute from the DP row's
-phases (``costs_from_phases``) and the link bandwidth from the communication-only probe
-(``meta.probes[link].throughput_bits``) -- plus the routing loads (rows each rank computed per
-(step, layer), from the sync run's run.json when the run directory still exists: routing, not
-timing), then predicting every other row and comparing. Also ``cpu_device``: 'this CPU' as a
-``Device`` whose throughput is the bench job's FLOPs over the DP time.
+``runs``), calibrating from it per link the per-layer compute from the DP row's phases
+(``costs_from_phases``) and the link from the communication-only probe (``meta.probes[link]``:
+pipelined and lone throughput, ``dice_ds.bench.probe``), plus the routing loads (rows each rank
+computed per (step, layer), from the sync run's run.json or the ``.loads.json`` sidecar: routing,
+not timing), then predicting every other row and comparing; and ``fit_emulation``, the one
+constant fitted on one link's rows (CPU seconds per byte moved). Also ``cpu_device``: 'this CPU'
+as a ``Device`` whose throughput is the bench job's FLOPs over the DP time.
 """
 
 from __future__ import annotations
@@ -68,16 +69,12 @@ def row(bench: dict, link: str, mode: str) -> dict | None:
 
 
 def link_of(bench: dict, link: str, emulation: dict | None = None) -> Link:
-    """The link as the probe measured it; ``emulation`` constants apply to shaped links only."""
+    """The link as the probe measured it; ``emulation`` (``cpu_per_byte``) applies to shaped links
+    only. A bench JSON from before the lone-exchange probe gives a pipelined-only link."""
     probe = (bench["meta"].get("probes") or {}).get(link) or {}
-    if link == "loopback":
-        base = LINKS["loopback"]
-        bw = probe["throughput_bits"] / 8 if probe.get("ok") else base.bandwidth
-        return Link("loopback (probe)", bw, base.latency, base.hol_bytes)
     if not probe.get("ok"):
-        return parse_link(link)
-    emu = {k: v for k, v in (emulation or {}).items() if k in EMULATION_GRID}
-    return calibrated_link(link, probe["throughput_bits"], **emu)
+        return LINKS["loopback"] if link == "loopback" else parse_link(link)
+    return calibrated_link(link, probe, (emulation or {}).get("cpu_per_byte", 0.0))
 
 
 _LOADS: dict = {}
@@ -166,26 +163,20 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
     return out
 
 
-EMULATION_GRID = {"efficiency": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
-                  "hol_bytes": (0.0, 64e3, 128e3, 192e3, 256e3, 384e3),
-                  "cpu_dilation": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
-"""cpu_dilation stops at 1 (compute at half speed while the link is busy): a rank's compute thread
-and its transfer sharing one core evenly, the most two busy threads per core allow."""
+CPU_PER_BYTE_GRID = tuple(i * 2.5e-9 for i in range(41))
+"""0 to 100 ns per byte sent or received, in 2.5 ns steps."""
 
 
 def fit_emulation(bench: dict, link: str, use_loads: bool = True) -> dict:
-    """Emulation constants (bandwidth fraction of the probe, counts head-of-line bytes, CPU
-    dilation; all dimensionless or in bytes, so they can carry over to another rate) that
-    minimise the largest |error| over the non-DP rows of ONE shaped link; grid search over
-    ``EMULATION_GRID``. The other links are then predicted with them (hold-out)."""
-    import itertools
-
+    """The one emulation constant, ``cpu_per_byte`` (seconds of compute a byte sent or received
+    costs the rank: rate-independent, so it carries over to another rate), that minimises the
+    largest |error| over the non-DP rows of ONE shaped link; grid search over
+    ``CPU_PER_BYTE_GRID``. The other links are then predicted with it (hold-out)."""
     best = None
-    for eff, hol, dil in itertools.product(*EMULATION_GRID.values()):
-        emu = {"efficiency": eff, "hol_bytes": hol, "cpu_dilation": dil}
-        rows = [r for r in validate(bench, use_loads, emu, links=(link,))
+    for c in CPU_PER_BYTE_GRID:
+        rows = [r for r in validate(bench, use_loads, {"cpu_per_byte": c}, links=(link,))
                 if "error" not in r and not r["calibration"]]
         worst = max((abs(r["error_pct"]) for r in rows), default=0.0)
-        if best is None or worst < best[0]:
-            best = (worst, emu)
-    return {**best[1], "fitted_on": link, "max_abs_error_pct": best[0]}
+        if best is None or worst < best[0] - 1e-9:
+            best = (worst, c)
+    return {"cpu_per_byte": best[1], "fitted_on": link, "max_abs_error_pct": best[0]}

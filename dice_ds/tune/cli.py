@@ -82,8 +82,8 @@ def _speed_model(a, w: Workload):
             from dice_ds.plan.validate import fit_emulation
 
             emu = fit_emulation(load(a.emulation_from), a.link)
-            note = (f", emulation fitted on {a.emulation_from}: efficiency {emu['efficiency']}, "
-                    f"hol {emu['hol_bytes']:.0f} B, dilation {emu['cpu_dilation']}")
+            note = (f", emulation fitted on {a.emulation_from}: "
+                    f"{1e9 * emu['cpu_per_byte']:.1f} ns CPU per byte moved")
         return (costs, link_of(bench, a.link, emu),
                 f"bench {a.bench_json} ({a.link}), x{scale:g} rows{note}")
     dev = replace(parse_device(a.device), efficiency=EFFICIENCY)
