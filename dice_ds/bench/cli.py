@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated: 'loopback' and/or tc rates (e.g. 300mbit)")
     p.add_argument("--modes", default=DEFAULT_MODES,
                    help="comma-separated mode keys of dice_ds/modes.py (dp is the compute time)")
+    p.add_argument("--mode-config", action="append", default=[], metavar="NAME=CONFIG.json",
+                   help="an extra mode NAME whose parallel settings come from a dice-ds sample "
+                        "--config file (e.g. a dice-ds tune result); list NAME in --modes to order "
+                        "it, else it runs last (repeatable)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per link (>= 1)")
     p.add_argument("--burst", default="small",
                    help="tbf burst: 'small' = max(8kb, 0.4 ms of line rate), or a tc size "
@@ -78,12 +82,16 @@ def _check(a, p) -> tuple[list[str], list[str]]:
     for name in ("steps", "batch", "image_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    a.custom = _mode_configs(a.mode_config, p)
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     for m in modes:
+        if m in a.custom:
+            continue
         try:
             by_key(m)
         except KeyError as e:
-            p.error(str(e.args[0]))
+            p.error(str(e.args[0]) + " (or name a --mode-config)")
+    modes += [m for m in a.custom if m not in modes]
     if "sync" not in modes:
         p.error("--modes must include 'sync' (the speed-up reference)")
     link_list = [x.strip() for x in a.links.split(",") if x.strip()]
@@ -96,6 +104,46 @@ def _check(a, p) -> tuple[list[str], list[str]]:
     if a.extra and a.extra[0] == "--":
         a.extra = a.extra[1:]
     return modes, link_list
+
+
+def _gather_bytes(a, modes: list[str]) -> int:
+    """K/V bytes a rank all-gathers per layer in sync SP of this job (0 without an SP mode)."""
+    if not any(m in ("sp", "sp-async") for m in modes):
+        return 0
+    from dice_ds.plan.costs import messages
+    from dice_ds.plan.validate import workload_of
+
+    return int(messages(workload_of({"meta": {"job": " ".join(job_args(a))}}), 1, 2).kv)
+
+
+def _mode_configs(items: list[str], p) -> dict[str, list[str]]:
+    """``--mode-config NAME=PATH`` -> {NAME: ['--config', PATH]}; the file is validated now."""
+    from dice_ds.config import ConfigError
+    from dice_ds.ds_config import load_config
+
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            p.error(f"--mode-config {item!r}: use NAME=CONFIG.json")
+        try:
+            by_key(name)
+            p.error(f"--mode-config {name!r}: that is a built-in mode key; choose another name")
+        except KeyError:
+            pass
+        if name in out:
+            p.error(f"--mode-config {name!r} given twice")
+        try:
+            load_config(path)
+        except (ConfigError, OSError) as e:
+            p.error(f"--mode-config {name}={path}: {e}")
+        out[name] = ["--config", path]
+    return out
+
+
+def mode_flags(a, m: str) -> list[str]:
+    return list(a.custom[m]) if m in getattr(a, "custom", {}) else list(by_key(m).flags)
 
 
 def _first_error(log_dir: str) -> str:
@@ -166,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     port += 1
                     loads.append(os.getloadavg()[0])
-                    rec = launch.sample_run(net, link, port, job + list(by_key(m).flags),
+                    rec = launch.sample_run(net, link, port, job + mode_flags(a, m),
                                             out / link / m / f"r{rnd}", a.run_timeout)
                     rec.update(link=link, mode=m, round=rnd)
                     runs.append(rec)
@@ -187,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                         port += 1
                         probes[link] = launch.probe_run(
                             net, link, port, int(max(sync["bytes_remote"]) / calls), calls,
-                            out / link / "probe", a.run_timeout)
+                            out / link / "probe", a.run_timeout,
+                            gather_bytes=_gather_bytes(a, modes))
                         pr = probes[link]
                         print(f"[bench] {link:9} probe: " + (
                             f"{pr['seconds']:.2f} s for {calls} exchanges "
-                            f"({pr['throughput_bits'] / 1e6:.0f} Mbit/s)" if pr["ok"]
+                            f"({pr['throughput_bits'] / 1e6:.0f} Mbit/s pipelined, "
+                            f"{pr['lone_throughput_bits'] / 1e6:.0f} lone)" if pr["ok"]
                             else f"FAILED ({pr['why']})"), file=sys.stderr, flush=True)
     rows = report.summarise(runs, probes)
     cmd = "dice-ds bench " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -101,12 +101,16 @@ def record_of(info: dict, sample_dir: Path) -> dict:
 
 
 def probe_run(links: Links, link: str, port: int, bytes_per_call: int, calls: int,
-              run_dir: Path, timeout_s: float) -> dict:
-    """The communication-only probe (``dice_ds.bench.probe``) with the given exchange sizes."""
+              run_dir: Path, timeout_s: float, gather_bytes: int = 0,
+              lone_calls: int = 60) -> dict:
+    """The communication-only probe (``dice_ds.bench.probe``) with the given exchange sizes:
+    pipelined, lone, and (``gather_bytes`` > 0) lone all-gather."""
     out = run_dir / "probe.json"
-    ok, why = run_pair(links, link, port, ["dice_ds.bench.probe", "--bytes-per-call",
-                                           str(bytes_per_call), "--calls", str(calls), "--out",
-                                           str(out)], run_dir, timeout_s)
+    argv = ["dice_ds.bench.probe", "--bytes-per-call", str(bytes_per_call), "--calls", str(calls),
+            "--lone-calls", str(lone_calls), "--out", str(out)]
+    if gather_bytes:
+        argv += ["--gather-bytes", str(gather_bytes)]
+    ok, why = run_pair(links, link, port, argv, run_dir, timeout_s)
     if not ok or not out.exists():
         return {"ok": False, "why": why, "logs": str(run_dir)}
     return {"ok": True, **json.loads(out.read_text())}

@@ -1,7 +1,7 @@
 """Communication-only measurements for ``dice-ds bench``: the link, without the model's compute.
 
 ``python -m dice_ds.bench.probe --bytes-per-call B --calls N --out F`` (2 ranks, launcher
-environment). Four measurements, all with exchanges that send B bytes to the other rank (and B to
+environment). Three measurements, all with exchanges that send B bytes to the other rank (and B to
 itself, as an EP all-to-all does), both directions at once:
 
 1. **pipelined** (T_comm of the bench): N ``all_to_all_single`` posted back to back with up to
@@ -11,13 +11,6 @@ itself, as an EP all-to-all does), both directions at once:
    them: what a sync call's all-to-all gets. ``lone_throughput_bits`` per direction.
 3. **lone gather** (``--gather-bytes G``, optional): blocking ``all_gather`` of G bytes per rank
    (sync SP's K/V exchange), ``gather_throughput_bits`` per direction.
-4. **overlap** (``--overlap-calls``): each call posts one exchange, runs a fixed matmul loop
-   (``--work-ms``, sized on this machine before the clock starts; long enough that the exchange
-   ends inside it) and waits; every call is preceded by the same loop with the link idle. The
-   matmul seconds with the exchange in flight against those without give the
-   CPU the transfer takes from compute: ``cpu_per_byte`` = extra compute seconds / bytes moved
-   (sent + received). Zero where the network path costs the compute thread nothing measurable.
-
 These calibrate the emulated link of ``dice-ds plan --validate`` (``dice_ds.plan.validate``,
 docs/plan.md "Link"); only (1) enters the bench's own bound. Rank 0 writes one JSON object to F.
 """
@@ -42,27 +35,6 @@ def _clock(fn) -> float:
     return float(mine)
 
 
-def _matmul_loop(work_s: float):
-    """A compute loop of about ``work_s`` seconds on this rank's threads; returns run() -> seconds."""
-    import torch
-
-    a, b = torch.randn(256, 384), torch.randn(384, 1536)
-    for _ in range(3):
-        torch.mm(a, b)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        torch.mm(a, b)
-    reps = max(1, round(work_s / ((time.perf_counter() - t0) / 10)))
-
-    def run() -> float:
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        return time.perf_counter() - t
-
-    return run
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="all-to-all link probe (2 ranks)")
     p.add_argument("--bytes-per-call", type=int, required=True)
@@ -70,11 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=2)
     p.add_argument("--lone-calls", type=int, default=0)
     p.add_argument("--gather-bytes", type=int, default=0)
-    p.add_argument("--overlap-calls", type=int, default=0)
-    p.add_argument("--overlap-window", type=int, default=1,
-                   help="exchanges posted together per overlap call (a stale call posts 2)")
-    p.add_argument("--work-ms", type=float, default=0.0,
-                   help="overlap compute per call (default: 3 x the lone exchange, >= 20 ms)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     import torch
@@ -120,33 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         s = _clock(gather)
         out.update(gather_bytes=g * 4, gather_seconds=s,
                    gather_throughput_bits=8 * g * 4 * args.lone_calls / s)
-    if args.overlap_calls:
-        lone_s = out.get("lone_seconds", 2 * seconds) / max(1, out.get("lone_calls", args.calls))
-        work_s = args.work_ms / 1e3 if args.work_ms else max(0.02, 3 * lone_s)
-        loop = _matmul_loop(work_s)
-        alone = with_comm = 0.0
-
-        def interleaved():   # alternate, so that drift of the machine hits both alike
-            nonlocal alone, with_comm
-            for _ in range(args.overlap_calls):
-                alone += loop()
-                hs = [dist.all_to_all_single(recv, send, async_op=True)
-                      for _ in range(args.overlap_window)]
-                with_comm += loop()
-                for h in hs:
-                    h.wait()
-
-        t_both = _clock(interleaved)
-        both = torch.tensor([alone, with_comm], dtype=torch.float64)
-        dist.all_reduce(both)          # summed over ranks: the per-rank mean below
-        alone, with_comm = (float(x) / world for x in both)
-        moved = 2.0 * nbytes * args.overlap_calls * args.overlap_window   # sent + received
-        out["overlap"] = {"calls": args.overlap_calls, "window": args.overlap_window,
-                          "work_ms": 1e3 * work_s,
-                          "compute_alone": alone, "compute_with_exchange": with_comm,
-                          "seconds": t_both,
-                          "bytes_moved": moved,
-                          "cpu_per_byte": max(0.0, with_comm - alone) / moved}
     if dist.get_rank() == 0:
         with open(args.out, "w") as fh:
             json.dump(out, fh)

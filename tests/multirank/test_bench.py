@@ -24,8 +24,12 @@ def test_bench_tiny_end_to_end(tmp_path):
     link_arg = "loopback,1gbit" if shaped else "loopback"
     before = _netns() if shaped else set()
     out = tmp_path / "bench"
+    cfg = tmp_path / "layer0.json"   # a --mode-config: interweaved on layer 0 only
+    cfg.write_text(json.dumps({"moe": {"enabled": True}, "dice": {"async": {
+        "enabled": True, "mode": "interweaved", "layers": [0]}}}))
     r = subprocess.run([sys.executable, "-m", "dice_ds.cli", "bench", "--links", link_arg,
-                        "--modes", "dp,sync,interweaved", "--rounds", "1", "--model", "debug",
+                        "--modes", "dp,sync,interweaved", "--mode-config", f"iw0={cfg}",
+                        "--rounds", "1", "--model", "debug",
                         "--image-size", "16", "--steps", "2", "--batch", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=400,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -33,7 +37,8 @@ def test_bench_tiny_end_to_end(tmp_path):
     data = json.loads((out / "bench.json").read_text())
     rows = {(row["link"], row["mode"]): row for row in data["rows"]}
     expect_links = link_arg.split(",")
-    assert set(rows) == {(lk, m) for lk in expect_links for m in ("dp", "sync", "interweaved")}
+    assert set(rows) == {(lk, m) for lk in expect_links
+                         for m in ("dp", "sync", "interweaved", "iw0")}
     for lk in expect_links:
         assert all(rows[lk, m]["runs"] == 1 for m in ("dp", "sync", "interweaved"))
         iw, sync = rows[lk, "interweaved"], rows[lk, "sync"]
@@ -42,12 +47,26 @@ def test_bench_tiny_end_to_end(tmp_path):
         assert len(iw["bytes_remote_per_rank"]) == 2 and iw["cache_peak_bytes"] > 0
         assert rows[lk, "dp"]["bytes_remote_total"] == 0
         assert iw["psnr_vs_sync"] is not None and iw["bound"] is not None
-        assert data["meta"]["probes"][lk]["ok"]
+        probe = data["meta"]["probes"][lk]
+        assert probe["ok"] and probe["lone_throughput_bits"] > 0
+        # the config mode ran its own schedule: some but not all layer calls stale
+        assert 0 < rows[lk, "iw0"]["sync_fraction"] < 1
+        assert rows[lk, "iw0"]["psnr_vs_sync"] is not None
     md = (out / "bench.md").read_text()
     assert "| interweaved | 1 |" in md and "% of bound" in md
     if shaped:
         assert "tbf rate 1gbit burst" in md
         assert _netns() == before  # the bench removed what it created
+
+
+def test_mode_config_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"dice": {"async": {"mode": "sideways"}}}')
+    for item, text in ((f"sync={bad}", "built-in mode key"), ("x", "NAME=CONFIG.json"),
+                       (f"t={bad}", "mode")):
+        r = subprocess.run([sys.executable, "-m", "dice_ds.cli", "bench", "--links", "loopback",
+                            "--mode-config", item], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and text in r.stderr, r.stderr
 
 
 def test_report_bound_and_percent():
