@@ -28,10 +28,15 @@ What each call costs, as implemented (``dice_ds/moe/dispatcher.py``, ``runtime.p
   ``bucket`` layers at the bucket's last layer and waits for it at the bucket's first layer one
   step later (sync steps gather blocking); every step ends with a blocking gather of x.
 
-Link: one egress FIFO per rank (bandwidth, per-message latency); on emulated links compute may
-run slower while the rank's link is busy (``Link.cpu_dilation``: the transfer itself takes CPU on
-the 2-core bench machine). Not modelled: scheduling noise between ranks sharing cores, per-peer
-link asymmetry, ingress limits.
+Link: one egress FIFO per rank (bandwidth, per-message latency). On the emulated links of
+``dice-ds bench`` three measured effects are modelled (docs/plan.md "Link"): a lone exchange (a
+blocking collective, or an async one with nothing queued behind it) moves at the probe's lone
+throughput per direction while the other direction also sends, and at the full rate once it is
+the only direction left (``lone_exchange``; a second exchange queued behind a lone one lifts both
+to the pipelined rate); a rank's dispatch egress follows the other ranks' loads and its combine
+its own; and compute runs slower while the rank's link moves bytes (``Link.cpu_per_byte``: the
+network path takes CPU from compute on the 2-core machine). Not modelled: scheduling noise between
+ranks sharing cores, per-peer link asymmetry beyond the loads, ingress limits.
 """
 
 from __future__ import annotations

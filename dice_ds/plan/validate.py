@@ -163,8 +163,8 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
     return out
 
 
-CPU_PER_BYTE_GRID = tuple(i * 2.5e-9 for i in range(41))
-"""0 to 100 ns per byte sent or received, in 2.5 ns steps."""
+CPU_PER_BYTE_GRID = tuple(i * 2.5e-9 for i in range(81))
+"""0 to 200 ns per byte sent or received, in 2.5 ns steps."""
 
 
 def fit_emulation(bench: dict, link: str, use_loads: bool = True) -> dict:

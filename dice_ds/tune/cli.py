@@ -53,14 +53,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--emulation-from", default=None, metavar="BENCH_JSON",
                    help="emulated links: fit the emulation constants on this bench's --link rows "
                         "(dice_ds.plan.validate.fit_emulation) and use them in the speed model")
+    p.add_argument("--speed-tolerance", type=float, default=0.02,
+                   help="policies predicted within this fraction of the fastest feasible one "
+                        "count as equally fast; the one with the best predicted quality wins")
     p.add_argument("--device", default="rtx4090", help="without --bench-json: device preset")
     p.add_argument("--out", default="configs/ds/digits_tuned.json")
     p.add_argument("--report", default="docs/tune_report.json",
                    help="the search report (not beside --out: configs/ds/*.json must all be configs)")
     p.add_argument("--evidence", type=int, default=0, metavar="N",
-                   help="then sample N images with sync EP, DICE's fixed and the tuned policy "
-                        "(torchrun, --world ranks) and report PSNR vs sync (dice_ds.tune.evidence)")
+                   help="then sample N images with sync EP, DICE's fixed, the tuned policy and "
+                        "the selective-sync modes (torchrun, --world ranks) and report PSNR vs "
+                        "sync, digits-FID and the predictions (dice_ds.tune.evidence)")
+    p.add_argument("--evidence-also", action="append", default=[], metavar="NAME=FLAGS",
+                   help="--evidence: also sample this policy, given as dice-ds sample flags "
+                        "(e.g. an earlier tune result; repeatable)")
     return p
+
+
+def _also(items: list[str]) -> list:
+    from dice_ds.modes import Mode
+
+    out = []
+    for item in items:
+        name, sep, flags = item.partition("=")
+        if not sep or not name.strip() or not flags.split():
+            raise ValueError(f"--evidence-also {item!r}: use NAME='--ep --ep-async ...'")
+        out.append(Mode(name.strip(), name.strip(), tuple(flags.split())))
+    return out
 
 
 def _speed_model(a, w: Workload):
@@ -108,6 +127,7 @@ def _fit(path: str, table: dict, w: Workload, world: int) -> quality.PsnrFit:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
+        also = _also(a.evidence_also)
         if a.measure:
             table = sensitivity.measure(a.ckpt, a.model, a.samples, a.steps, a.cfg_scale)
             sensitivity.save(table, a.sensitivity)
@@ -133,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             d_max = dice_d
         else:
             d_max = fit.max_deviation(float(a.budget.removesuffix("dB")))
-        best, seen = search.search(cfg.depth, evaluate, d_max)
+        if not 0 <= a.speed_tolerance < 1:
+            raise ValueError(f"--speed-tolerance {a.speed_tolerance}: use a fraction in [0, 1)")
+        best, seen = search.search(cfg.depth, evaluate, d_max, tolerance=a.speed_tolerance)
     except (ValueError, KeyError, ConfigError, OSError) as e:
         print(f"dice-ds tune: error: {e}", file=sys.stderr)
         return 2
@@ -149,20 +171,33 @@ def main(argv: list[str] | None = None) -> int:
         from dice_ds.tune import evidence
 
         rows = evidence.run(a.ckpt, policy.flags(), a.evidence, a.steps, a.cfg_scale, a.world,
-                            log=lambda m: print(m, file=sys.stderr))
+                            log=lambda m: print(m, file=sys.stderr), also=also)
         pred = {"DICE (fixed)": report["dice_fixed"], "tuned": report["chosen"]}
         for r in rows:
-            p = pred.get(r["policy"], {})
-            r.update(psnr_pred=p.get("psnr_pred"), speedup_pred=p.get("speedup"))
-            print(f"{r['policy']:13} PSNR vs sync {r.get('psnr_db', float('nan')):6.2f} dB "
-                  f"(predicted {p.get('psnr_pred', float('inf')):.1f}), digits-FID "
+            p = pred.get(r["policy"])
+            if p is None and r["key"] != "sync":
+                p = _predict_flags(r["flags"].split(), w, a.world, costs, link, sync, table, fit)
+            p = p or {"speedup": 1.0, "psnr_pred": float("inf")}
+            r.update(psnr_pred=p["psnr_pred"], speedup_pred=p["speedup"])
+            print(f"{r['policy']:28} PSNR vs sync {r.get('psnr_db', float('nan')):6.2f} dB "
+                  f"(predicted {p['psnr_pred']:.1f}), digits-FID "
                   f"{r.get('digits_fid', float('nan')):.2f}, class acc "
                   f"{100 * r.get('class_accuracy', float('nan')):.1f} %, predicted speed-up "
-                  f"{p.get('speedup', 1.0):.2f}x")
+                  f"{p['speedup']:.2f}x")
         report["evidence"] = rows
         Path(a.report).write_text(json.dumps(report, indent=1,
                                                                       default=str) + "\n")
     return 0
+
+
+def _predict_flags(flags, w, world, costs, link, sync, table, fit) -> dict:
+    """Predicted speed-up over sync EP and PSNR of a fixed mode given by its sample flags."""
+    from dice_ds.plan.predict import build_plan
+
+    plan = build_plan(flags, w, world)
+    t = predict_plan(plan, w, costs, link)["batch_seconds"]
+    d = quality.deviation(Schedule.build(plan, w.steps, w.cfg.depth), table)
+    return {"speedup": sync["batch_seconds"] / t, "deviation": d, "psnr_pred": fit.psnr(d)}
 
 
 def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen,
@@ -179,7 +214,8 @@ def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_sr
     validate_data(data, a.out)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(data, indent=2) + "\n")
-    top = sorted((x for x in seen if x[2] <= d_max), key=lambda x: -x[1])[:10]
+    unique = {" ".join(p.flags()): (p, s, d) for p, s, d in seen}   # no-async grid points coincide
+    top = sorted((x for x in unique.values() if x[2] <= d_max), key=lambda x: -x[1])[:10]
     report = {"command": a.command,
               "budget": a.budget, "d_max": d_max, "speed_model": speed_src,
               "fit": {"a": fit.a, "b": fit.b, "points": fit.residuals},
@@ -187,7 +223,8 @@ def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_sr
                          "psnr_pred": fit.psnr(dev)},
               "dice_fixed": {"flags": " ".join(dice.flags()), "speedup": dice_speed,
                              "deviation": dice_d, "psnr_pred": fit.psnr(dice_d)},
-              "evaluated": len(seen),
+              "evaluated": len(seen), "distinct": len(unique),
+              "speed_tolerance": a.speed_tolerance,
               "top_feasible": [{"flags": " ".join(p.flags()), "speedup": s, "deviation": d,
                                 "psnr_pred": fit.psnr(d)} for p, s, d in top],
               "layer_sensitivity_mean": [sum(row) / max(1, len(row) - 1)

@@ -102,9 +102,14 @@ def _greedy(base: Policy, depth: int, ev, d_max: float) -> list[tuple[Policy, fl
         _, cur, cur_s, cur_d = best
 
 
-def search(depth: int, ev: Evaluate, d_max: float, grid: dict | None = None
-           ) -> tuple[tuple[Policy, float, float] | None, list]:
-    """(best feasible (policy, speed-up, D) or None, every evaluated point)."""
+def search(depth: int, ev: Evaluate, d_max: float, grid: dict | None = None,
+           tolerance: float = 0.0) -> tuple[tuple[Policy, float, float] | None, list]:
+    """(best feasible (policy, speed-up, D) or None, every evaluated point).
+
+    Best: among the feasible policies whose predicted speed-up is within ``tolerance`` (a
+    fraction) of the fastest one, the one with the smallest D (then the faster). With 0 it is
+    simply the fastest; a few per cent says that the speed model does not resolve smaller
+    differences, so they are spent on quality."""
     grid = grid or (SMALL_GRID if depth <= EXHAUSTIVE_MAX else LARGE_GRID)
     cache: dict = {}
 
@@ -126,5 +131,8 @@ def search(depth: int, ev: Evaluate, d_max: float, grid: dict | None = None
         else:
             seen += _greedy(base, depth, cached, d_max)
     feasible = [x for x in seen if x[2] <= d_max]
-    best = max(feasible, key=lambda x: (x[1], -x[2]), default=None)
-    return best, seen
+    if not feasible:
+        return None, seen
+    top = max(x[1] for x in feasible)
+    near = [x for x in feasible if x[1] >= top * (1 - tolerance) - 1e-12]
+    return min(near, key=lambda x: (x[2], -x[1])), seen

@@ -20,7 +20,7 @@ from dice_ds.plan.costs import (
 from dice_ds.plan.memory import memory
 from dice_ds.plan.predict import Topology, group_link, predict, sizes
 from dice_ds.plan.presets import Link, parse_link
-from dice_ds.plan.sim import simulate
+from dice_ds.plan.sim import lone_exchange, simulate
 from dice_ds.schedule import Schedule
 
 CFG = ModelConfig("t", depth=2, hidden_size=8, num_heads=2, num_experts=4, input_size=4)
@@ -102,6 +102,55 @@ def test_interweaved_dispatch_has_one_layer_to_hide_behind():
     late = simulate(plan, C, Messages(4.5, 0.0, 0.0), SLOW, ranks=2)
     assert ok.stalls.get("wait dispatch", 0.0) == 0.0
     assert late.stalls["wait dispatch"] > 0.4
+
+
+def test_lone_exchange_both_directions_share_then_full_rate():
+    # bw 10 B/s alone, 5 B/s per direction while both send
+    assert lone_exchange([0.0, 0.0], [10.0, 10.0], 10.0, 5.0) == pytest.approx([2.0, 2.0])
+    # 20 vs 10 bytes: both at 5 B/s for 2 s (10 and 10 moved), then 10 B/s for the last 10 bytes
+    assert lone_exchange([0.0, 0.0], [20.0, 10.0], 10.0, 5.0) == pytest.approx([3.0, 2.0])
+    # rank 1 starts when rank 0 is done: no overlap, both at the full rate
+    assert lone_exchange([0.0, 1.0], [10.0, 10.0], 10.0, 5.0) == pytest.approx([1.0, 2.0])
+    # rank 1 starts at 0.5 s: rank 0 moved 5 B alone, then both at 5 B/s
+    assert lone_exchange([0.0, 0.5], [10.0, 10.0], 10.0, 5.0) == pytest.approx([1.5, 2.5])
+    # one simulated rank stands for a symmetric group: always the shared rate
+    assert lone_exchange([1.0], [10.0], 10.0, 5.0) == pytest.approx([3.0])
+
+
+def test_sync_ep_on_a_lone_exchange_link():
+    # SLOW with a lone rate of 0.5 B/s: each blocking 10 B exchange takes 20 s, not 10 s
+    half = Link("half", 1.0, 0.0, single_bandwidth=0.5)
+    sync = simulate(_sched(ep_size=2), C, MSG, half, ranks=2)
+    assert sync.seconds == pytest.approx(6 * (4.0 + 40.0))
+
+
+def test_dispatch_egress_follows_the_other_ranks_load():
+    # rank 0 computes 1.5x the mean rows, so rank 1 sends it 1.5x the dispatch rows (15 B) and
+    # rank 0 sends 0.5x (5 B); the combine mirrors it: rank 0 returns 15 B, rank 1 5 B. Blocking
+    # on a 1 B/s link: 15 s each, plus experts 3 s on the busier rank, plus 2 s of the rest
+    loads = lambda i, l: [1.5, 0.5]                                  # noqa: E731
+    r = simulate(_sched(ep_size=2), C, MSG, SLOW, ranks=2, loads=loads)
+    assert r.seconds == pytest.approx(6 * (2.0 + 15.0 + 3.0 + 15.0))
+
+
+def test_cpu_per_byte_slows_compute_while_the_link_moves_bytes():
+    # displaced on a 1 B/s link: 2 B/s move per rank (sent + received) while busy; 0.25 s per
+    # byte -> compute 1.5x slower while the link is busy, so the batch gets longer
+    plan = _sched(ep_size=2, mode="displaced", async_layers="all")
+    msgs = Messages(2.0, 2.0, 0.0)
+    base = simulate(plan, C, msgs, Link("a", 1.0, 0.0), ranks=2)
+    slow = simulate(plan, C, msgs, Link("b", 1.0, 0.0, cpu_per_byte=0.25), ranks=2)
+    assert slow.compute == pytest.approx(base.compute)      # the work is the same
+    assert slow.seconds > base.seconds + 1.0
+    # work entirely inside a busy window: exactly (1 + k) x longer (R.work on a busy link)
+    from dice_ds.plan.sim import _Ranks
+
+    R = _Ranks(1, Link("b", 1.0, 0.0, cpu_per_byte=0.25))
+    R.free[0] = 10.0
+    R.work(0, 2.0)
+    assert R.t[0] == pytest.approx(3.0)
+    R.work(0, 10.0)                # 7 s of busy link left: 7 / 1.5 of work done, rest at speed
+    assert R.t[0] == pytest.approx(10.0 + 10.0 - 7.0 / 1.5)
 
 
 def test_skip_halves_the_bytes_of_skip_steps():

@@ -70,6 +70,18 @@ def test_greedy_search_adds_the_cheapest_layers_first():
     assert sorted(best[0].layers) == [0, 2, 4, 6, 8, 10] and best[2] == pytest.approx(9.0)
 
 
+def test_speed_tolerance_spends_unresolved_speed_on_quality():
+    # layer 0: +0.10 speed-up at D 1; layer 1: +0.105 at D 5 (within 1 % of the fastest pair)
+    def ev(p):
+        return (1.0 + sum((0.10, 0.105)[l] for l in p.layers if l < 2),
+                sum((1.0, 5.0)[l] for l in p.layers if l < 2) + 100.0 * any(l >= 2 for l in p.layers))
+
+    best, _ = search.search(4, ev, d_max=5.5, grid=ONE)
+    assert best[0].layers == (1,)                       # plain: the fastest feasible
+    best, _ = search.search(4, ev, d_max=5.5, grid=ONE, tolerance=0.02)
+    assert best[0].layers == (0,) and best[2] == pytest.approx(1.0)   # 1.10 vs 1.105: a tie
+
+
 def test_no_feasible_policy_gives_none():
     best, _ = search.search(4, lambda p: (1.0, 1.0), d_max=0.5, grid=ONE)
     assert best is None
