@@ -74,8 +74,9 @@ def validation_table(rows: list[dict]) -> str:
             f"{(r['cache_measured'] or 0) / 1e3:.0f} / {r['cache_predicted'] / 1e3:.0f} |")
     emu = next((r["emulation"] for r in rows if "emulation" in r), None)
     if emu:
-        out += ["", f"Emulation constant fitted on {emu['fitted_on']} (max |error| there "
-                f"{emu['max_abs_error_pct']:.0f} %): the network path takes "
+        out += ["", f"Emulation constant fitted on {emu['fitted_on']} (least squares; there "
+                f"rms error {emu['rms_error_pct']:.1f} %, max {emu['max_abs_error_pct']:.0f} %): "
+                "the network path takes "
                 f"{1e9 * emu['cpu_per_byte']:.1f} ns of a rank's compute per byte it sends or "
                 "receives (shaped links only). Speed-up and exposed comm columns use it."]
     return "\n".join(out)

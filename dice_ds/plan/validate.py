@@ -13,6 +13,7 @@ as a ``Device`` whose throughput is the bench job's FLOPs over the DP time.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def workload_of(bench: dict) -> Workload:
     return Workload(cfg=cfg, images_per_rank=int(arg("--per-proc-batch-size", 2)),
                     cfg_guidance=float(arg("--cfg-scale", 1.5)) > 1, dtype=arg("--dtype", "fp32"),
                     steps=int(arg("--num-sampling-steps", 10)), tokens=side * side)
+
+
+def config_modes(bench: dict) -> dict[str, list[str]]:
+    """The bench's ``--mode-config NAME=PATH`` modes (from its command line): NAME -> flags."""
+    args = shlex.split(bench["meta"].get("command", ""))
+    out = {}
+    for i, x in enumerate(args):
+        item = args[i + 1] if x == "--mode-config" and i + 1 < len(args) else (
+            x.split("=", 1)[1] if x.startswith("--mode-config=") else None)
+        if item and "=" in item:
+            name, path = item.split("=", 1)
+            out[name] = ["--config", path]
+    return out
 
 
 def row(bench: dict, link: str, mode: str) -> dict | None:
@@ -135,12 +149,13 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
         costs = costs_from_phases(dp, w.cfg.depth, w.steps)
         lk = link_of(bench, link, emulation)
         loads = loads_of(bench, link) if use_loads else None
-        preds = {}
+        preds, custom = {}, config_modes(bench)
         for r in bench["rows"]:
             if r["link"] != link or not r.get("runs"):
                 continue
             try:
-                preds[r["mode"]] = predict(r["mode"], w, costs, lk, 2, loads)
+                preds[r["mode"]] = predict(r["mode"], w, costs, lk, 2, loads,
+                                           flags=custom.get(r["mode"]))
             except (KeyError, ValueError) as e:
                 preds[r["mode"]] = {"error": str(e)}
         t_sync = preds.get("sync", {}).get("batch_seconds")
@@ -170,13 +185,16 @@ CPU_PER_BYTE_GRID = tuple(i * 2.5e-9 for i in range(81))
 def fit_emulation(bench: dict, link: str, use_loads: bool = True) -> dict:
     """The one emulation constant, ``cpu_per_byte`` (seconds of compute a byte sent or received
     costs the rank: rate-independent, so it carries over to another rate), that minimises the
-    largest |error| over the non-DP rows of ONE shaped link; grid search over
-    ``CPU_PER_BYTE_GRID``. The other links are then predicted with it (hold-out)."""
+    root-mean-square % error over the non-DP rows of ONE shaped link (least squares: one noisy
+    row does not pull it as a largest-error fit would); grid search over ``CPU_PER_BYTE_GRID``.
+    The other links are then predicted with it (hold-out)."""
     best = None
     for c in CPU_PER_BYTE_GRID:
-        rows = [r for r in validate(bench, use_loads, {"cpu_per_byte": c}, links=(link,))
+        errs = [r["error_pct"] for r in validate(bench, use_loads, {"cpu_per_byte": c},
+                                                  links=(link,))
                 if "error" not in r and not r["calibration"]]
-        worst = max((abs(r["error_pct"]) for r in rows), default=0.0)
-        if best is None or worst < best[0] - 1e-9:
-            best = (worst, c)
-    return {"cpu_per_byte": best[1], "fitted_on": link, "max_abs_error_pct": best[0]}
+        rms = math.sqrt(sum(e * e for e in errs) / len(errs)) if errs else 0.0
+        if best is None or rms < best[0] - 1e-9:
+            best = (rms, c, max((abs(e) for e in errs), default=0.0))
+    return {"cpu_per_byte": best[1], "fitted_on": link, "rms_error_pct": best[0],
+            "max_abs_error_pct": best[2]}

@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="then sample N images with sync EP, DICE's fixed, the tuned policy and "
                         "the selective-sync modes (torchrun, --world ranks) and report PSNR vs "
                         "sync, digits-FID and the predictions (dice_ds.tune.evidence)")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="measure up to K shortlisted policies (the predicted Pareto front within "
+                        "--verify-window of the fastest) with dice-ds bench on --link and choose "
+                        "on measured time (dice_ds.tune.verify; shaped links need root)")
+    p.add_argument("--verify-window", type=float, default=0.10,
+                   help="shortlist policies predicted within this fraction of the fastest")
+    p.add_argument("--verify-rounds", type=int, default=2)
+    p.add_argument("--verify-out", default=None, help="directory for the verification bench")
     p.add_argument("--evidence-also", action="append", default=[], metavar="NAME=FLAGS",
                    help="--evidence: also sample this policy, given as dice-ds sample flags "
                         "(e.g. an earlier tune result; repeatable)")
@@ -153,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             d_max = dice_d
         else:
             d_max = fit.max_deviation(float(a.budget.removesuffix("dB")))
+        if a.verify < 0 or a.verify_rounds < 1 or not 0 < a.verify_window < 1:
+            raise ValueError("--verify K >= 0, --verify-rounds >= 1, --verify-window in (0, 1)")
+        if a.verify and a.link != "loopback":
+            from dice_ds.bench.links import rate_bits
+
+            rate_bits(a.link)   # a tc rate the bench can shape, else ValueError
         if not 0 <= a.speed_tolerance < 1:
             raise ValueError(f"--speed-tolerance {a.speed_tolerance}: use a fraction in [0, 1)")
         best, seen = search.search(cfg.depth, evaluate, d_max, tolerance=a.speed_tolerance)
@@ -164,9 +178,39 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     policy, speed, dev = best
+    verified = None
+    if a.verify:
+        from dice_ds.tune import verify
+
+        cands = verify.shortlist(seen, d_max, a.verify_window, a.verify)
+        try:
+            got = verify.measure(cands, model=a.model, ckpt=a.ckpt, image_size=cfg.input_size * 8,
+                                 steps=a.steps, batch=a.batch, link=a.link,
+                                 rounds=a.verify_rounds, out=a.verify_out,
+                                 log=lambda m: print(m, file=sys.stderr))
+        except RuntimeError as e:
+            print(f"dice-ds tune: error: {e}", file=sys.stderr)
+            return 1
+        pick = verify.choose(cands, got["speedup"], a.speed_tolerance)
+        if pick is None:
+            print("dice-ds tune: --verify measured no candidate (shaped links need root)",
+                  file=sys.stderr)
+            return 1
+        policy, measured, dev = pick
+        speed = next(s for p, s, _ in cands if p == policy)
+        verified = {"bench": got["bench"], "link": a.link, "rounds": a.verify_rounds,
+                    "window": a.verify_window, "chosen_measured": measured,
+                    "candidates": [{"flags": " ".join(p.flags()), "predicted": s, "deviation": d,
+                                    "psnr_pred": fit.psnr(d),
+                                    "measured": got["speedup"].get(" ".join(p.flags()))}
+                                   for p, s, d in cands]}
+        for c in verified["candidates"]:
+            print(f"  {c['flags']:110} predicted {c['predicted']:.2f}x measured "
+                  f"{c['measured'] or float('nan'):.2f}x, {c['psnr_pred']:.1f} dB",
+                  file=sys.stderr)
     a.command = "dice-ds tune " + " ".join(argv if argv is not None else sys.argv[1:])
     report = _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen,
-                    table)
+                    table, verified)
     if a.evidence:
         from dice_ds.tune import evidence
 
@@ -201,7 +245,7 @@ def _predict_flags(flags, w, world, costs, link, sync, table, fit) -> dict:
 
 
 def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen,
-           table) -> None:
+           table, verified=None) -> dict:
     from dice_ds.ds_config import convert_flat, validate_data
 
     opts = {"model": a.model, "ckpt": a.ckpt, "vae": "identity", "device": "cpu", "sampler": "rf",
@@ -209,7 +253,10 @@ def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_sr
             "per_proc_batch_size": a.batch, **policy.options()}
     data = {"description": (f"dice-ds tune --budget {a.budget}: predicted {speed:.2f}x over sync "
                             f"EP ({speed_src}), predicted PSNR vs sync {fit.psnr(dev):.1f} dB; "
-                            f"DICE's fixed policy: {dice_speed:.2f}x, {fit.psnr(dice_d):.1f} dB"),
+                            f"DICE's fixed policy: {dice_speed:.2f}x, {fit.psnr(dice_d):.1f} dB"
+                            + (f"; measured {verified['chosen_measured']:.2f}x on "
+                               f"{verified['link']}, the fastest of {len(verified['candidates'])} "
+                               "shortlisted (--verify)" if verified else "")),
             **convert_flat(opts)}
     validate_data(data, a.out)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +270,7 @@ def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_sr
                          "psnr_pred": fit.psnr(dev)},
               "dice_fixed": {"flags": " ".join(dice.flags()), "speedup": dice_speed,
                              "deviation": dice_d, "psnr_pred": fit.psnr(dice_d)},
+              "verify": verified,
               "evaluated": len(seen), "distinct": len(unique),
               "speed_tolerance": a.speed_tolerance,
               "top_feasible": [{"flags": " ".join(p.flags()), "speedup": s, "deviation": d,

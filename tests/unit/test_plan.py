@@ -111,8 +111,9 @@ def test_lone_exchange_both_directions_share_then_full_rate():
     assert lone_exchange([0.0, 0.0], [20.0, 10.0], 10.0, 5.0) == pytest.approx([3.0, 2.0])
     # rank 1 starts when rank 0 is done: no overlap, both at the full rate
     assert lone_exchange([0.0, 1.0], [10.0, 10.0], 10.0, 5.0) == pytest.approx([1.0, 2.0])
-    # rank 1 starts at 0.5 s: rank 0 moved 5 B alone, then both at 5 B/s
-    assert lone_exchange([0.0, 0.5], [10.0, 10.0], 10.0, 5.0) == pytest.approx([1.5, 2.5])
+    # rank 1 starts at 0.5 s: rank 0 moved 5 B alone, then both at 5 B/s until rank 0 is done at
+    # 1.5 s (rank 1 has 5 B left), then rank 1 alone at 10 B/s
+    assert lone_exchange([0.0, 0.5], [10.0, 10.0], 10.0, 5.0) == pytest.approx([1.5, 2.0])
     # one simulated rank stands for a symmetric group: always the shared rate
     assert lone_exchange([1.0], [10.0], 10.0, 5.0) == pytest.approx([3.0])
 

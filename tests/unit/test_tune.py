@@ -82,6 +82,26 @@ def test_speed_tolerance_spends_unresolved_speed_on_quality():
     assert best[0].layers == (0,) and best[2] == pytest.approx(1.0)   # 1.10 vs 1.105: a tie
 
 
+def test_verify_shortlist_is_the_thinned_pareto_front_and_choice_is_measured():
+    from dice_ds.tune import verify
+
+    P = search.Policy
+    seen = [(P(layers=(0,)), 1.50, 5.0), (P(layers=(1,)), 1.49, 4.0), (P(layers=(2,)), 1.48, 4.5),
+            (P(layers=(0, 1)), 1.45, 3.0), (P(layers=(3,)), 1.20, 1.0), (P(layers=(2, 3)), 1.6, 9.0)]
+    # d_max 6 drops (2, 3); window 10 % drops 1.20; (2,) is dominated by (1,)
+    front = verify.shortlist(seen, d_max=6.0, window=0.10, k=5)
+    assert [x[0].layers for x in front] == [(0,), (1,), (0, 1)]
+    two = verify.shortlist(seen, d_max=6.0, window=0.10, k=2)
+    assert [x[0].layers for x in two] == [(0,), (0, 1)]          # the ends are kept
+    measured = {" ".join(P(layers=(0,)).flags()): 1.30, " ".join(P(layers=(1,)).flags()): 1.41,
+                " ".join(P(layers=(0, 1)).flags()): 1.40}
+    pick = verify.choose(front, measured, tolerance=0.0)
+    assert pick[0].layers == (1,) and pick[1] == pytest.approx(1.41)
+    pick = verify.choose(front, measured, tolerance=0.02)          # 1.40 ties 1.41: smaller D
+    assert pick[0].layers == (0, 1)
+    assert verify.choose(front, {}, 0.02) is None
+
+
 def test_no_feasible_policy_gives_none():
     best, _ = search.search(4, lambda p: (1.0, 1.0), d_max=0.5, grid=ONE)
     assert best is None
