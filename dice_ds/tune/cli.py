@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--emulation-from", default=None, metavar="BENCH_JSON",
                    help="emulated links: fit the emulation constants on this bench's --link rows "
                         "(dice_ds.plan.validate.fit_emulation) and use them in the speed model")
-    p.add_argument("--speed-tolerance", type=float, default=0.02,
+    p.add_argument("--speed-tolerance", type=float, default=0.05,
                    help="policies predicted within this fraction of the fastest feasible one "
                         "count as equally fast; the one with the best predicted quality wins")
     p.add_argument("--device", default="rtx4090", help="without --bench-json: device preset")
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.verify:
         from dice_ds.tune import verify
 
-        cands = verify.shortlist(seen, d_max, a.verify_window, a.verify)
+        cands = verify.shortlist(seen, d_max, a.verify_window, a.verify, keep=best)
         try:
             got = verify.measure(cands, model=a.model, ckpt=a.ckpt, image_size=cfg.input_size * 8,
                                  steps=a.steps, batch=a.batch, link=a.link,
@@ -255,8 +255,10 @@ def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_sr
                             f"EP ({speed_src}), predicted PSNR vs sync {fit.psnr(dev):.1f} dB; "
                             f"DICE's fixed policy: {dice_speed:.2f}x, {fit.psnr(dice_d):.1f} dB"
                             + (f"; measured {verified['chosen_measured']:.2f}x on "
-                               f"{verified['link']}, the fastest of {len(verified['candidates'])} "
-                               "shortlisted (--verify)" if verified else "")),
+                               f"{verified['link']}, chosen on measured time among "
+                               f"{len(verified['candidates'])} shortlisted (--verify; speed-ups "
+                               f"within {100 * a.speed_tolerance:.0f} % tie, the smaller "
+                               "deviation wins)" if verified else "")),
             **convert_flat(opts)}
     validate_data(data, a.out)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,10 @@ links (docs/plan.md), while the best feasible policies of a search are often pre
 few per cent of each other, so the model alone can rank them wrongly. The shortlist is the Pareto
 front (faster, or smaller deviation D) of the distinct feasible policies predicted within
 ``window`` of the fastest one, thinned to K points evenly spaced along it (the fastest and the
-smallest-D always kept). One ``dice-ds bench`` invocation then runs sync EP and every candidate,
-interleaved, on the tuning link; the choice is the measured fastest, with measured speed-ups within
-``tolerance`` of it counted as ties that the smaller D wins.
+smallest-D always kept), plus the search's own choice. One ``dice-ds bench`` invocation then
+runs sync EP and every candidate, interleaved, on the tuning link; the choice is the measured
+fastest, with measured speed-ups within ``tolerance`` of it counted as ties that the smaller D
+wins.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 
-def shortlist(seen: list, d_max: float, window: float, k: int) -> list:
-    """(policy, predicted speed-up, D) of the thinned Pareto front; fastest first."""
+def shortlist(seen: list, d_max: float, window: float, k: int, keep=None) -> list:
+    """(policy, predicted speed-up, D) of the thinned Pareto front, fastest first; ``keep`` (the
+    search's own choice) is always in it."""
     unique = {" ".join(p.flags()): (p, s, d) for p, s, d in seen if d <= d_max}
     if not unique:
         return []
@@ -32,10 +34,12 @@ def shortlist(seen: list, d_max: float, window: float, k: int) -> list:
         if x[2] < best_d - 1e-12:
             front.append(x)
             best_d = x[2]
-    if len(front) <= k:
-        return front
-    picks = sorted({round(i * (len(front) - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
-    return [front[i] for i in picks]
+    if len(front) > k:
+        picks = sorted({round(i * (len(front) - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+        front = [front[i] for i in picks]
+    if keep is not None and all(x[0] != keep[0] for x in front):
+        front = sorted([*front, keep], key=lambda x: (-x[1], x[2]))
+    return front
 
 
 def measure(cands: list, *, model: str, ckpt: str, image_size: int, steps: int, batch: int,

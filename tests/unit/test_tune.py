@@ -93,6 +93,8 @@ def test_verify_shortlist_is_the_thinned_pareto_front_and_choice_is_measured():
     assert [x[0].layers for x in front] == [(0,), (1,), (0, 1)]
     two = verify.shortlist(seen, d_max=6.0, window=0.10, k=2)
     assert [x[0].layers for x in two] == [(0,), (0, 1)]          # the ends are kept
+    kept = verify.shortlist(seen, d_max=6.0, window=0.10, k=2, keep=seen[1])
+    assert [x[0].layers for x in kept] == [(0,), (1,), (0, 1)]   # plus the search's choice
     measured = {" ".join(P(layers=(0,)).flags()): 1.30, " ".join(P(layers=(1,)).flags()): 1.41,
                 " ".join(P(layers=(0, 1)).flags()): 1.40}
     pick = verify.choose(front, measured, tolerance=0.0)
