@@ -186,3 +186,12 @@ def test_predict_builds_the_samplers_plan():
     r = predict("dice", W, C, FAST, 2)
     assert r["ep"] == 2 and "--ep-async-pipeline" in r["flags"]
     assert math.isfinite(r["batch_seconds"]) and r["memory"]["skip_cache"] > 0
+
+
+def test_config_modes_come_from_the_bench_command_line():
+    from dice_ds.plan.validate import config_modes
+
+    bench = {"meta": {"command": "dice-ds bench --modes sync,t --mode-config t=cfg/a.json "
+                                 "--mode-config=u=b.json --rounds 1"}}
+    assert config_modes(bench) == {"t": ["--config", "cfg/a.json"], "u": ["--config", "b.json"]}
+    assert config_modes({"meta": {}}) == {}

@@ -122,3 +122,14 @@ def test_policy_becomes_a_valid_sample_config():
     plan = build_plan(opts, world_size=2, num_experts=8, depth=4)
     assert plan == p.plan(2).replace(skip_seed=plan.skip_seed,
                                      stale_output_weights=plan.stale_output_weights)
+
+
+def test_tune_rejects_bad_verify_arguments(capsys):
+    from dice_ds.tune.cli import main
+
+    assert main(["--budget", "dice", "--verify", "2", "--link", "fast-ish"]) == 2
+    assert "fast-ish" in capsys.readouterr().err
+    assert main(["--budget", "dice", "--verify", "2", "--verify-window", "1.5"]) == 2
+    assert "--verify-window" in capsys.readouterr().err
+    assert main(["--budget", "dice", "--evidence-also", "broken"]) == 2
+    assert "NAME=" in capsys.readouterr().err
