@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -111,9 +112,25 @@ def _gather_bytes(a, modes: list[str]) -> int:
     if not any(m in ("sp", "sp-async") for m in modes):
         return 0
     from dice_ds.plan.costs import messages
-    from dice_ds.plan.validate import workload_of
+    from dice_ds.plan.validate import workload_of_job
 
-    return int(messages(workload_of({"meta": {"job": " ".join(job_args(a))}}), 1, 2).kv)
+    return int(messages(workload_of_job(shlex.join(job_args(a))), 1, 2).kv)
+
+
+def split_mode_config(item: str) -> tuple[str, str] | None:
+    """``NAME=PATH`` -> (NAME, PATH); None when either is missing."""
+    name, sep, path = item.partition("=")
+    return (name.strip(), path) if sep and name.strip() and path else None
+
+
+def mode_configs_of(command: str) -> dict[str, list[str]]:
+    """{NAME: ['--config', PATH]} of the ``--mode-config`` options of a recorded bench command
+    line (bench.json ``meta.command``), parsed by this parser; the files are not read."""
+    argv = shlex.split(command)
+    if argv[:2] == ["dice-ds", "bench"]:
+        argv = argv[2:]
+    known, _ = _parser().parse_known_args(argv)
+    return {x[0]: ["--config", x[1]] for x in map(split_mode_config, known.mode_config) if x}
 
 
 def _mode_configs(items: list[str], p) -> dict[str, list[str]]:
@@ -123,10 +140,9 @@ def _mode_configs(items: list[str], p) -> dict[str, list[str]]:
 
     out: dict[str, list[str]] = {}
     for item in items:
-        name, sep, path = item.partition("=")
-        name = name.strip()
-        if not sep or not name or not path:
+        if split_mode_config(item) is None:
             p.error(f"--mode-config {item!r}: use NAME=CONFIG.json")
+        name, path = split_mode_config(item)
         try:
             by_key(name)
             p.error(f"--mode-config {name!r}: that is a built-in mode key; choose another name")

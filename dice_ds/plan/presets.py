@@ -70,6 +70,11 @@ class Link:
     gather_bandwidth: float = 0.0
     """the same for a lone blocking all-gather (sync SP's K/V; 0: ``single_bandwidth``)."""
 
+    @property
+    def lone_rate(self) -> float:
+        """bytes/s per direction of a lone exchange (``single_bandwidth``, else ``bandwidth``)."""
+        return self.single_bandwidth or self.bandwidth
+
 
 LINKS = {
     "pcie4": Link("PCIe 4.0 x16 (no P2P)", 12e9, 15e-6),
@@ -108,7 +113,7 @@ def calibrated_link(name: str, probe: dict, cpu_per_byte: float = 0.0) -> Link:
     lone = probe.get("lone_throughput_bits", 0.0) / 8
     return Link(f"{name} (probe)", probe["throughput_bits"] / 8, base.latency, base.hol_bytes,
                 single_bandwidth=lone,
-                gather_bandwidth=probe.get("gather_throughput_bits", 0.0) / 8 or lone,
+                gather_bandwidth=probe.get("gather_throughput_bits", 0.0) / 8,
                 cpu_per_byte=0.0 if name == "loopback" else cpu_per_byte)
 
 

@@ -108,7 +108,7 @@ class _Ranks:
         self.compute[r] += sec
         lk = self.link
         # bytes/s this rank sends + receives while its link is busy (the peers mirror it)
-        moving = 2 * (lk.single_bandwidth if self.lone[r] and lk.single_bandwidth else lk.bandwidth)
+        moving = 2 * (lk.lone_rate if self.lone[r] else lk.bandwidth)
         k = lk.cpu_per_byte * moving
         busy = self.free[r] - self.t[r]
         if k > 0 and busy > 0:   # slower while the link carries this rank's bytes
@@ -124,7 +124,7 @@ class _Ranks:
         """Queue ``nbytes`` on rank r's egress at time ``at``; returns the arrival time."""
         if nbytes <= 0:
             return at
-        bw, bw1 = self.link.bandwidth, self.link.single_bandwidth or self.link.bandwidth
+        bw, bw1 = self.link.bandwidth, self.link.lone_rate
         if at < self.free[r] and self.lone[r]:   # a second exchange joins: the first speeds up
             self.free[r] = at + (self.free[r] - at) * bw1 / bw
         self.lone[r] = at >= self.free[r]

@@ -52,7 +52,12 @@ def save_loads(bench: dict) -> Path:
 
 def workload_of(bench: dict) -> Workload:
     """The bench job as a Workload (``--vae none``: 8 pixels per latent cell)."""
-    args = shlex.split(bench["meta"]["job"])
+    return workload_of_job(bench["meta"]["job"])
+
+
+def workload_of_job(job: str) -> Workload:
+    """A ``dice-ds bench`` job (its ``dice-ds sample`` flags) as a Workload."""
+    args = shlex.split(job)
 
     def arg(name, default=None):
         return args[args.index(name) + 1] if name in args else default
@@ -66,15 +71,9 @@ def workload_of(bench: dict) -> Workload:
 
 def config_modes(bench: dict) -> dict[str, list[str]]:
     """The bench's ``--mode-config NAME=PATH`` modes (from its command line): NAME -> flags."""
-    args = shlex.split(bench["meta"].get("command", ""))
-    out = {}
-    for i, x in enumerate(args):
-        item = args[i + 1] if x == "--mode-config" and i + 1 < len(args) else (
-            x.split("=", 1)[1] if x.startswith("--mode-config=") else None)
-        if item and "=" in item:
-            name, path = item.split("=", 1)
-            out[name] = ["--config", path]
-    return out
+    from dice_ds.bench.cli import mode_configs_of
+
+    return mode_configs_of(bench["meta"].get("command", ""))
 
 
 def row(bench: dict, link: str, mode: str) -> dict | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dice_ds.config import ConfigError, get_flavor
 from dice_ds.plan.costs import Workload, costs_from_flops, costs_from_phases
-from dice_ds.plan.predict import predict_plan
+from dice_ds.plan.predict import build_plan, predict_plan
 from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
 from dice_ds.schedule import Schedule
 from dice_ds.tune import quality, search, sensitivity
@@ -118,8 +118,6 @@ def _speed_model(a, w: Workload):
 
 
 def _fit(path: str, table: dict, w: Workload, world: int) -> quality.PsnrFit:
-    from dice_ds.plan.predict import build_plan
-
     data = json.loads(Path(path).read_text())
     pts = []
     for r in data["rows"]:
@@ -148,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         sync = predict_plan(search.Policy(period=1).plan(a.world).validate(
             world_size=a.world, num_experts=cfg.num_experts, depth=cfg.depth), w, costs, link)
 
-        def evaluate(p: search.Policy):
-            plan = p.plan(a.world).validate(world_size=a.world, num_experts=cfg.num_experts,
-                                            depth=cfg.depth)
+        def score(plan):
+            """(predicted speed-up over sync EP, deviation D) of a validated plan."""
             t = predict_plan(plan, w, costs, link)["batch_seconds"]
             return sync["batch_seconds"] / t, quality.deviation(
                 Schedule.build(plan, w.steps, cfg.depth), table)
+
+        def evaluate(p: search.Policy):
+            return score(p.plan(a.world).validate(world_size=a.world,
+                                                  num_experts=cfg.num_experts, depth=cfg.depth))
 
         dice = replace(DICE_FIXED, layers=tuple(range(cfg.depth // 2)))
         dice_speed, dice_d = evaluate(dice)
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             p = pred.get(r["policy"])
             if p is None and r["key"] != "sync":
-                p = _predict_flags(r["flags"].split(), w, a.world, costs, link, sync, table, fit)
+                s, d = score(build_plan(r["flags"].split(), w, a.world))
+                p = {"speedup": s, "deviation": d, "psnr_pred": fit.psnr(d)}
             p = p or {"speedup": 1.0, "psnr_pred": float("inf")}
             r.update(psnr_pred=p["psnr_pred"], speedup_pred=p["speedup"])
             print(f"{r['policy']:28} PSNR vs sync {r.get('psnr_db', float('nan')):6.2f} dB "
@@ -232,16 +234,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.report).write_text(json.dumps(report, indent=1,
                                                                       default=str) + "\n")
     return 0
-
-
-def _predict_flags(flags, w, world, costs, link, sync, table, fit) -> dict:
-    """Predicted speed-up over sync EP and PSNR of a fixed mode given by its sample flags."""
-    from dice_ds.plan.predict import build_plan
-
-    plan = build_plan(flags, w, world)
-    t = predict_plan(plan, w, costs, link)["batch_seconds"]
-    d = quality.deviation(Schedule.build(plan, w.steps, w.cfg.depth), table)
-    return {"speedup": sync["batch_seconds"] / t, "deviation": d, "psnr_pred": fit.psnr(d)}
 
 
 def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen,
@@ -263,8 +255,8 @@ def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_sr
     validate_data(data, a.out)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(data, indent=2) + "\n")
-    unique = {" ".join(p.flags()): (p, s, d) for p, s, d in seen}   # no-async grid points coincide
-    top = sorted((x for x in unique.values() if x[2] <= d_max), key=lambda x: -x[1])[:10]
+    unique = search.distinct(seen)
+    top = sorted((x for x in unique if x[2] <= d_max), key=lambda x: -x[1])[:10]
     report = {"command": a.command,
               "budget": a.budget, "d_max": d_max, "speed_model": speed_src,
               "fit": {"a": fit.a, "b": fit.b, "points": fit.residuals},

@@ -102,6 +102,12 @@ def _greedy(base: Policy, depth: int, ev, d_max: float) -> list[tuple[Policy, fl
         _, cur, cur_s, cur_d = best
 
 
+def distinct(points: list) -> list:
+    """(policy, speed-up, D) points with one per distinct flag set (grid points without async
+    layers differ only in knobs that then do nothing)."""
+    return list({" ".join(p.flags()): (p, s, d) for p, s, d in points}.values())
+
+
 def search(depth: int, ev: Evaluate, d_max: float, grid: dict | None = None,
            tolerance: float = 0.0) -> tuple[tuple[Policy, float, float] | None, list]:
     """(best feasible (policy, speed-up, D) or None, every evaluated point).

@@ -23,11 +23,13 @@ from pathlib import Path
 def shortlist(seen: list, d_max: float, window: float, k: int, keep=None) -> list:
     """(policy, predicted speed-up, D) of the thinned Pareto front, fastest first; ``keep`` (the
     search's own choice) is always in it."""
-    unique = {" ".join(p.flags()): (p, s, d) for p, s, d in seen if d <= d_max}
+    from dice_ds.tune.search import distinct
+
+    unique = [x for x in distinct(seen) if x[2] <= d_max]
     if not unique:
         return []
-    top = max(s for _, s, _ in unique.values())
-    near = sorted((x for x in unique.values() if x[1] >= top * (1 - window)),
+    top = max(s for _, s, _ in unique)
+    near = sorted((x for x in unique if x[1] >= top * (1 - window)),
                   key=lambda x: (-x[1], x[2]))
     front, best_d = [], float("inf")
     for x in near:                       # by speed-up, descending: keep each new lowest D
