@@ -20,34 +20,39 @@ key ever loaded non-strictly is ``pos_embed`` at a non-256-px size (pitfall 17),
 
 from __future__ import annotations
 
-import argparse
 import math
 import pickle
 import re
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dice_ds.config import ConfigError, ModelConfig
-from dice_ds.keymap import mcore_to_released, released_to_mcore
+from dice_ds.keymap import is_dice_layout, mcore_to_released
+from dice_ds.weights.load import (  # noqa: F401 - re-exported: the loader's public names
+    CheckpointMismatchError,
+    LoadResult,
+    local_expert_ids,
+    stream_into_model,
+)
+from dice_ds.weights.read import (
+    CheckpointFormatError,
+    CheckpointReader,
+    InMemoryReader,
+    torch_load,
+    unwrap_state_dict,
+)
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _RELEASED_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.")
-_MCORE_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.local_experts\.(\d+)\.")
 _GROUPED_FC1 = "blocks.0.moe.experts.fc1_weight"
-_EXTRA = "._extra_state"
-_MAX_LISTED = 8
-
-
-class CheckpointMismatchError(ConfigError):
-    """The checkpoint's keys or shapes do not fit the model that was built."""
 
 
 # ----------------------------------------------------------------------------- reading
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensor state dict stored at ``path`` (``.pt``/``.pth``/``.ckpt`` or ``.safetensors``)."""
+    """The tensor state dict stored at ``path`` (``.pt``/``.pth``/``.ckpt`` or ``.safetensors``),
+    whole, in memory (tests and tools; a run streams with ``dice_ds.weights.read.open_checkpoint``).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--ckpt {path}: no such file; pass the path of a DiT-MoE .pt or "
@@ -56,31 +61,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    obj = _torch_load(path)
-    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
-        obj = obj["ema"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ConfigError(f"--ckpt {path}: not a state dict (expected a dict of tensors, "
-                          "or one under 'ema' or 'model')")
-    return obj
-
-
-def _torch_load(path: Path):
-    """torch.load on CPU, weights only (argparse.Namespace allowed: training scripts store args)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    try:
         try:
-            try:
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError as e:  # torch's legacy (non-zip) format cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ConfigError(f"--ckpt {path}: cannot be read with weights_only=True ({e}); "
-                              "re-save its state dict as .safetensors or a plain dict of tensors"
-                              ) from e
+            obj = torch_load(str(path), mmap=True)
+        except RuntimeError as e:  # torch's legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch_load(str(path), mmap=False)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"--ckpt {path}: cannot be read with weights_only=True ({e}); "
+                          "re-save its state dict as .safetensors or a plain dict of tensors"
+                          ) from e
+    try:
+        return unwrap_state_dict(obj, str(path))
+    except CheckpointFormatError as e:
+        raise ConfigError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- inspection
@@ -185,28 +180,6 @@ def config_for_checkpoint(flavor: ModelConfig, sd: dict[str, torch.Tensor],
 
 
 # ----------------------------------------------------------------------------- loading
-@dataclass(frozen=True)
-class LoadResult:
-    """What :func:`load_into_model` did besides copying matching tensors."""
-
-    local_experts: tuple[int, ...]
-    """Global ids of the experts this model holds (per MoE layer, in local order)."""
-    dropped_expert_keys: int = 0
-    """Released expert tensors not loaded because another EP rank owns them."""
-    regenerated_pos_embed: bool = False
-    missing: tuple[str, ...] = field(default_factory=tuple)
-    unexpected: tuple[str, ...] = field(default_factory=tuple)
-    """Only non-empty with ``strict=False``."""
-
-
-def local_expert_ids(model: torch.nn.Module) -> tuple[int, ...]:
-    """Global ids of the experts held by every MoE layer of ``model`` (identical for all layers)."""
-    ids = {tuple(int(i) for i in moe.local_expert_indices) for moe in model.moe_layers()}
-    if len(ids) != 1:
-        raise ValueError(f"MoE layers hold different expert sets: {sorted(ids)}")
-    return ids.pop()
-
-
 def trim_experts(sd: dict[str, torch.Tensor], keep: tuple[int, ...] | range,
                  ) -> tuple[dict[str, torch.Tensor], int]:
     """Released ``sd`` without the ``.experts.{e}.`` entries of experts not in ``keep``.
@@ -225,117 +198,22 @@ def trim_experts(sd: dict[str, torch.Tensor], keep: tuple[int, ...] | range,
 
 
 def _is_dice_layout(sd: dict) -> bool:
-    return any(k.endswith(".moe.router.weight") or ".experts.local_experts." in k
-               or k.endswith(".moe.experts.fc1_weight") for k in sd)
+    return is_dice_layout(sd)
 
 
-def _dice_experts_held(sd: dict) -> int:
-    """Experts per layer in a dice_ds-layout ``sd`` (either experts layout)."""
-    if _GROUPED_FC1 in sd:
-        return sd[_GROUPED_FC1].shape[0]
-    return len({int(m.group(2)) for k in sd if (m := _MCORE_EXPERT.match(k))})
+def load_into_model(model, sd: dict[str, torch.Tensor] | CheckpointReader, strict: bool = True,
+                    progress: bool = False) -> LoadResult:
+    """Load ``sd`` (a state dict or a ``dice_ds.weights.read`` reader; released or dice_ds layout)
+    into ``model`` (a materialised ``DiTMoE``), in place, tensor by tensor.
 
-
-def _to_model_keys(model, sd: dict, local: tuple[int, ...]) -> tuple[dict, int]:
-    """Map ``sd`` (released or dice_ds layout) to the model's keys for experts ``local``.
-
-    Every path goes through the released layout (``dice_ds/keymap.py``), so a file written by either
-    experts implementation loads into either.
+    Each MoE layer receives only the experts in its ``local_expert_indices``; the others are never
+    read. Any missing or unexpected key (``strict``) or shape mismatch raises a
+    ``CheckpointMismatchError`` listing them, before anything is copied. A ``pos_embed`` for another
+    image size is replaced by the model's own table, with a warning
+    (``dice_ds/weights/load.py``).
     """
-    if _is_dice_layout(sd):
-        shard = len(local) < model.cfg.num_experts and _dice_experts_held(sd) == len(local)
-        # a shard holds this rank's experts in local order (the caller saved its own state dict)
-        sd = mcore_to_released(sd, expert_ids=local if shard else None)
-    n_experts = model.cfg.num_experts
-    extra = sorted({k for k in sd if (m := _RELEASED_EXPERT.match(k)) and int(m.group(2)) >= n_experts})
-    trimmed, dropped = trim_experts(sd, local)
-    try:
-        mapped = released_to_mcore(trimmed, local_experts=local,
-                                   experts_layout=model.cfg.experts_impl)
-    except KeyError as e:
-        raise CheckpointMismatchError(f"checkpoint does not match --model {model.cfg.name} (check "
-                                      f"--ckpt and --model): {e.args[0]}") from None
-    for k in extra:  # experts beyond E would otherwise vanish silently in the trimming
-        mapped[k] = sd[k]
-    return mapped, dropped - len(extra)
-
-
-def _listed(keys: list[str]) -> str:
-    more = f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
-    return ", ".join(keys[:_MAX_LISTED]) + more
-
-
-def _check_keys(model_sd: dict, sd: dict, strict: bool, name: str) -> tuple[list[str], list[str]]:
-    """Raise one error naming every missing / unexpected / wrongly shaped key (extra_state aside)."""
-    expected = {k for k in model_sd if not k.endswith(_EXTRA)}
-    given = {k for k in sd if not k.endswith(_EXTRA)}
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    shapes = [f"{k}: ckpt {list(sd[k].shape)} vs model {list(model_sd[k].shape)}"
-              for k in sorted(expected & given) if sd[k].shape != model_sd[k].shape]
-    problems = []
-    if strict and missing:
-        problems.append(f"{len(missing)} missing: {_listed(missing)}")
-    if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_listed(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatch: {_listed(shapes)}")
-    if problems:
-        raise CheckpointMismatchError(f"checkpoint does not match --model {name} (check --ckpt and "
-                                      f"--model): " + "; ".join(problems))
-    return missing, unexpected
-
-
-def _pos_embed_differs(model, sd: dict) -> bool:
-    """True if the checkpoint's pos_embed is for another token count (same hidden size)."""
-    if "pos_embed" not in sd:
-        return False
-    ours, theirs = model.pos_embed.shape, sd["pos_embed"].shape
-    return len(theirs) == 3 and theirs[2] == ours[2] and theirs[1] != ours[1]
-
-
-@torch.no_grad()
-def _regenerate_pos_embed(model) -> None:
-    from dice_ds.models.layers import sincos_pos_embed_2d
-
-    grid = model.cfg.input_size // model.cfg.patch_size
-    table = sincos_pos_embed_2d(model.cfg.hidden_size, grid).unsqueeze(0)
-    model.pos_embed.copy_(table.to(model.pos_embed.dtype))
-
-
-def load_into_model(model, sd: dict[str, torch.Tensor], strict: bool = True) -> LoadResult:
-    """Load ``sd`` (released or dice_ds layout) into ``model`` (a ``DiTMoE``), in place.
-
-    Each MoE layer receives only the experts in its ``local_expert_indices``; the others are dropped
-    before loading. megatron's ``_extra_state`` entries are filled from the model. Any missing or
-    unexpected key (``strict``) or shape mismatch raises a ``CheckpointMismatchError`` listing them.
-    A ``pos_embed`` for another image size is replaced by the model's own table, with a warning.
-    """
-    local = local_expert_ids(model)
-    mapped, dropped = _to_model_keys(model, sd, local)
-    model_sd = model.state_dict()
-    regenerate = _pos_embed_differs(model, mapped)
-    if regenerate:
-        theirs = mapped.pop("pos_embed").shape[1]
-        warnings.warn(f"checkpoint pos_embed has {theirs} tokens, the model {model.cfg.num_tokens} "
-                      "(another image size): pos_embed regenerated; the weights were trained at the "
-                      "checkpoint's size, so outputs are for performance testing only", stacklevel=2)
-        mapped["pos_embed"] = model_sd["pos_embed"]
-    missing, unexpected = _check_keys(model_sd, mapped, strict, model.cfg.name)
-    for key, value in model_sd.items():
-        if key.endswith(_EXTRA):
-            mapped.setdefault(key, value)
-    for key in unexpected:
-        mapped.pop(key)
-    model.load_state_dict(mapped, strict=strict)
-    if regenerate:
-        _regenerate_pos_embed(model)
-    if missing or unexpected:
-        warnings.warn(f"non-strict checkpoint load: {len(missing)} missing "
-                      f"({_listed(missing)}), {len(unexpected)} unexpected ({_listed(unexpected)})",
-                      stacklevel=2)
-    return LoadResult(local_experts=local, dropped_expert_keys=dropped,
-                      regenerated_pos_embed=regenerate, missing=tuple(missing),
-                      unexpected=tuple(unexpected))
+    reader = sd if isinstance(sd, CheckpointReader) else InMemoryReader(sd)
+    return stream_into_model(model, reader, strict=strict, progress=progress)
 
 
 # ----------------------------------------------------------------------------- exporting

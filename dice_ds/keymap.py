@@ -149,3 +149,86 @@ def _mlp_to_released(prefix: str, which: str, value: torch.Tensor) -> dict[str, 
         return {f"{prefix}.down_proj.weight": value}
     gate, up = value.chunk(2, dim=0)
     return {f"{prefix}.gate_proj.weight": gate.clone(), f"{prefix}.up_proj.weight": up.clone()}
+
+
+# ----------------------------------------------------------------------------- name-level plan
+# The streaming loader (dice_ds/weights/load.py) never builds a mapped state dict: it asks, per
+# model tensor, which released tensors fill which rows of it, and per released name, which region of
+# which checkpoint tensor holds it. A region is (key, index along dim 0 or None, (row lo, row hi) of
+# the next dim or None); for a contiguous tensor it is one contiguous byte range.
+
+def released_sources(key: str, shape: Sequence[int], local_experts: Sequence[int]
+                     ) -> list[tuple[str, int | None, tuple[int, int] | None]]:
+    """What fills model tensor ``key`` (shape ``shape``): [(released key, dest index, dest rows)].
+
+    ``local_experts`` are the global ids of the model's experts in local order. Either experts
+    layout; non-MoE keys map to themselves.
+    """
+    if m := _MC_ROUTER.match(key):
+        return [(f"blocks.{m.group(1)}.moe.gate.weight", None, None)]
+    if m := _MC_GROUPED.match(key):
+        b, fc1 = m.group(1), m.group(2) == "fc1_weight"
+        out = []
+        for i, e in enumerate(local_experts):
+            out += _mlp_sources(f"blocks.{b}.moe.experts.{e}", fc1, shape[1], i)
+        return out
+    if m := _MC_EXPERT.match(key):
+        b, i = m.group(1), int(m.group(2))
+        return _mlp_sources(f"blocks.{b}.moe.experts.{local_experts[i]}",
+                            m.group(3) == "linear_fc1", shape[0], None)
+    if m := _MC_SHARED.match(key):
+        return _mlp_sources(f"blocks.{m.group(1)}.moe.shared_experts", m.group(2) == "linear_fc1",
+                            shape[0], None)
+    return [(key, None, None)]
+
+
+def _mlp_sources(prefix: str, fc1: bool, rows: int, index: int | None):
+    if not fc1:
+        return [(f"{prefix}.down_proj.weight", index, None)]
+    f = rows // 2
+    return [(f"{prefix}.gate_proj.weight", index, (0, f)), (f"{prefix}.up_proj.weight", index, (f, rows))]
+
+
+def is_dice_layout(keys) -> bool:
+    """True if the key names are dice_ds's (megatron) layout rather than the released one."""
+    return any(k.endswith(".moe.router.weight") or ".experts.local_experts." in k
+               or k.endswith(".moe.experts.fc1_weight") for k in keys)
+
+
+def released_view(shapes: dict[str, Sequence[int]], expert_ids: Sequence[int] | None = None
+                  ) -> dict[str, tuple[str, int | None, tuple[int, int] | None]]:
+    """Released name -> region of a checkpoint tensor, for a checkpoint with these key shapes.
+
+    A released-layout checkpoint maps every key to itself. A dice_ds-layout one (either experts
+    layout) is mapped by name only (no tensor is read): ``expert_ids`` gives the global id of each
+    of its local experts (default: local index = global id), as :func:`mcore_to_released`.
+    """
+    out: dict[str, tuple[str, int | None, tuple[int, int] | None]] = {}
+    gid = (lambda i: i) if expert_ids is None else (lambda i: expert_ids[i])
+    for key, shape in shapes.items():
+        if key.endswith("._extra_state"):
+            continue
+        if m := _MC_EXPERT.match(key):
+            _mlp_regions(out, f"blocks.{m.group(1)}.moe.experts.{gid(int(m.group(2)))}",
+                         m.group(3) == "linear_fc1", key, shape[0], None)
+        elif m := _MC_GROUPED.match(key):
+            for i in range(shape[0]):
+                _mlp_regions(out, f"blocks.{m.group(1)}.moe.experts.{gid(i)}",
+                             m.group(2) == "fc1_weight", key, shape[1], i)
+        elif m := _MC_SHARED.match(key):
+            _mlp_regions(out, f"blocks.{m.group(1)}.moe.shared_experts",
+                         m.group(2) == "linear_fc1", key, shape[0], None)
+        elif m := _MC_ROUTER.match(key):
+            out[f"blocks.{m.group(1)}.moe.gate.weight"] = (key, None, None)
+        else:
+            out[key] = (key, None, None)
+    return out
+
+
+def _mlp_regions(out: dict, prefix: str, fc1: bool, key: str, rows: int, index: int | None) -> None:
+    if not fc1:
+        out[f"{prefix}.down_proj.weight"] = (key, index, None)
+        return
+    f = rows // 2
+    out[f"{prefix}.gate_proj.weight"] = (key, index, (0, f))
+    out[f"{prefix}.up_proj.weight"] = (key, index, (f, rows))

@@ -1,10 +1,11 @@
 """Checks of the input files of a run, made on every rank before any process group starts.
 
-Owns ``read_checkpoint`` (any failure to read ``--ckpt`` -- empty, truncated, garbage, a directory,
-a ``.safetensors`` with a broken header, a pickle that is not a state dict -- becomes one
-``ConfigError`` line) and ``check_complete`` (every tensor the model will load is present and
-consistently shaped: all blocks carry block 0's keys and shapes, every layer has all E experts,
-and the non-block tensors exist). Shapes against the chosen ``--model`` are checked by
+Owns ``read_checkpoint`` (opens ``--ckpt`` for streaming; any failure to read it -- empty,
+truncated, garbage, a directory, a ``.safetensors`` with a broken header, a pickle that is not
+a state dict -- becomes one ``ConfigError`` line) and ``check_complete`` (every tensor the model
+will load is present and consistently shaped: all blocks carry block 0's keys and shapes, every
+layer has all E experts, and the non-block tensors exist). Both read names and shapes only.
+Shapes against the chosen ``--model`` are checked by
 ``dice_ds.checkpoint.config_for_checkpoint``; a mismatch found only when loading into the built
 model would surface after the process group started, so this module catches what it can earlier.
 
@@ -39,43 +40,51 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def read_checkpoint(path: str) -> dict:
-    """``dice_ds.checkpoint.read_state_dict`` with every failure turned into one ConfigError line."""
+def read_checkpoint(path: str):
+    """A streaming reader of ``--ckpt`` (``dice_ds.weights.read.open_checkpoint``: names, dtypes
+    and shapes now, bytes at load time) with every failure turned into one ConfigError line.
+    ``reader.meta_state_dict()`` is what the checks below and ``config_for_checkpoint`` read."""
     import os
+    import pickle
 
-    from dice_ds.checkpoint import read_state_dict
+    from dice_ds.weights.read import CheckpointFormatError, open_checkpoint
 
     if os.path.isdir(path):
         raise ConfigError(f"--ckpt {path}: is a directory; pass the checkpoint file (.pt or "
                           ".safetensors)")
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--ckpt {path}: no such file; pass the path of a DiT-MoE .pt or "
+                          ".safetensors checkpoint")
+    if os.path.getsize(path) == 0:
         raise ConfigError(f"--ckpt {path}: is empty (0 bytes); the file was not written completely")
     kind = "safetensors" if path.endswith(".safetensors") else "torch (.pt)"
     try:
-        sd = read_state_dict(path)
-    except ConfigError as e:
-        if "\n" not in str(e):
-            raise
+        reader = open_checkpoint(path)
+    except CheckpointFormatError as e:
+        if str(e).startswith("--ckpt"):
+            raise ConfigError(str(e)) from None
+        raise ConfigError(f"--ckpt {path}: cannot be read as a {kind} checkpoint ({e}); the file "
+                          "is truncated, corrupt or not a checkpoint") from None
+    except pickle.UnpicklingError:
         # torch's weights-only unpickler explains itself over many lines
         raise ConfigError(f"--ckpt {path}: cannot be read as a {kind} checkpoint with "
                           "weights_only=True (not a pickle of tensors: corrupt, or another "
                           "format); re-save its state dict as .safetensors or a dict of tensors"
                           ) from None
-    except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for bad files
+    except Exception as e:  # noqa: BLE001 - torch/zip/json raise many types for bad files
         raise ConfigError(f"--ckpt {path}: cannot be read as a {kind} checkpoint "
                           f"({_first_line(e)}); the file is truncated, corrupt or not a "
                           "checkpoint") from None
-    if not isinstance(sd, dict) or not sd:
+    if not reader.infos:
         raise ConfigError(f"--ckpt {path}: holds no tensors")
-    return sd
+    return reader
 
 
 def _released_keys(sd: dict) -> dict:
     """``sd`` under released key names (dice_ds layout converted; names only matter here)."""
-    from dice_ds.checkpoint import _is_dice_layout  # the loader's own layout test
-    from dice_ds.keymap import mcore_to_released
+    from dice_ds.keymap import is_dice_layout, mcore_to_released
 
-    if not _is_dice_layout(sd):
+    if not is_dice_layout(sd):
         return sd
     try:
         return mcore_to_released(sd)

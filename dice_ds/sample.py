@@ -63,7 +63,8 @@ class Prepared:
     world_size: int
     device: str
     sample_dir: str
-    state_dict: dict | None
+    checkpoint: object | None
+    """A streaming reader of ``--ckpt`` (``dice_ds.weights.read``), or None (random weights)."""
     parallelize: object | None
     """``dice_ds.parallel.apply.parallelize_dit_moe`` (None only if that module is absent)."""
 
@@ -78,7 +79,7 @@ def _resolve_device(opts: RunOptions) -> str:
     return opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _model_config(opts: RunOptions) -> tuple[ModelConfig, dict | None]:
+def _model_config(opts: RunOptions) -> tuple[ModelConfig, object | None]:
     flavor = get_flavor(opts.model)
     side = latent_side(opts)
     if opts.ckpt is None:
@@ -87,11 +88,12 @@ def _model_config(opts: RunOptions) -> tuple[ModelConfig, dict | None]:
     from dice_ds.checkpoint import config_for_checkpoint
     from dice_ds.preflight import check_complete, read_checkpoint
 
-    sd = read_checkpoint(opts.ckpt)  # any unreadable file: one ConfigError line
-    cfg = config_for_checkpoint(flavor, sd, num_experts=opts.num_experts)
-    check_complete(sd, cfg, opts.ckpt)  # missing keys: before the process group, not at load
+    reader = read_checkpoint(opts.ckpt)  # any unreadable file: one ConfigError line
+    shapes = reader.meta_state_dict()  # names, dtypes, shapes: no tensor is read yet
+    cfg = config_for_checkpoint(flavor, shapes, num_experts=opts.num_experts)
+    check_complete(shapes, cfg, opts.ckpt)  # missing keys: before the process group, not at load
     # another image size than the flavor's: load_into_model regenerates pos_embed and warns
-    return cfg.replace(input_size=side).validate(), sd
+    return cfg.replace(input_size=side).validate(), reader
 
 
 def _parallelize_fn(plan):
@@ -144,11 +146,12 @@ def _build(prep: Prepared, groups):
 
     opts = prep.opts
     model = build_model(prep.model_cfg, groups, DTYPES[opts.dtype], prep.device)
-    if prep.state_dict is not None:
+    if prep.checkpoint is not None:
         from dice_ds.checkpoint import load_into_model
 
-        load_into_model(model, prep.state_dict)
-        prep.state_dict = None
+        with prep.checkpoint as reader:  # this rank's tensors only, one at a time
+            load_into_model(model, reader)
+        prep.checkpoint = None
     else:
         init_weights(model, opts.init, seed=opts.init_seed)
     extra = {}

@@ -120,7 +120,11 @@ class DiTMoE(nn.Module):
 
 def build_model(cfg: ModelConfig, groups=None, params_dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> DiTMoE:
-    """Build a DiT-MoE on ``groups`` (a ``ModelGroups``; default: this rank alone).
+    """Build a DiT-MoE on ``groups`` (a ``ModelGroups``; default: this rank alone), without
+    allocating first: the module tree is built on the meta device, then every parameter is
+    materialised once, uninitialised, directly on ``device`` in ``params_dtype`` (only this rank's
+    experts exist). Fill it with ``init_weights`` or ``dice_ds.checkpoint.load_into_model``; only
+    ``pos_embed`` (a fixed table) is computed here.
 
     Starts a 1-rank default process group if none exists (megatron's layers need one) and, on a
     torch without CUDA, applies the documented megatron-core CPU patches first.
@@ -133,8 +137,19 @@ def build_model(cfg: ModelConfig, groups=None, params_dtype: torch.dtype = torch
         apply_megatron_cpu_patches()
     init_distributed(device)
     groups = groups or local_model_groups()
-    model = DiTMoE(cfg, groups.pg_collection(), params_dtype)
-    return model.to(device=device, dtype=params_dtype).eval()
+    with torch.device("meta"):
+        model = DiTMoE(cfg, groups.pg_collection(), params_dtype).to(dtype=params_dtype)
+    model.to_empty(device=device)
+    fill_fixed_tables(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def fill_fixed_tables(model: DiTMoE) -> None:
+    """Compute the tensors that are not weights (the sin-cos ``pos_embed``) in place."""
+    grid = model.cfg.input_size // model.cfg.patch_size
+    table = sincos_pos_embed_2d(model.cfg.hidden_size, grid).unsqueeze(0)
+    model.pos_embed.copy_(table.to(model.pos_embed.dtype))
 
 
 @torch.no_grad()

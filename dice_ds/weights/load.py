@@ -1,0 +1,207 @@
+"""The streaming load: checkpoint regions straight into a built model's parameters, one at a time.
+
+Owns ``stream_into_model(model, reader)``, the one path by which weights enter a ``DiTMoE``
+(``dice_ds.checkpoint.load_into_model`` wraps it), plus ``LoadResult`` and
+``CheckpointMismatchError``. For every model tensor it asks ``dice_ds/keymap.py`` which released
+tensors fill which rows of it (``released_sources``) and where each released tensor lives in this
+checkpoint (``released_view``: itself, or a region of a dice_ds-layout tensor), checks the whole
+plan first (missing, unexpected and wrongly shaped tensors, one ``CheckpointMismatchError`` naming
+them all), then copies region by region with ``reader.read_into``: each routed expert's
+``gate_proj`` / ``up_proj`` / ``down_proj`` lands directly in its slice of the grouped weight (or of
+its ``linear_fc1``), cast on the way; no mapped state dict, no stack, no second copy.
+
+Invariants: only this rank's experts are read (the others are counted as dropped); values are
+bitwise those of a ``load_state_dict`` of the mapped dict (a copy_ with the same cast); the only
+tensor ever skipped non-strictly is ``pos_embed`` at another image size, regenerated with a warning
+(pitfall 17 in docs/).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from dice_ds.config import ConfigError
+from dice_ds.keymap import is_dice_layout, released_sources, released_view
+from dice_ds.weights.read import CheckpointReader, region
+
+_RELEASED_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.")
+_MCORE_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.local_experts\.(\d+)\.")
+_GROUPED_FC1 = "blocks.0.moe.experts.fc1_weight"
+_EXTRA = "._extra_state"
+_MAX_LISTED = 8
+
+
+class CheckpointMismatchError(ConfigError):
+    """The checkpoint's keys or shapes do not fit the model that was built."""
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load did besides copying matching tensors."""
+
+    local_experts: tuple[int, ...]
+    """Global ids of the experts this model holds (per MoE layer, in local order)."""
+    dropped_expert_keys: int = 0
+    """Released expert tensors not read because another EP rank owns them."""
+    regenerated_pos_embed: bool = False
+    missing: tuple[str, ...] = field(default_factory=tuple)
+    unexpected: tuple[str, ...] = field(default_factory=tuple)
+    """Only non-empty with ``strict=False``."""
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+def local_expert_ids(model: torch.nn.Module) -> tuple[int, ...]:
+    """Global ids of the experts held by every MoE layer of ``model`` (identical for all layers)."""
+    ids = {tuple(int(i) for i in moe.local_expert_indices) for moe in model.moe_layers()}
+    if len(ids) != 1:
+        raise ValueError(f"MoE layers hold different expert sets: {sorted(ids)}")
+    return ids.pop()
+
+
+def listed(keys: list[str]) -> str:
+    more = f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def _checkpoint_view(reader: CheckpointReader, local: tuple[int, ...], num_experts: int) -> dict:
+    """Released name -> checkpoint region (a dice_ds shard holds this rank's experts in local
+    order: the caller saved its own state dict)."""
+    shapes = {k: i.shape for k, i in reader.infos.items()}
+    if not is_dice_layout(shapes):
+        return {k: (k, None, None) for k in shapes}
+    if _GROUPED_FC1 in shapes:
+        held = shapes[_GROUPED_FC1][0]
+    else:
+        held = len({int(m.group(2)) for k in shapes if (m := _MCORE_EXPERT.match(k))})
+    shard = len(local) < num_experts and held == len(local)
+    return released_view(shapes, expert_ids=local if shard else None)
+
+
+@dataclass
+class _Plan:
+    copies: list = field(default_factory=list)  # (dest view, checkpoint key, index, rows)
+    missing: list = field(default_factory=list)
+    shapes: list = field(default_factory=list)
+    used: set = field(default_factory=set)
+    regenerate: bool = False
+
+
+def _dest_view(t: torch.Tensor, index, rows) -> torch.Tensor:
+    if index is not None:
+        t = t[index]
+    if rows is not None:
+        t = t[rows[0]:rows[1]]
+    return t
+
+
+def _plan(model, reader: CheckpointReader, view: dict, local: tuple[int, ...]) -> _Plan:
+    plan = _Plan()
+    for key, param in model.state_dict(keep_vars=True).items():
+        if key.endswith(_EXTRA) or not torch.is_tensor(param):
+            continue
+        if param.is_meta:
+            raise RuntimeError(f"{key} is still on the meta device: materialise the model first")
+        for rkey, d_index, d_rows in released_sources(key, tuple(param.shape), local):
+            plan.used.add(rkey)
+            if rkey not in view:
+                plan.missing.append(rkey)
+                continue
+            src, s_index, s_rows = view[rkey]
+            dest = _dest_view(param.data, d_index, d_rows)
+            _, shape = region(reader.infos[src], s_index, s_rows)
+            if key == "pos_embed" and len(shape) == 3 and shape[0] == 1 \
+                    and shape[2] == dest.shape[2] and shape[1] != dest.shape[1]:
+                plan.regenerate = True  # another image size: the model's own table stays
+                continue
+            if tuple(shape) != tuple(dest.shape):
+                plan.shapes.append(f"{rkey}: ckpt {list(shape)} vs model {list(dest.shape)}")
+                continue
+            plan.copies.append((dest, src, s_index, s_rows))
+    return plan
+
+
+def _unexpected_and_dropped(view: dict, used: set, local: tuple[int, ...], num_experts: int):
+    unexpected, dropped = [], 0
+    keep = set(local)
+    for rkey in view:
+        if rkey in used:
+            continue
+        m = _RELEASED_EXPERT.match(rkey)
+        if m and int(m.group(2)) < num_experts and int(m.group(2)) not in keep:
+            dropped += 1  # another EP rank's expert: never read
+        else:
+            unexpected.append(rkey)
+    return sorted(unexpected), dropped
+
+
+def _check(plan: _Plan, unexpected: list, strict: bool, name: str) -> list[str]:
+    missing = sorted(set(plan.missing))
+    problems = []
+    if strict and missing:
+        problems.append(f"{len(missing)} missing: {listed(missing)}")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {listed(unexpected)}")
+    if plan.shapes:
+        problems.append(f"{len(plan.shapes)} shape mismatch: {listed(sorted(plan.shapes))}")
+    if problems:
+        raise CheckpointMismatchError(f"checkpoint does not match --model {name} (check --ckpt and "
+                                      f"--model): " + "; ".join(problems))
+    return missing
+
+
+@torch.no_grad()
+def stream_into_model(model, reader: CheckpointReader, strict: bool = True,
+                      progress: bool = False) -> LoadResult:
+    """Fill ``model`` (a materialised ``DiTMoE``) from ``reader``, region by region (module doc).
+
+    Raises ``CheckpointMismatchError`` naming every missing (``strict``), unexpected (``strict``)
+    or wrongly shaped tensor before anything is copied. ``progress``: a byte progress bar on stderr.
+    """
+    from dice_ds.models.dit_moe import fill_fixed_tables
+
+    t0 = time.perf_counter()
+    local, n_experts = local_expert_ids(model), model.cfg.num_experts
+    view = _checkpoint_view(reader, local, n_experts)
+    plan = _plan(model, reader, view, local)
+    unexpected, dropped = _unexpected_and_dropped(view, plan.used, local, n_experts)
+    missing = _check(plan, unexpected, strict, model.cfg.name)
+    if plan.regenerate:
+        theirs = reader.infos[view["pos_embed"][0]].shape[1]
+        warnings.warn(f"checkpoint pos_embed has {theirs} tokens, the model {model.cfg.num_tokens} "
+                      "(another image size): pos_embed regenerated; the weights were trained at the "
+                      "checkpoint's size, so outputs are for performance testing only", stacklevel=3)
+        fill_fixed_tables(model)
+    before = reader.bytes_read
+    bar = _bar(sum(reader.nbytes(s, i, r) for _, s, i, r in plan.copies), progress)
+    try:
+        for dest, src, index, rows in plan.copies:
+            reader.read_into(src, dest, index, rows)
+            if bar is not None:
+                bar.update(dest.numel() * reader.infos[src].dtype.itemsize)
+    finally:
+        reader.release_scratch()
+        if bar is not None:
+            bar.close()
+    if missing or unexpected:
+        warnings.warn(f"non-strict checkpoint load: {len(missing)} missing "
+                      f"({listed(missing)}), {len(unexpected)} unexpected ({listed(unexpected)})",
+                      stacklevel=3)
+    return LoadResult(local_experts=local, dropped_expert_keys=dropped,
+                      regenerated_pos_embed=plan.regenerate, missing=tuple(missing),
+                      unexpected=tuple(unexpected), bytes_read=reader.bytes_read - before,
+                      seconds=time.perf_counter() - t0)
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights",
+                dynamic_ncols=True, leave=False)

@@ -1,0 +1,316 @@
+"""Streaming checkpoint readers: tensor names, dtypes and shapes first, bytes one region at a time.
+
+Owns ``open_checkpoint(path)`` and the three readers behind it, all with one interface
+(``CheckpointReader``):
+
+- ``SafetensorsReader``: parses the ``.safetensors`` header itself (8-byte little-endian length, a
+  JSON table of dtype / shape / byte range per tensor) and reads a tensor's bytes with ``pread``;
+- ``TorchZipReader``: a ``.pt`` in torch's zip format. ``torch.load(mmap=True, weights_only=True)``
+  unpickles the object with every storage mapped but not read; the file offset of each storage is
+  recovered from the zip's local headers (storages are uncompressed records; a mapped storage's
+  address minus the mapping's base is its record's offset), and the bytes are then read with
+  ``pread`` -- the mapping itself is never touched, so its pages never count as this process's;
+- ``InMemoryReader``: a state dict already in memory (torch's legacy non-zip ``.pt`` format, or a
+  caller's dict); reads are copies.
+
+``read_into(key, dest, index, rows)`` writes the region ``src[index][rows[0]:rows[1]]`` of one
+checkpoint tensor into ``dest`` (any device, any dtype: cast on the way). When ``dest`` is a
+contiguous CPU tensor of the source dtype the bytes land in it directly; otherwise they pass through
+one reusable scratch buffer no larger than the largest region read. Nothing else is kept, so a
+load's resident memory is the model plus one tensor, whatever the file's size.
+
+Invariants: no process group, no CUDA call; ``meta_state_dict()`` costs no tensor memory (meta
+tensors), so the pre-flight checks (``dice_ds.checkpoint.inspect_checkpoint``,
+``dice_ds.preflight.check_complete``) run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header (30 bytes)
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+
+
+class CheckpointFormatError(ValueError):
+    """The file is not a checkpoint this module can read (callers turn it into a ConfigError)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one checkpoint tensor lives: dtype, shape and (files) the byte offset of element 0."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def region(info: TensorInfo, index: int | None, rows: tuple[int, int] | None
+            ) -> tuple[int, tuple[int, ...]]:
+    """(first element, shape) of ``src[index][rows]`` in a contiguous tensor of ``info``."""
+    shape, start = list(info.shape), 0
+    if index is not None:
+        inner = info.numel // shape[0]
+        if not 0 <= index < shape[0]:
+            raise IndexError(f"index {index} outside dim 0 of size {shape[0]}")
+        start, shape = index * inner, shape[1:]
+    if rows is not None:
+        lo, hi = rows
+        if not 0 <= lo <= hi <= shape[0]:
+            raise IndexError(f"rows {lo}:{hi} outside dim of size {shape[0]}")
+        row = 1
+        for s in shape[1:]:
+            row *= s
+        start, shape = start + lo * row, [hi - lo] + shape[1:]
+    return start, tuple(shape)
+
+
+class CheckpointReader:
+    """Names, dtypes and shapes of a checkpoint's tensors; their bytes on demand (module doc)."""
+
+    path: str
+    infos: dict[str, TensorInfo]
+    kind: str = "file"
+
+    def __init__(self):
+        self.bytes_read = 0
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    # -- what is in the file
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def meta_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a meta tensor of its dtype and shape (no memory)."""
+        return {k: torch.empty(i.shape, dtype=i.dtype, device="meta") for k, i in self.infos.items()}
+
+    def nbytes(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None) -> int:
+        info = self.infos[key]
+        _, shape = region(info, index, rows)
+        return TensorInfo(info.dtype, shape).numel * info.dtype.itemsize
+
+    # -- reading
+    def read_into(self, key: str, dest: torch.Tensor, index: int | None = None,
+                  rows: tuple[int, int] | None = None) -> None:
+        """Copy ``src[index][rows]`` of tensor ``key`` into ``dest`` (same shape), casting."""
+        info = self.infos[key]
+        start, shape = region(info, index, rows)
+        if tuple(dest.shape) != shape:
+            raise ValueError(f"{key}: region {list(shape)} does not fit {list(dest.shape)}")
+        numel = TensorInfo(info.dtype, shape).numel
+        if numel == 0:
+            return
+        self._copy_region(key, info, start, numel, dest)
+        self.bytes_read += numel * info.dtype.itemsize
+
+    def read(self, key: str) -> torch.Tensor:
+        """The whole tensor ``key`` as a new CPU tensor of its own dtype."""
+        info = self.infos[key]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        self.read_into(key, out)
+        return out
+
+    def _copy_region(self, key, info, start, numel, dest):
+        nbytes = numel * info.dtype.itemsize
+        offset = info.offset + start * info.dtype.itemsize
+        direct = (dest.device.type == "cpu" and dest.dtype == info.dtype and dest.is_contiguous())
+        if direct:
+            self._pread(offset, dest.reshape(-1).view(torch.uint8), key)
+            return
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        buf = self._scratch[:nbytes]
+        self._pread(offset, buf, key)
+        dest.copy_(buf.view(info.dtype).view(dest.shape))
+
+    def _pread(self, offset: int, out_u8: torch.Tensor, key: str) -> None:
+        view = memoryview(out_u8.numpy()).cast("B")
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise CheckpointFormatError(f"{self.path}: tensor {key} ends past the end of the "
+                                            "file (truncated)")
+            got += n
+
+    # -- lifetime
+    def release_scratch(self) -> None:
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    def close(self) -> None:
+        self.release_scratch()
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsReader(CheckpointReader):
+    """A ``.safetensors`` file, header parsed here, bytes read with ``pread``."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointFormatError("shorter than a safetensors header")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > min(size - 8, 100 << 20):
+            raise CheckpointFormatError(f"safetensors header length {hlen} is impossible")
+        try:
+            table = json.loads(os.pread(self._fd, hlen, 8))
+        except ValueError as e:
+            raise CheckpointFormatError(f"safetensors header is not JSON ({e})") from None
+        base = 8 + hlen
+        self.infos = {}
+        for key, entry in table.items():
+            if key == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise CheckpointFormatError(f"tensor {key} has unsupported dtype "
+                                            f"{entry.get('dtype')!r}")
+            lo, hi = entry["data_offsets"]
+            info = TensorInfo(dtype, tuple(entry["shape"]), base + lo)
+            if hi - lo != info.numel * dtype.itemsize or base + hi > size:
+                raise CheckpointFormatError(f"tensor {key} has an inconsistent byte "
+                                            "range (corrupt or truncated file)")
+            self.infos[key] = info
+
+
+def _zip_record_offsets(path: str) -> dict[str, tuple[int, int]]:
+    """Data offset and size of every stored (uncompressed) record of a zip file."""
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        for zi in zf.infolist():
+            if zi.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointFormatError(f"record {zi.filename} is compressed")
+            fh.seek(zi.header_offset)
+            fields = _LOCAL_HEADER.unpack(fh.read(_LOCAL_HEADER.size))
+            if fields[0] != _LOCAL_SIGNATURE:
+                raise CheckpointFormatError(f"bad zip local header for {zi.filename}")
+            name_len, extra_len = fields[9], fields[10]
+            out[zi.filename] = (zi.header_offset + _LOCAL_HEADER.size + name_len + extra_len,
+                                zi.file_size)
+    return out
+
+
+def unwrap_state_dict(obj, path: str) -> dict:
+    """The released forms: a raw dict of tensors, ``{"ema": sd}`` or ``{"model": sd}`` (ema first)."""
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        obj = obj["ema"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointFormatError(f"--ckpt {path}: not a state dict (expected a dict of tensors, "
+                                    "or one under 'ema' or 'model')")
+    return obj
+
+
+def torch_load(path: str, mmap: bool):
+    """``torch.load`` on CPU, weights only (``argparse.Namespace`` allowed: training scripts store
+    their args)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
+
+class TorchZipReader(CheckpointReader):
+    """A ``.pt`` in torch's zip format: unpickled over a mapping, bytes read with ``pread``."""
+
+    kind = "torch-zip"
+
+    def __init__(self, path: str, sd: dict[str, torch.Tensor]):
+        super().__init__()
+        self.path = path
+        records = _zip_record_offsets(path)
+        data = sorted((off, size) for name, (off, size) in records.items()
+                      if "/data/" in name and not name.rsplit("/", 1)[-1].startswith("."))
+        base = _mapping_base(sd, data)
+        self.infos = {}
+        for key, t in sd.items():
+            if not t.is_contiguous():
+                raise CheckpointFormatError(f"tensor {key} is stored non-contiguous")
+            ptr = t.untyped_storage().data_ptr()
+            start = (ptr - base) if t.numel() else 0
+            self.infos[key] = TensorInfo(t.dtype, tuple(t.shape),
+                                         start + t.storage_offset() * t.element_size())
+        self._fd = os.open(path, os.O_RDONLY)
+
+
+def _mapping_base(sd: dict[str, torch.Tensor], data: list[tuple[int, int]]) -> int:
+    """The address at which the file is mapped: the one base that puts every storage on a record."""
+    ptrs = sorted({t.untyped_storage().data_ptr() for t in sd.values() if t.numel()})
+    offsets = {off for off, _ in data}
+    if not ptrs:
+        return 0
+    for off, _ in data:  # the lowest storage sits on some record; try each
+        base = ptrs[0] - off
+        if all((p - base) in offsets for p in ptrs):
+            return base
+    raise CheckpointFormatError("storages do not map onto the zip records (not a plain torch.save "
+                                "file)")
+
+
+class InMemoryReader(CheckpointReader):
+    """A state dict already in memory (legacy ``.pt`` files, or a caller's dict)."""
+
+    kind = "memory"
+
+    def __init__(self, sd: dict[str, torch.Tensor], path: str = "<state dict>"):
+        super().__init__()
+        self.path = path
+        self._sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}  # megatron extra state aside
+        self.infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in self._sd.items()}
+
+    def _copy_region(self, key, info, start, numel, dest):
+        src = self._sd[key].reshape(-1)[start:start + numel]
+        dest.copy_(src.view(dest.shape))
+
+    def close(self) -> None:
+        self._sd = {}
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """A reader for ``path``: ``.safetensors``, a zip ``.pt`` (streamed), or a legacy ``.pt``
+    (loaded whole: torch cannot map that format). Raises ``CheckpointFormatError`` or what torch /
+    the OS raise for unreadable files (``dice_ds.preflight.open_checkpoint`` words them)."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        return SafetensorsReader(path)
+    if zipfile.is_zipfile(path):
+        obj = torch_load(path, mmap=True)
+        sd = unwrap_state_dict(obj, path)
+        try:
+            return TorchZipReader(path, sd)
+        except CheckpointFormatError:
+            return InMemoryReader({k: v.clone() for k, v in sd.items()}, path)
+    return InMemoryReader(unwrap_state_dict(torch_load(path, mmap=False), path), path)
