@@ -155,7 +155,11 @@ def config_for_checkpoint(flavor: ModelConfig, sd: dict[str, torch.Tensor],
     if num_experts is not None and num_experts != e:
         raise ConfigError(f"--num-experts {num_experts} but the checkpoint has {e} experts; "
                           "drop the flag")
-    for name in ("depth", "hidden_size", "patch_size"):
+    if facts["depth"] != flavor.depth:
+        raise ConfigError(f"--model {flavor.name} has depth={flavor.depth} but the checkpoint has "
+                          f"depth={facts['depth']}: pick the --model that matches --ckpt (or "
+                          f"--depth {facts['depth']} for a reduced-depth variant)")
+    for name in ("hidden_size", "patch_size"):
         if facts[name] != getattr(flavor, name):
             raise ConfigError(f"--model {flavor.name} has {name}={getattr(flavor, name)} but the "
                               f"checkpoint has {name}={facts[name]}: pick the --model that matches "

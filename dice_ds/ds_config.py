@@ -60,6 +60,8 @@ class Moe(_Section):
 
 class Model(_Section):
     name: str = "DiT-XL/2"
+    depth: Count | None = None
+    """--depth: a reduced-depth variant of the flavor (full width); a checkpoint must match."""
     ckpt: str | None = None
     init: Literal["random", "dit"] | None = None
     init_seed: Seed = 0
@@ -184,6 +186,7 @@ SIMPLE: dict[str, str] = {
     "moe.ep_size": "ep_size",
     "moe.num_experts": "num_experts",
     "dice.model.name": "model",
+    "dice.model.depth": "depth",
     "dice.model.ckpt": "ckpt",
     "dice.model.init": "init",
     "dice.model.init_seed": "init_seed",

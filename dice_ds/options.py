@@ -41,6 +41,9 @@ class RunOptions:
     model: str = _opt("DiT-XL/2", str, f"model flavor: {', '.join(FLAVORS)}")
     num_experts: int | None = _opt(None, int, "routed experts E; read from --ckpt (an explicit "
                                    "value must match it); without --ckpt the flavor's")
+    depth: int | None = _opt(None, int, "blocks of the model (default: the flavor's): a "
+                             "reduced-depth variant at full width, for scale and profiling work; "
+                             "a --ckpt must have this depth")
     ckpt: str | None = _opt(None, str, "checkpoint file (released DiT-MoE .pt or dice_ds)")
     init: str | None = _opt(None, str, "no checkpoint: initialise weights ('random': N(0, 0.02) "
                             "everywhere, non-trivial outputs for smoke runs; 'dit': DiT's init, "
@@ -416,7 +419,8 @@ def _validate_sampling(opts: RunOptions) -> None:
 
 # (option, smallest allowed value, what the bound means); None values are "unset" and skip the check
 _LOWER_BOUNDS = (
-    ("num_experts", 1, "a count"), ("init_seed", 0, "a seed"), ("num_sampling_steps", 1, "a count"),
+    ("num_experts", 1, "a count"), ("depth", 1, "a block count"), ("init_seed", 0, "a seed"),
+    ("num_sampling_steps", 1, "a count"),
     ("image_size", 1, "pixels"), ("per_proc_batch_size", 1, "a count"),
     ("num_fid_samples", 1, "a count"), ("global_seed", 0, "a seed"), ("ep_size", 1, "a group size"),
     ("ep_async_warm_up", 0, "a step count"), ("ep_async_cool_down", 0, "a step count"),
@@ -546,7 +550,8 @@ def auto_sample_dir(opts: RunOptions, plan, world_size: int, root: str = "sample
     """``samples/[extra folder/]<model>-<weights>-<size>-<sampler+steps>-cfg-seed-bs-dtype-<mode>-W``."""
     weights = (os.path.splitext(os.path.basename(opts.ckpt))[0] if opts.ckpt
                else f"init{opts.init}{opts.init_seed}")
-    parts = [opts.model.replace("/", "-"), weights, f"{image_size_of(opts)}px", f"vae{opts.vae}",
+    model = opts.model.replace("/", "-") + (f"-d{opts.depth}" if opts.depth else "")
+    parts = [model, weights, f"{image_size_of(opts)}px", f"vae{opts.vae}",
              f"{sampler_of(opts)}{steps_of(opts)}", f"cfg{opts.cfg_scale:g}",
              f"seed{opts.global_seed}", f"bs{opts.per_proc_batch_size}", opts.dtype,
              _mode_tag(opts, plan), f"W{world_size}"]

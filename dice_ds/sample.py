@@ -81,6 +81,8 @@ def _resolve_device(opts: RunOptions) -> str:
 
 def _model_config(opts: RunOptions) -> tuple[ModelConfig, object | None]:
     flavor = get_flavor(opts.model)
+    if opts.depth is not None:  # a reduced-depth variant: full width, fewer blocks
+        flavor = flavor.replace(depth=opts.depth)
     side = latent_side(opts)
     if opts.ckpt is None:
         cfg = flavor.replace(num_experts=opts.num_experts or flavor.num_experts)
@@ -296,6 +298,8 @@ def _fingerprint(prep: Prepared, ckpt_sha256: str | None, vae_sha256: str | None
         "device": prep.device, "tf32": opts.tf32, "vae": opts.vae, "vae_sha256": vae_sha256,
         "mode": mode_name(plan), "payload_dtype": plan.payload_dtype,
     }
+    if opts.depth is not None:  # only then: fingerprints of full-depth runs stay as they were
+        settings["depth"] = cfg.depth
     return run_fingerprint(settings=settings, plan_fields=dataclasses.asdict(plan),
                            world_size=prep.world_size, per_proc_batch_size=opts.per_proc_batch_size)
 
