@@ -36,6 +36,7 @@ import traceback
 from dataclasses import dataclass
 
 from dice_ds.config import ConfigError, ModelConfig, get_flavor
+from dice_ds.startup import StartupLog, seconds_since_process_start
 from dice_ds.options import (
     RunOptions,
     auto_sample_dir,
@@ -67,6 +68,8 @@ class Prepared:
     """A streaming reader of ``--ckpt`` (``dice_ds.weights.read``), or None (random weights)."""
     parallelize: object | None
     """``dice_ds.parallel.apply.parallelize_dit_moe`` (None only if that module is absent)."""
+    startup: object = None
+    """This rank's ``dice_ds.startup.StartupLog`` (phases, bytes read, memory; run.json)."""
 
 
 def _resolve_device(opts: RunOptions) -> str:
@@ -128,7 +131,8 @@ def prepare(opts: RunOptions, world_size: int | None = None) -> Prepared:
     check_decoder(opts.vae, opts.vae_path, cfg.in_channels)
     plan = build_plan(opts, world_size=world, num_experts=cfg.num_experts, depth=cfg.depth)
     sample_dir = opts.sample_dir or auto_sample_dir(opts, plan, world)
-    return Prepared(opts, cfg, plan, world, device, sample_dir, sd, _parallelize_fn(plan))
+    return Prepared(opts, cfg, plan, world, device, sample_dir, sd, _parallelize_fn(plan),
+                    startup=StartupLog())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,16 +150,21 @@ def _build(prep: Prepared, groups):
     """Model with weights, and the EP runtime (None for data parallelism)."""
     from dice_ds.models import DTYPES, build_model, init_weights
 
-    opts = prep.opts
-    model = build_model(prep.model_cfg, groups, DTYPES[opts.dtype], prep.device)
-    if prep.checkpoint is not None:
-        from dice_ds.checkpoint import load_into_model
+    opts, log = prep.opts, prep.startup
+    with log.phase("model_build"):  # meta device, then each parameter once on the device
+        model = build_model(prep.model_cfg, groups, DTYPES[opts.dtype], prep.device)
+    with log.phase("weight_load"):
+        if prep.checkpoint is not None:
+            from dice_ds.checkpoint import load_into_model
 
-        with prep.checkpoint as reader:  # this rank's tensors only, one at a time
-            load_into_model(model, reader)
-        prep.checkpoint = None
-    else:
-        init_weights(model, opts.init, seed=opts.init_seed)
+            with prep.checkpoint as reader:  # this rank's tensors only, one at a time
+                result = load_into_model(model, reader, progress=_progress_bars(opts))
+            log.facts.update(bytes_read=result.bytes_read, checkpoint_reader=reader.kind,
+                             dropped_expert_tensors=result.dropped_expert_keys)
+            prep.checkpoint = None
+        else:
+            init_weights(model, opts.init, seed=opts.init_seed)
+    log.facts["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     extra = {}
     if prep.plan.sp_enabled:  # collective: the SP groups (dice_ds.parallel.sp)
         from dice_ds.parallel.groups import build_sp_group
@@ -163,6 +172,26 @@ def _build(prep: Prepared, groups):
         extra["sp_group"] = build_sp_group(prep.plan.ep_size, prep.plan.sp_size)
     runtime = prep.parallelize(model, prep.plan, groups, **extra) if prep.parallelize else None
     return model, runtime
+
+
+def _progress_bars(opts: RunOptions) -> bool:
+    """Progress bars on rank 0 of a terminal (the sample loop's ``Progress`` decides the same)."""
+    return env_rank() == 0 and sys.stderr.isatty()
+
+
+def _time_first_step(model, log) -> None:
+    """Open the ``first_step`` phase at the model's first forward and close it after."""
+    handles = []
+
+    def pre(module, args):
+        log.begin("first_step")
+
+    def post(module, args, output):
+        log.end("first_step")
+        for h in handles:
+            h.remove()
+
+    handles += [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
 
 
 def _sync(device: str) -> None:
@@ -315,7 +344,9 @@ def _claim_sample_dir(prep: Prepared, out, rank: int) -> dict:
     result = [None]
     if rank == 0:
         try:
-            fp = _fingerprint(prep, file_sha256(opts.ckpt) if opts.ckpt else None,
+            with prep.startup.phase("checkpoint_hash"):  # streamed; cached by path/size/mtime
+                ckpt_sha = file_sha256(opts.ckpt) if opts.ckpt else None
+            fp = _fingerprint(prep, ckpt_sha,
                               dir_sha256(opts.vae_path) if opts.vae == "sd" else None)
             result = [{"fingerprint": fp, "moved": out.claim(fp, force_new=opts.force_new)}]
         except ConfigError as e:
@@ -373,6 +404,7 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
         "batch_sampling_seconds": per_rank[0]["batch_seconds"],
         "batches_total": num_batches_total, "batches_run": per_rank[0]["batches_run"],
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
+        "startup": per_rank[0].get("startup"),  # rank 0's; every rank's is under per_rank
         "per_rank": per_rank,
         "index_formula": "index = batch*per_proc_batch_size*world_size + i*world_size + rank",
         "plan": dataclasses.asdict(plan),
@@ -428,17 +460,22 @@ def run(prep: Prepared) -> dict | None:
         torch.cuda.set_device(_local_rank(opts))
         torch.backends.cuda.matmul.allow_tf32 = opts.tf32
         torch.backends.cudnn.allow_tf32 = opts.tf32
-    rank, world = init_distributed(prep.device, timeout=opts.pg_timeout)
+    with prep.startup.phase("process_groups"):
+        rank, world = init_distributed(prep.device, timeout=opts.pg_timeout)
     if world != prep.world_size:
         raise RuntimeError(f"world size {world} differs from the launcher's {prep.world_size}")
     out = SampleDir(prep.sample_dir, latents_only=opts.vae == "none")
     fingerprint = _claim_sample_dir(prep, out, rank)
     torch.manual_seed(opts.global_seed * world + rank)
-    model, runtime = _build(prep, build_model_groups(prep.plan.ep_size))
+    with prep.startup.phase("process_groups"):
+        groups = build_model_groups(prep.plan.ep_size)
+    model, runtime = _build(prep, groups)
+    _time_first_step(model, prep.startup)
     decoder = build_decoder(opts.vae, opts.vae_path, prep.device, prep.model_cfg.in_channels)
     mine = _sample_loop(prep, model, runtime, decoder, out, rank, world)
     mine.update(rank=rank, peak_memory_bytes=_peak_memory_bytes(prep.device),
                 runtime=runtime.stats() if runtime is not None else None,
+                startup=prep.startup.as_dict(),
                 host=socket.gethostname(), start_time=start_time, threads=torch.get_num_threads())
     if rank == 0:
         mine["fingerprint"] = fingerprint
@@ -473,6 +510,12 @@ def _fail(e: BaseException) -> None:
     os._exit(code)
 
 
+def import_heavy_modules() -> None:
+    """Import what every run needs (torch, megatron-core's MoE layer) in one timed place."""
+    import torch  # noqa: F401
+    from megatron.core.transformer.moe import moe_layer  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns 2 on bad input (before any process group), exits 1 if a rank fails.
 
@@ -481,11 +524,18 @@ def main(argv: list[str] | None = None) -> int:
     """
     from dice_ds.runenv import configure_threads, quiet_third_party
 
+    before_main = seconds_since_process_start()
     try:
         opts = parse_options(argv)
         configure_threads()
         quiet_third_party(opts.verbose)
-        prep = prepare(opts)
+        log = StartupLog()
+        with log.phase("imports"):  # torch and megatron-core: most of a rank's start-up
+            import_heavy_modules()
+        with log.phase("prepare"):  # options, checkpoint header, plan: no tensor read yet
+            prep = prepare(opts)
+        log.facts["before_main"] = before_main
+        prep.startup = log
     except ConfigError as e:
         if env_rank() == 0:
             print(f"dice-ds sample: error: {e}", file=sys.stderr, flush=True)
