@@ -153,6 +153,10 @@ def _build(prep: Prepared, groups):
     opts, log = prep.opts, prep.startup
     with log.phase("model_build"):  # meta device, then each parameter once on the device
         model = build_model(prep.model_cfg, groups, DTYPES[opts.dtype], prep.device)
+    if prep.checkpoint is not None and os.environ.get("DICE_DS_READ_BASELINE") == "1":
+        from dice_ds.weights.load import time_plain_read  # the I/O floor (docs/scale.md)
+
+        log.facts["plain_read"] = time_plain_read(model, prep.checkpoint)
     with log.phase("weight_load"):
         if prep.checkpoint is not None:
             from dice_ds.checkpoint import load_into_model

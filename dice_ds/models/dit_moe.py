@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dice_ds.config import ModelConfig
+from dice_ds.hugepages import advise_huge_pages
 from dice_ds.models.layers import (
     ATTENTION_LAYOUTS,
     FinalLayer,
@@ -140,6 +141,7 @@ def build_model(cfg: ModelConfig, groups=None, params_dtype: torch.dtype = torch
     with torch.device("meta"):
         model = DiTMoE(cfg, groups.pg_collection(), params_dtype).to(dtype=params_dtype)
     model.to_empty(device=device)
+    advise_huge_pages(model.parameters())  # before the first write (dice_ds/hugepages.py)
     fill_fixed_tables(model)
     return model.eval()
 

@@ -205,3 +205,18 @@ def _bar(total: int, enabled: bool):
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights",
                 dynamic_ncols=True, leave=False)
+
+
+def time_plain_read(model, reader: CheckpointReader) -> dict:
+    """Read exactly the regions a load of ``model`` reads, into one buffer, without casting or
+    copying: the I/O floor a load is compared with (``docs/scale.md``). Returns bytes and seconds."""
+    local = local_expert_ids(model)
+    view = _checkpoint_view(reader, local, model.cfg.num_experts)
+    copies = _plan(model, reader, view, local).copies
+    sizes = [reader.nbytes(s, i, r) for _, s, i, r in copies]
+    buf = torch.empty(max(sizes, default=0), dtype=torch.uint8)
+    before, t0 = reader.bytes_read, time.perf_counter()
+    for (dest, src, index, rows), n in zip(copies, sizes):
+        dtype = reader.infos[src].dtype
+        reader.read_into(src, buf[:n].view(dtype).view(dest.shape), index, rows)
+    return {"bytes": reader.bytes_read - before, "seconds": time.perf_counter() - t0}
