@@ -1,9 +1,15 @@
-"""Per-GPU memory a mode adds, for ``dice-ds plan``: expert weights, stale caches, displaced-SP K/V.
+"""Per-rank memory of a mode, for ``dice-ds plan``: weights, activations, stale caches, K/V.
 
-Owns the byte formulas (checked against the bench's measured ``ep_cache_peak_bytes`` in
-docs/plan.md). N rows per rank and layer, k slots, h hidden, b payload bytes, c prob columns:
+Owns the byte formulas (caches checked against the bench's measured ``ep_cache_peak_bytes`` in
+docs/plan.md; weights and activations against measured peaks in docs/scale.md). N rows per rank
+and layer, k slots, h hidden, F expert FFN, F_s shared FFN, b payload bytes, c prob columns:
 
 - routed expert weights: L x (E / ep) x 3 h F x act bytes (all E without EP);
+- dense weights: everything else (attention, adaLN, router, shared expert, embeddings, final
+  layer; ``dense_params``), replicated on every rank;
+- activations: the largest transient of one layer call: the MoE layer's permuted rows and SwiGLU
+  intermediates (N k (2h + 2F)) plus the residual stream, modulated input, attention projections
+  and shared expert (N (6h + 2 F_s)), at act bytes;
 - displaced EP: per async layer the held dispatch (N k rows of h + c) and combine (N k x h);
 - interweaved EP: per async layer the held combine, plus the ring tail's dispatch;
 - conditional communication: per layer (every layer skips) the slot cache N x 2 x h x act;
@@ -15,6 +21,26 @@ from __future__ import annotations
 
 from dice_ds.plan.costs import DTYPE_BYTES, Workload
 from dice_ds.schedule import Schedule
+
+
+def dense_params(cfg) -> int:
+    """Parameters that every rank holds whole: all but the routed experts (released layout)."""
+    h, p = cfg.hidden_size, cfg.patch_size
+    attn = 4 * h * h + 4 * h + (4 * cfg.head_dim if cfg.attn_layout == "flash" else 0)
+    block = attn + 6 * h * h + 6 * h + cfg.num_experts * h + 3 * h * cfg.shared_ffn_size
+    top = (p * p * cfg.in_channels * h + h) + (256 * h + h + h * h + h) \
+        + (cfg.num_classes + 1) * h + cfg.num_tokens * h \
+        + (2 * h * h + 2 * h) + (h * p * p * cfg.out_channels + p * p * cfg.out_channels)
+    return cfg.depth * block + top
+
+
+def activation_bytes(w: Workload, sp: int = 1) -> float:
+    """Largest transient of one layer call on one rank (module doc); SP splits the tokens."""
+    c = w.cfg
+    n = w.rows / max(sp, 1)
+    h, k = c.hidden_size, c.top_k
+    return float((n * k * (2 * h + 2 * c.expert_ffn_size) + n * (6 * h + 2 * c.shared_ffn_size))
+                 * DTYPE_BYTES[w.dtype])
 
 
 def memory(w: Workload, sched: Schedule, ep: int, sp: int, payload: str | None) -> dict:
@@ -33,5 +59,6 @@ def memory(w: Workload, sched: Schedule, ep: int, sp: int, payload: str | None) 
     skip = n * 2 * h * act * L if sched.skip_steps else 0.0
     kv = (L * 2 * n * sp * h * act + L * 2 * n * h * act) if sched.sp_async else 0.0
     experts = L * (c.num_experts // max(ep, 1)) * 3 * h * c.expert_ffn_size * act
-    return {"expert_weights": float(experts), "stale_cache": float(stale),
+    return {"expert_weights": float(experts), "dense_weights": float(dense_params(c) * act),
+            "activations": activation_bytes(w, sp), "stale_cache": float(stale),
             "skip_cache": float(skip), "kv_cache": float(kv)}

@@ -20,16 +20,18 @@ def _mib(x: float) -> str:
 
 def scenario_table(rows: list[dict]) -> str:
     out = ["| model | GPUs | device / link | mode | EP x SP | step ms | speed-up vs sync EP | "
-           "exposed comm | expert weights MiB/GPU | stale cache MiB/GPU | skip cache MiB/GPU | "
-           "K/V cache MiB/GPU | fits device memory |",
-           "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "exposed comm | expert weights MiB/GPU | dense weights MiB/GPU | activations MiB/GPU | "
+           "stale cache MiB/GPU | skip cache MiB/GPU | K/V cache MiB/GPU | total MiB/GPU | "
+           "fits device memory |",
+           "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         m = r["memory"]
         out.append(f"| {r['model']} | {r['gpus']} | {r['scenario']} | {r['mode']} | "
                    f"{r['ep']} x {r['sp']} | {1e3 * r['step_seconds']:.1f} | "
                    f"{r['speedup']:.2f}x | {100 * r['comm_share']:.0f} % | "
-                   f"{_mib(m['expert_weights'])} | {_mib(m['stale_cache'])} | "
-                   f"{_mib(m['skip_cache'])} | {_mib(m['kv_cache'])} | "
+                   f"{_mib(m['expert_weights'])} | {_mib(m['dense_weights'])} | "
+                   f"{_mib(m['activations'])} | {_mib(m['stale_cache'])} | "
+                   f"{_mib(m['skip_cache'])} | {_mib(m['kv_cache'])} | {_mib(sum(m.values()))} | "
                    f"{ {True: 'yes', False: 'NO', None: '–'}[r.get('fits_memory')]} |")
     return "\n".join(out)
 
