@@ -12,6 +12,8 @@ Layout of a sample directory::
     grid.png                  the first (up to) 64 images
     run.json                  run description and measurements (written by rank 0)
     fingerprint.json          what determines the images (written by rank 0 before sampling)
+    .run.lock                 while a run samples into it: that run's host, pid, start time
+                              (``dice_ds.runlock``: one run per directory at a time)
 
 Index formula (the reference's ``i·W + rank + total``): in batch b, local position i of rank r holds
 global index ``b·(n·W) + i·W + r`` (n per-rank batch size, W world size). Batch b thus covers the
@@ -45,6 +47,8 @@ import time
 import zipfile
 
 import numpy as np
+
+from dice_ds import runlock
 
 
 def sample_index(batch: int, local_i: int, rank: int, world_size: int, per_proc: int) -> int:
@@ -232,27 +236,40 @@ class SampleDir:
     def claim(self, fingerprint: dict, force_new: bool = False) -> str | None:
         """Make this directory this run's (rank 0, before sampling); returns where old samples moved.
 
+        First takes the directory's run lock (``dice_ds.runlock``; the directory is created if
+        missing): a directory another live run holds is refused with a ``ConfigError`` of one line
+        naming that run (host, pid, start time), ``force_new`` or not; a lock left by a run that
+        has ended is taken over. The lock stays held until ``release()`` or the process's end.
         A directory with samples of another fingerprint, or of none (an older dice_ds), is refused
         with a ``ConfigError`` of one line unless ``force_new``, which renames it to
         ``<dir>.old-<time>`` and starts an empty one.
         """
         from dice_ds.config import ConfigError
 
+        os.makedirs(self.path, exist_ok=True)
+        lock = runlock.acquire(self.path)  # first: --force-new never moves a live run's directory
         moved = None
-        old = self.read_fingerprint()
-        if self.has_samples() and old != fingerprint:
-            why = (fingerprint_difference(old, fingerprint) if old is not None else
-                   f"it has samples but no {FINGERPRINT_FILE} (written by an older dice_ds?)")
-            if not force_new:
-                raise ConfigError(f"{self.path} holds samples of another run: {why}; pass "
-                                  f"--force-new to move them aside ({self.path}.old-<time>) and "
-                                  f"sample anew, or use another --sample-dir")
-            moved = f"{os.path.normpath(self.path)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-            k = 1
-            while os.path.exists(moved):
-                moved = f"{moved.rsplit('~', 1)[0]}~{k}"
-                k += 1
-            os.rename(self.path, moved)
+        try:
+            old = self.read_fingerprint()
+            if self.has_samples() and old != fingerprint:
+                why = (fingerprint_difference(old, fingerprint) if old is not None else
+                       f"it has samples but no {FINGERPRINT_FILE} (written by an older dice_ds?)")
+                if not force_new:
+                    raise ConfigError(f"{self.path} holds samples of another run: {why}; pass "
+                                      f"--force-new to move them aside ({self.path}.old-<time>) "
+                                      f"and sample anew, or use another --sample-dir")
+                moved = f"{os.path.normpath(self.path)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+                k = 1
+                while os.path.exists(moved):
+                    moved = f"{moved.rsplit('~', 1)[0]}~{k}"
+                    k += 1
+                os.rename(self.path, moved)  # the lock file (and its flock) move along
+                lock.release(directory=moved)
+                os.makedirs(self.path, exist_ok=True)
+                lock = runlock.acquire(self.path)
+        except BaseException:
+            lock.release(directory=moved)
+            raise
         self.create()
         self.remove_temporaries()
         if old != fingerprint or moved:
@@ -260,6 +277,11 @@ class SampleDir:
             _atomic_write(os.path.join(self.path, FINGERPRINT_FILE),
                           lambda fh: fh.write(text.encode()))
         return moved
+
+    def release(self) -> None:
+        """Give back the run lock taken by ``claim`` (lock file removed); a no-op where this
+        process holds none (ranks other than 0), and idempotent. Process exit releases it too."""
+        runlock.release(self.path)
 
     def item_path(self, index: int) -> str:
         ext = "npy" if self.latents_only else "png"
