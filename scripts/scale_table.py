@@ -60,12 +60,36 @@ def _rank_facts(r: dict) -> dict:
             "bytes_read": st.get("bytes_read"), "plain_read": st.get("plain_read")}
 
 
+def plan_peak_bytes(flags: list[str], ranks: int, overhead: float) -> dict:
+    """``dice-ds plan``'s memory column for a row (dice_ds/plan/memory.py) plus the measured
+    per-process overhead (the first row's peak): the predicted peak resident bytes per rank."""
+    from dice_ds.config import get_flavor
+    from dice_ds.options import build_plan, image_size_of, parse_options, steps_of
+    from dice_ds.plan.costs import Workload
+    from dice_ds.plan.memory import memory
+    from dice_ds.schedule import Schedule
+
+    opts = parse_options([*flags, *COMMON, *([] if "--image-size" in flags
+                                              else ["--image-size", "128"])])
+    cfg = get_flavor(opts.model)
+    cfg = cfg.replace(depth=opts.depth or cfg.depth, num_experts=opts.num_experts or cfg.num_experts)
+    plan = build_plan(opts, world_size=ranks, num_experts=cfg.num_experts, depth=cfg.depth)
+    tokens = (image_size_of(opts) // 8 // cfg.patch_size) ** 2
+    w = Workload(cfg, images_per_rank=opts.per_proc_batch_size, cfg_guidance=opts.cfg_scale > 1,
+                 steps=steps_of(opts), dtype=opts.dtype, tokens=tokens)
+    mem = memory(w, Schedule.build(plan, w.steps, cfg.depth), plan.ep_size, plan.sp_size,
+                 plan.payload_dtype)
+    return {**mem, "overhead": overhead, "total": overhead + sum(mem.values())}
+
+
 def _ratios(rows: list[dict]) -> None:
     base = rows[0]["per_rank"]
     over_rss = max(r["peak_rss"] for r in base)
     over_anon = max(r["peak_anon"] for r in base)
     for row in rows:
+        row["plan"] = plan_peak_bytes(row["flags"], row["ranks"], over_rss)
         for r in row["per_rank"]:
+            r["plan_error"] = row["plan"]["total"] / r["peak_rss"] - 1
             w = r["param_bytes"]
             r["rss_ratio"] = (r["peak_rss"] - over_rss) / w
             r["anon_ratio"] = (r["peak_anon"] - over_anon) / w
@@ -78,8 +102,8 @@ def _table(rows: list[dict]) -> str:
     gb = 1e9
     out = ["| run | ranks | weights/rank (GB) | peak/rank (GB) | anon peak (GB) | "
            "(peak - overhead)/weights | (anon - overhead)/weights | load s | plain read s | "
-           "load/read | build s | imports s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "load/read | build s | imports s | plan peak (GB) | plan error |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         worst = max(row["per_rank"], key=lambda r: r["rss_ratio"])
         pr = worst.get("plain_read") or {}
@@ -91,7 +115,8 @@ def _table(rows: list[dict]) -> str:
             f"{worst['seconds'].get('weight_load', 0):.2f} | "
             f"{pr.get('seconds', float('nan')):.2f} | "
             f"{'' if lvr is None else f'{lvr:.2f}x'} | {worst['seconds'].get('model_build', 0):.2f} | "
-            f"{worst['seconds'].get('imports', 0):.1f} |")
+            f"{worst['seconds'].get('imports', 0):.1f} | {row['plan']['total'] / gb:.2f} | "
+            f"{100 * worst['plan_error']:+.0f} % |")
     return "\n".join(out)
 
 
