@@ -13,8 +13,10 @@ Also owns the JSON reading rules (duplicate keys, NaN/Infinity, trailing garbage
 not an object: each one line) and the converter of the old flat layout (option names as keys):
 ``python -m dice_ds.ds_config convert OLD.json > NEW.json``.
 
-Invariants: nothing here imports torch; every error is a one-line ``ConfigError`` naming the JSON
-path (``dice.async.mode``), the equivalent flag where there is one, and the allowed values.
+Invariants: nothing here imports torch, nor ``dice_ds.options`` (which reads this module; the
+option names the layout covers are ``OPTION_NAMES``); every error is a one-line ``ConfigError``
+naming the JSON path (``dice.async.mode``), the equivalent flag where there is one, and the allowed
+values.
 """
 
 from __future__ import annotations
@@ -230,6 +232,11 @@ SPECIAL: dict[str, tuple[str, ...]] = {
     "dice.async.mode": ("ep_async_pipeline",),
     "dice.async.layers": ("ep_async_mode", "ep_async_layers"),
 }
+# every option name the layout knows: all of ``RunOptions`` (tests/unit/test_options.py holds this
+# against ``dice_ds.options.option_fields``), so this schema needs no import of the option table;
+# ``ep_score_use_latest`` has no key of its own (convert_flat maps it onto stale_output_weights)
+OPTION_NAMES: frozenset[str] = frozenset(
+    {*SIMPLE.values(), *(o for opts in SPECIAL.values() for o in opts), "ep_score_use_latest"})
 
 
 def _flag(option: str) -> str:
@@ -379,18 +386,12 @@ _TOP_KEYS = set(DsConfig.model_fields)
 
 def is_flat(data: dict) -> bool:
     """True if every top-level key is an option name and none is a key of the current layout."""
-    from dice_ds.options import option_fields
-
-    names = {f.name for f in option_fields()}
-    return not (set(data) & _TOP_KEYS) and set(data) <= names
+    return not (set(data) & _TOP_KEYS) and set(data) <= OPTION_NAMES
 
 
 def convert_flat(flat: dict) -> dict:
     """The current layout of an old flat config (keys = option names); validates the result."""
-    from dice_ds.options import option_fields
-
-    names = {f.name for f in option_fields()}
-    unknown = sorted(set(flat) - names)
+    unknown = sorted(set(flat) - OPTION_NAMES)
     if unknown:
         raise ConfigError(f"unknown option name(s) {', '.join(unknown)}")
     back = {v: k for k, v in SIMPLE.items()}

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dice_ds.bench import launch, links, report
+from dice_ds.bench import launch, links, modeconfig, report
+from dice_ds.bench.modeconfig import split_mode_config
 from dice_ds.modes import by_key
 
 DEFAULT_MODES = "dp,sync,displaced,interweaved,dice,dice-bf16,sp,sp-async"
@@ -47,10 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated: 'loopback' and/or tc rates (e.g. 300mbit)")
     p.add_argument("--modes", default=DEFAULT_MODES,
                    help="comma-separated mode keys of dice_ds/modes.py (dp is the compute time)")
-    p.add_argument("--mode-config", action="append", default=[], metavar="NAME=CONFIG.json",
-                   help="an extra mode NAME whose parallel settings come from a dice-ds sample "
-                        "--config file (e.g. a dice-ds tune result); list NAME in --modes to order "
-                        "it, else it runs last (repeatable)")
+    modeconfig.add_option(p)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per link (>= 1)")
     p.add_argument("--burst", default="small",
                    help="tbf burst: 'small' = max(8kb, 0.4 ms of line rate), or a tc size "
@@ -115,22 +113,6 @@ def _gather_bytes(a, modes: list[str]) -> int:
     from dice_ds.plan.validate import workload_of_job
 
     return int(messages(workload_of_job(shlex.join(job_args(a))), 1, 2).kv)
-
-
-def split_mode_config(item: str) -> tuple[str, str] | None:
-    """``NAME=PATH`` -> (NAME, PATH); None when either is missing."""
-    name, sep, path = item.partition("=")
-    return (name.strip(), path) if sep and name.strip() and path else None
-
-
-def mode_configs_of(command: str) -> dict[str, list[str]]:
-    """{NAME: ['--config', PATH]} of the ``--mode-config`` options of a recorded bench command
-    line (bench.json ``meta.command``), parsed by this parser; the files are not read."""
-    argv = shlex.split(command)
-    if argv[:2] == ["dice-ds", "bench"]:
-        argv = argv[2:]
-    known, _ = _parser().parse_known_args(argv)
-    return {x[0]: ["--config", x[1]] for x in map(split_mode_config, known.mode_config) if x}
 
 
 def _mode_configs(items: list[str], p) -> dict[str, list[str]]:

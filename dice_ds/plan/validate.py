@@ -71,7 +71,7 @@ def workload_of_job(job: str) -> Workload:
 
 def config_modes(bench: dict) -> dict[str, list[str]]:
     """The bench's ``--mode-config NAME=PATH`` modes (from its command line): NAME -> flags."""
-    from dice_ds.bench.cli import mode_configs_of
+    from dice_ds.bench.modeconfig import mode_configs_of
 
     return mode_configs_of(bench["meta"].get("command", ""))
 

@@ -52,12 +52,13 @@ def test_json_config_is_overridden_by_flags_given_on_the_command_line(tmp_path):
 
 
 def test_every_option_has_a_json_path_and_flat_configs_convert(tmp_path):
-    from dice_ds.ds_config import SIMPLE, SPECIAL, convert_flat, load_config
+    from dice_ds.ds_config import OPTION_NAMES, SIMPLE, SPECIAL, convert_flat, load_config
     from dice_ds.options import option_fields
 
     mapped = set(SIMPLE.values()) | {o for opts in SPECIAL.values() for o in opts}
     missing = [f.name for f in option_fields() if f.name not in mapped]
     assert missing == ["ep_score_use_latest"], f"no JSON path for {missing} (dice_ds/ds_config.py)"
+    assert OPTION_NAMES == {f.name for f in option_fields()}  # the flat layout's keys, no more
     flat = {"model": "debug", "init": "random", "vae": "none", "ep": True, "ep_async": True,
             "ep_async_pipeline": True, "ep_async_layers": "0,1", "dtype": "bf16",
             "ep_async_noskip_step": 2, "ep_async_skip_strategy": "low", "per_proc_batch_size": 3}

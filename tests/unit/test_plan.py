@@ -195,3 +195,17 @@ def test_config_modes_come_from_the_bench_command_line():
                                  "--mode-config=u=b.json --rounds 1"}}
     assert config_modes(bench) == {"t": ["--config", "cfg/a.json"], "u": ["--config", "b.json"]}
     assert config_modes({"meta": {}}) == {}
+
+
+def test_mode_configs_of_reads_a_command_line_as_the_bench_parser_does():
+    from dice_ds.bench.cli import _parser
+    from dice_ds.bench.modeconfig import mode_configs_of, split_mode_config
+
+    for cmd in ("--rounds 1 --mode-config t=a.json --out o -- --mode-config z=c.json",
+                "--mode-c v=v.json --modes sync,v --links loopback",
+                "--mode-config bad --mode-config=w=x=y.json", ""):
+        known, _ = _parser().parse_known_args(cmd.split())
+        want = {x[0]: ["--config", x[1]] for x in map(split_mode_config, known.mode_config) if x}
+        assert mode_configs_of("dice-ds bench " + cmd) == want, cmd
+    assert mode_configs_of("dice-ds bench --out o -- --mode-config z=c.json") == {}
+    assert mode_configs_of("--mode-config=w=x=y.json") == {"w": ["--config", "x=y.json"]}
