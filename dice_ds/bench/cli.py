@@ -175,7 +175,16 @@ def rerender(out: Path) -> int:
     rows = report.summarise(runs, data["meta"]["probes"])
     res = report.write(out, rows, runs, data["meta"])
     print(res["markdown"])
+    _tell_outputs(out, res)
     return 0
+
+
+def _tell_outputs(out: Path, res: dict) -> None:
+    """Where the results are; one actionable line first when bench.png could not be drawn."""
+    if res["plot_why"]:
+        print(f"dice-ds bench: {res['plot_why']}", file=sys.stderr)
+    print(f"dice-ds bench: results in {out} (bench.json, bench.md"
+          + (", bench.png)" if res["plot"] else ")"), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,10 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     print(res["markdown"])
     for m, note in unavailable.items():
         print(f"mode {m} not available: {note}", file=sys.stderr)
-    if res["plot_why"]:
-        print(f"dice-ds bench: {res['plot_why']}", file=sys.stderr)
-    print(f"dice-ds bench: results in {out} (bench.json, bench.md"
-          + (", bench.png)" if res["plot"] else ")"), file=sys.stderr)
+    _tell_outputs(out, res)
     return 0 if any(r["ok"] for r in runs) else 1
 
 

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +158,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(out)
 
 
+def no_matplotlib(png: str) -> str:
+    """Why a PNG was not drawn, with the command that installs matplotlib into this interpreter."""
+    return (f"matplotlib is not installed, so no {png}: {shlex.quote(sys.executable)} -m pip "
+            f"install 'dice_ds[bench]' (or, in a dice_ds checkout: bash scripts/setup.sh bench)")
+
+
 def plot(rows: list[dict], path: Path) -> str | None:
     """Speed-up vs PSNR per link (the paper's trade-off figure); returns why not, if not."""
     try:
@@ -164,7 +172,7 @@ def plot(rows: list[dict], path: Path) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install 'dice_ds[bench]'): no plot"
+        return no_matplotlib(path.name)
     links = list(dict.fromkeys(r["link"] for r in rows))
     fig, axes = plt.subplots(1, len(links), figsize=(4.2 * len(links), 3.6), squeeze=False)
     for ax, link in zip(axes[0], links):

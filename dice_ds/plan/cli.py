@@ -139,11 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "efficiency": a.efficiency, "batch": a.batch, "steps": a.steps, "dtype": a.dtype,
             "cfg": not a.no_cfg, "paper": paper_line(scen, a.batch, a.steps)}
-    text = report.write(Path(a.out), scen, val, meta)
-    print(text)
+    res = report.write(Path(a.out), scen, val, meta)
+    print(res["markdown"])
     if meta["paper"]:
         print(meta["paper"])
-    print(f"dice-ds plan: results in {a.out} (plan.md, plan.json, plan.png)", file=sys.stderr)
+    if res["plot_why"]:
+        print(f"dice-ds plan: {res['plot_why']}", file=sys.stderr)
+    print(f"dice-ds plan: results in {a.out} (plan.md, plan.json"
+          + (", plan.png)" if res["plot"] else ")"), file=sys.stderr)
     return 0
 
 

@@ -91,7 +91,9 @@ def plot(scen: list[dict], val: list[dict] | None, path: Path) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed: no plot"
+        from dice_ds.bench.report import no_matplotlib
+
+        return no_matplotlib(path.name)
     groups = list(dict.fromkeys((r["model"], r["gpus"], r["scenario"]) for r in scen))
     modes = list(dict.fromkeys(r["mode"] for r in scen))
     ncol = (1 if scen else 0) + (1 if val else 0)
@@ -135,7 +137,8 @@ def plot(scen: list[dict], val: list[dict] | None, path: Path) -> str | None:
     return None
 
 
-def write(out: Path, scen: list[dict], val: list[dict] | None, meta: dict) -> str:
+def write(out: Path, scen: list[dict], val: list[dict] | None, meta: dict) -> dict:
+    """plan.md, plan.json and plan.png in ``out``; {markdown, plot (path or None), plot_why}."""
     out.mkdir(parents=True, exist_ok=True)
     md = [f"`{meta['command']}`", ""]
     if scen:
@@ -150,4 +153,4 @@ def write(out: Path, scen: list[dict], val: list[dict] | None, meta: dict) -> st
     (out / "plan.json").write_text(json.dumps({"meta": meta, "predictions": scen,
                                                "validation": val}, indent=1, default=str))
     why = plot(scen, val, out / "plan.png")
-    return text + (f"\n({why})" if why else "")
+    return {"markdown": text, "plot": None if why else str(out / "plan.png"), "plot_why": why}
