@@ -118,6 +118,7 @@ class RunLock:
         self.fd = fd
         self.directory = directory
         self.info = info
+        self.pid = os.getpid()  # a forked child shares the flock: only this process gives it back
 
     @property
     def path(self) -> str:
@@ -127,7 +128,7 @@ class RunLock:
         """Remove the lock file (if it is still ours) and drop the flock; idempotent.
 
         ``directory``: where the lock file is now, when its directory was renamed after locking."""
-        if self.fd < 0:
+        if self.fd < 0 or os.getpid() != self.pid:
             return
         path = os.path.join(directory or self.directory, LOCK_FILE)
         try:
@@ -161,7 +162,7 @@ def acquire(directory: str) -> RunLock:
     run that holds it. A lock this process already holds on it is returned as it is."""
     key = os.path.realpath(directory)
     held = _HELD.get(key)
-    if held is not None and held.fd >= 0:
+    if held is not None and held.fd >= 0 and held.pid == os.getpid():
         try:
             if os.path.samestat(os.fstat(held.fd), os.stat(held.path)):
                 return held

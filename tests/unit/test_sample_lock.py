@@ -107,6 +107,24 @@ def test_a_lock_left_by_a_run_that_died_is_taken_over_with_a_note(tmp_path, hold
     out.release()
 
 
+def test_a_forked_child_does_not_give_back_its_parents_lock(tmp_path):
+    out = SampleDir(str(tmp_path / "run"))
+    out.claim(FP)
+    pid = os.fork()
+    if pid == 0:  # the child shares the flock; its release (or exit handlers) must not drop it
+        try:
+            out.release()
+            runlock._release_all()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    probe = subprocess.run([sys.executable, "-c", HOLDER, out.path, json.dumps(FP)],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode != 0 and f"pid {os.getpid()} on host" in probe.stderr
+    out.release()
+    assert not os.path.exists(os.path.join(out.path, runlock.LOCK_FILE))
+
+
 def _dead_pid():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
