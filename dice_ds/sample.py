@@ -36,7 +36,7 @@ import traceback
 from dataclasses import dataclass
 
 from dice_ds.config import ConfigError, ModelConfig, get_flavor
-from dice_ds.startup import StartupLog, seconds_since_process_start
+from dice_ds.startup import StartupLog, memory_now, seconds_since_process_start
 from dice_ds.options import (
     RunOptions,
     auto_sample_dir,
@@ -151,6 +151,7 @@ def _build(prep: Prepared, groups):
     from dice_ds.models import DTYPES, build_model, init_weights
 
     opts, log = prep.opts, prep.startup
+    log.facts["memory_before_build"] = memory_now()  # what build + load add is measured from here
     with log.phase("model_build"):  # meta device, then each parameter once on the device
         model = build_model(prep.model_cfg, groups, DTYPES[opts.dtype], prep.device)
     if prep.checkpoint is not None and os.environ.get("DICE_DS_READ_BASELINE") == "1":
