@@ -486,6 +486,7 @@ def run(prep: Prepared) -> dict | None:
         mine["fingerprint"] = fingerprint
     info = _finish(prep, out, rank, world, mine)
     dist.barrier()
+    out.release()  # the directory's run lock (dice_ds/runlock.py); a crash frees it by exiting
     if rank == 0 and info.get("already_complete"):
         print(f"dice-ds sample: all {opts.num_fid_samples} samples already exist in "
               f"{prep.sample_dir}; nothing to do (delete it to sample again)", flush=True)
