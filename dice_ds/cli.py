@@ -1,7 +1,8 @@
-"""The ``dice-ds`` console script: ``dice-ds sample|eval|bench|plan|tune ...``.
+"""The ``dice-ds`` console script: ``dice-ds sample|eval|bench|plan|tune|make-checkpoint ...``.
 
 Owns only the subcommand dispatch. ``sample`` is ``dice_ds.sample.main``; ``eval`` is
-``dice_ds.eval.cli.main`` (imported lazily, so sampling never imports the evaluation stack).
+``dice_ds.eval.cli.main`` (imported lazily, so sampling never imports the evaluation stack);
+``make-checkpoint`` is ``dice_ds.weights.write.main``.
 Each subcommand parses its own flags (``dice-ds sample --help``).
 """
 
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: dice-ds {sample,eval,bench,plan,tune} [options]
+USAGE = """usage: dice-ds {sample,eval,bench,plan,tune,make-checkpoint} [options]
 
   sample   sample images from a DiT-MoE (data or expert parallel, DICE); see dice-ds sample --help
   eval     evaluate a sample directory or .npz; see dice-ds eval --help
   bench    speed of every parallel mode on loopback and emulated links; see dice-ds bench --help
   plan     predicted step time of every mode on GPUs and links; see dice-ds plan --help
   tune     choose async layers, sync steps and skipping for a quality budget; see dice-ds tune --help
+  make-checkpoint
+           write a random released-layout checkpoint at real size (bounded memory);
+           see dice-ds make-checkpoint --help
 """
 
 
@@ -41,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         from dice_ds.tune.cli import main as tune_main
 
         return tune_main(rest)
+    if command == "make-checkpoint":
+        from dice_ds.weights.write import main as make_checkpoint_main
+
+        return make_checkpoint_main(rest)
     if command == "eval":
         try:
             from dice_ds.eval.cli import main as eval_main
