@@ -16,7 +16,8 @@ Owns ``open_checkpoint(path)`` and the three readers behind it, all with one int
 ``read_into(key, dest, index, rows)`` writes the region ``src[index][rows[0]:rows[1]]`` of one
 checkpoint tensor into ``dest`` (any device, any dtype: cast on the way). When ``dest`` is a
 contiguous CPU tensor of the source dtype the bytes land in it directly; otherwise they pass through
-one reusable scratch buffer no larger than the largest region read. Nothing else is kept, so a
+a reusable scratch buffer no larger than the largest region read (two, when the loader reads one
+region while it casts the previous: ``stage`` / ``commit``). Nothing else is kept, so a
 load's resident memory is the model plus one tensor, whatever the file's size.
 
 Invariants: no process group, no CUDA call; ``meta_state_dict()`` costs no tensor memory (meta
@@ -94,7 +95,7 @@ class CheckpointReader:
 
     def __init__(self):
         self.bytes_read = 0
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch: list[torch.Tensor] = []
 
     # -- what is in the file
     def keys(self) -> list[str]:
@@ -113,15 +114,29 @@ class CheckpointReader:
     def read_into(self, key: str, dest: torch.Tensor, index: int | None = None,
                   rows: tuple[int, int] | None = None) -> None:
         """Copy ``src[index][rows]`` of tensor ``key`` into ``dest`` (same shape), casting."""
+        self.commit(self.stage(key, dest, index, rows), dest)
+
+    def stage(self, key: str, dest: torch.Tensor, index: int | None = None,
+              rows: tuple[int, int] | None = None, slot: int = 0) -> torch.Tensor | None:
+        """First half of ``read_into``: read the region, straight into ``dest`` when it is a
+        contiguous CPU tensor of the source dtype (returns None), else into scratch buffer
+        ``slot`` (returns that view, of the source dtype and ``dest``'s shape). Two slots let one
+        thread read the next region while another casts this one (``dice_ds/weights/load.py``)."""
         info = self.infos[key]
         start, shape = region(info, index, rows)
         if tuple(dest.shape) != shape:
             raise ValueError(f"{key}: region {list(shape)} does not fit {list(dest.shape)}")
         numel = TensorInfo(info.dtype, shape).numel
-        if numel == 0:
-            return
-        self._copy_region(key, info, start, numel, dest)
         self.bytes_read += numel * info.dtype.itemsize
+        if numel == 0:
+            return None
+        return self._stage(key, info, start, numel, dest, slot)
+
+    @staticmethod
+    def commit(staged: torch.Tensor | None, dest: torch.Tensor) -> None:
+        """Second half of ``read_into``: cast a staged region into ``dest``."""
+        if staged is not None:
+            dest.copy_(staged)
 
     def read(self, key: str) -> torch.Tensor:
         """The whole tensor ``key`` as a new CPU tensor of its own dtype."""
@@ -130,18 +145,19 @@ class CheckpointReader:
         self.read_into(key, out)
         return out
 
-    def _copy_region(self, key, info, start, numel, dest):
+    def _stage(self, key, info, start, numel, dest, slot):
         nbytes = numel * info.dtype.itemsize
         offset = info.offset + start * info.dtype.itemsize
-        direct = (dest.device.type == "cpu" and dest.dtype == info.dtype and dest.is_contiguous())
-        if direct:
+        if dest.device.type == "cpu" and dest.dtype == info.dtype and dest.is_contiguous():
             self._pread(offset, dest.reshape(-1).view(torch.uint8), key)
-            return
-        if self._scratch.numel() < nbytes:
-            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
-        buf = self._scratch[:nbytes]
+            return None
+        while len(self._scratch) <= slot:
+            self._scratch.append(torch.empty(0, dtype=torch.uint8))
+        if self._scratch[slot].numel() < nbytes:
+            self._scratch[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        buf = self._scratch[slot][:nbytes]
         self._pread(offset, buf, key)
-        dest.copy_(buf.view(info.dtype).view(dest.shape))
+        return buf.view(info.dtype).view(dest.shape)
 
     def _pread(self, offset: int, out_u8: torch.Tensor, key: str) -> None:
         view = memoryview(out_u8.numpy()).cast("B")
@@ -155,7 +171,7 @@ class CheckpointReader:
 
     # -- lifetime
     def release_scratch(self) -> None:
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch = []
 
     def close(self) -> None:
         self.release_scratch()
@@ -291,9 +307,8 @@ class InMemoryReader(CheckpointReader):
         self._sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}  # megatron extra state aside
         self.infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in self._sd.items()}
 
-    def _copy_region(self, key, info, start, numel, dest):
-        src = self._sd[key].reshape(-1)[start:start + numel]
-        dest.copy_(src.view(dest.shape))
+    def _stage(self, key, info, start, numel, dest, slot):
+        return self._sd[key].reshape(-1)[start:start + numel].view(dest.shape)
 
     def close(self) -> None:
         self._sd = {}
