@@ -9,6 +9,11 @@ faulted one by one 3.8-6.8 s (each fault may compact memory); huge pages populat
 0.4-0.8 s in all. Linux with THP in ``always`` or ``madvise`` mode honours the first; kernels
 without ``MADV_POPULATE_WRITE`` skip the second; elsewhere (or if libc refuses) nothing happens.
 
+Also owns ``trim_heap()``: glibc's ``malloc_trim(0)``, returning freed heap memory to the system.
+Buffers just under glibc's dynamic mmap threshold (up to 32 MiB: a load's scratch slots at G/2
+width are 32 MiB) are carved from a heap arena and stay resident after ``free``; a load calls it
+once when done.
+
 Invariants: advice only, never required for correctness; no effect on CUDA tensors.
 """
 
@@ -53,3 +58,13 @@ def advise_huge_pages(tensors, min_bytes: int = 4 * _HUGE, populate: bool = True
             lo, hi = start & ~(_PAGE - 1), (end + _PAGE - 1) & ~(_PAGE - 1)
             madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_WRITE)
     return advised
+
+
+def trim_heap() -> bool:
+    """``malloc_trim(0)`` where glibc has it; True if memory was returned."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

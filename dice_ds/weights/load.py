@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dice_ds.config import ConfigError
+from dice_ds.hugepages import trim_heap
 from dice_ds.keymap import is_dice_layout, released_sources, released_view
 from dice_ds.weights.read import CheckpointReader, region
 
@@ -183,6 +184,7 @@ def stream_into_model(model, reader: CheckpointReader, strict: bool = True,
         _copy_pipelined(reader, plan.copies, bar)
     finally:
         reader.release_scratch()
+        trim_heap()  # the scratch slots may sit in a heap arena (dice_ds/hugepages.py)
         if bar is not None:
             bar.close()
     if missing or unexpected:
@@ -195,23 +197,42 @@ def stream_into_model(model, reader: CheckpointReader, strict: bool = True,
                       seconds=time.perf_counter() - t0)
 
 
+CHUNK_BYTES = 8 << 20
+"""A region that must be cast is read and cast in pieces of at most this many source bytes."""
+
+
+def _parts(reader: CheckpointReader, copies: list, chunk_bytes: int):
+    """(flat destination piece, checkpoint key, first source element) for every copy: whole
+    regions where the bytes land in the parameter directly, ``chunk_bytes`` pieces where a cast
+    goes through a scratch slot."""
+    for dest, src, index, rows in copies:
+        info = reader.infos[src]
+        start, _ = region(info, index, rows)
+        flat = dest.view(-1)  # parameters and their leading-dim slices are contiguous
+        direct = dest.device.type == "cpu" and dest.dtype == info.dtype
+        step = flat.numel() if direct else max(1, chunk_bytes // info.dtype.itemsize)
+        for off in range(0, flat.numel(), max(step, 1)):
+            yield flat[off:off + step], src, start + off
+
+
 def _copy_pipelined(reader: CheckpointReader, copies: list, bar) -> None:
-    """Each region read by a worker thread into one of two scratch slots while this thread casts
+    """Each piece read by a worker thread into one of two scratch slots while this thread casts
     the previous one into its parameter (``pread`` and ``copy_`` both release the GIL): a cast
-    load costs about max(read, cast) instead of their sum."""
+    load costs about max(read, cast) instead of their sum, with 2 x ``CHUNK_BYTES`` of scratch."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if not copies:
+    parts = list(_parts(reader, copies, CHUNK_BYTES))
+    if not parts:
         return
     with ThreadPoolExecutor(1, thread_name_prefix="dice-ds-read") as pool:
         def submit(i):
-            dest, src, index, rows = copies[i]
-            return pool.submit(reader.stage, src, dest, index, rows, i % 2)
+            dest, src, start = parts[i]
+            return pool.submit(reader.stage_part, src, dest, start, i % 2)
 
         ahead = submit(0)
-        for i, (dest, src, _, _) in enumerate(copies):
+        for i, (dest, src, _) in enumerate(parts):
             staged = ahead.result()
-            if i + 1 < len(copies):
+            if i + 1 < len(parts):
                 ahead = submit(i + 1)
             reader.commit(staged, dest)
             if bar is not None:

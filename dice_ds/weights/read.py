@@ -132,6 +132,18 @@ class CheckpointReader:
             return None
         return self._stage(key, info, start, numel, dest, slot)
 
+    def stage_part(self, key: str, dest_flat: torch.Tensor, start: int, slot: int = 0
+                   ) -> torch.Tensor | None:
+        """``stage`` for elements [start, start + len(dest_flat)) of tensor ``key`` (flat, in
+        storage order) into the 1-D ``dest_flat``: loads cut a cast region into chunks so that
+        a scratch slot never exceeds the chunk."""
+        info = self.infos[key]
+        numel = dest_flat.numel()
+        if start < 0 or start + numel > info.numel:
+            raise IndexError(f"{key}: elements {start}:{start + numel} outside {info.numel}")
+        self.bytes_read += numel * info.dtype.itemsize
+        return self._stage(key, info, start, numel, dest_flat, slot) if numel else None
+
     @staticmethod
     def commit(staged: torch.Tensor | None, dest: torch.Tensor) -> None:
         """Second half of ``read_into``: cast a staged region into ``dest``."""

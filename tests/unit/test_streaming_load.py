@@ -165,3 +165,19 @@ def test_model_is_built_on_meta_then_materialised_once():
     assert not any(p.is_meta for p in m.parameters())
     table = dm.sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)
     assert torch.equal(m.pos_embed[0], table.to(torch.bfloat16))
+
+
+def test_cast_regions_are_read_in_chunks_and_stay_bitwise(tmp_path, monkeypatch):
+    import dice_ds.weights.load as load
+
+    monkeypatch.setattr(load, "CHUNK_BYTES", 1000)  # every cast region in many odd-sized pieces
+    cfg = FLAVORS["digits-e8-flash"]
+    released = export_released_state_dict(_model(cfg, "grouped", torch.float32, seed=9))
+    path = _write(released, tmp_path / "c.safetensors", "safetensors")
+    for impl in ("grouped", "sequential"):
+        new = _model(cfg, impl, torch.bfloat16, ids=[4, 5, 6, 7])
+        old = _model(cfg, impl, torch.bfloat16, ids=[4, 5, 6, 7])
+        with open_checkpoint(path) as reader:
+            load_into_model(new, reader)
+        _old_load(old, released)
+        _same_bytes(new, old)
