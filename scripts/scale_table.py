@@ -30,7 +30,14 @@ COMMON = ["--vae", "none", "--sampler", "ddim", "--num-sampling-steps", "2",
           "--per-proc-batch-size", "1", "--device", "cpu"]
 
 
-def _run_row(name: str, ranks: int, flags: list[str], workdir: str, timeout: float) -> dict:
+def _read_file(path: str) -> None:
+    with open(path, "rb") as fh:
+        while fh.read(64 << 20):
+            pass
+
+
+def _run_row(name: str, ranks: int, flags: list[str], workdir: str, timeout: float,
+             warm: bool = False) -> dict:
     sample_dir = os.path.join(workdir, name.replace("/", "-").replace(" ", "_"))
     extra = [] if "--image-size" in flags else ["--image-size", "128"]
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
@@ -38,6 +45,8 @@ def _run_row(name: str, ranks: int, flags: list[str], workdir: str, timeout: flo
             *COMMON, *extra, "--num-fid-samples", str(ranks), "--sample-dir", sample_dir,
             "--force-new"]
     env = dict(os.environ, DICE_DS_READ_BASELINE="1")
+    if warm and "--ckpt" in flags:  # the file into the page cache first, so that neither the
+        _read_file(flags[flags.index("--ckpt") + 1])  # plain read nor the load hits the disk
     t0 = time.time()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.time() - t0
@@ -83,10 +92,14 @@ def plan_peak_bytes(flags: list[str], ranks: int, overhead: float) -> dict:
 
 
 def _ratios(rows: list[dict]) -> None:
-    base = rows[0]["per_rank"]
-    over_rss = max(r["peak_rss"] for r in base)
-    over_anon = max(r["peak_anon"] for r in base)
+    """Ratios against the overhead row of the same rank count (rows named "overhead..."; the
+    first row where none matches)."""
+    over = {row["ranks"]: row for row in rows if row["name"].startswith("overhead")}
     for row in rows:
+        base = over.get(row["ranks"], rows[0])["per_rank"]
+        over_rss = max(r["peak_rss"] for r in base)
+        over_anon = max(r["peak_anon"] for r in base)
+        row["overhead_row"] = over.get(row["ranks"], rows[0])["name"]
         row["plan"] = plan_peak_bytes(row["flags"], row["ranks"], over_rss)
         for r in row["per_rank"]:
             r["plan_error"] = row["plan"]["total"] / r["peak_rss"] - 1
@@ -126,13 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON with every row (a .md table beside it)")
     ap.add_argument("--workdir", default=None, help="sample directories (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--warm", action="store_true",
+                    help="read each row's checkpoint once before the row (page-cache timings)")
     args = ap.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="dice_scale_")
     rows = []
     for spec in args.row:
         name, ranks, flags = spec.split("|", 2)
         print(f"scale_table: {name} ...", file=sys.stderr, flush=True)
-        rows.append(_run_row(name, int(ranks), shlex.split(flags), workdir, args.timeout))
+        rows.append(_run_row(name, int(ranks), shlex.split(flags), workdir, args.timeout,
+                             args.warm))
     _ratios(rows)
     load = os.getloadavg()
     doc = {"rows": rows, "loadavg_after": load, "command": " ".join(sys.argv)}
