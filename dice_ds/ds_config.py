@@ -374,7 +374,12 @@ def _to_options(cfg: DsConfig, source: str) -> dict[str, Any]:
 
 def load_config(path: str) -> dict[str, Any]:
     """Option values (``RunOptions`` field names) for exactly the keys present in ``path``."""
-    return _to_options(validate_data(read_json(path), path), path)
+    return config_values(read_json(path), path)
+
+
+def config_values(data: Any, source: str) -> dict[str, Any]:
+    """Option values of an already parsed config (e.g. a dict given to ``DiTMoEPipeline``)."""
+    return _to_options(validate_data(data, source), source)
 
 
 # ---------------------------------------------------------------------------------------------------

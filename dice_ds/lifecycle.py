@@ -2,8 +2,10 @@
 
 Owns ``StepRuntime`` (the protocol the samplers drive: ``reset()`` at the start of a batch,
 ``begin_step(i, S)`` before every model forward with i counting down S..1, ``finish()`` at the
-end of a batch, ``stats()`` afterwards) and ``RuntimeStack``, which drives several runtimes of one
-model as one (the EP runtime of the MoE layers and the SP runtime of the attention layers).
+end of a batch, ``stats()`` afterwards; the dice_ds runtimes and the stack also have
+``reset_stats()``, which zeroes the traffic, cache and phase counters) and ``RuntimeStack``, which
+drives several runtimes of one model as one (the EP runtime of the MoE layers and the SP runtime
+of the attention layers).
 
 Invariant: runtimes never count steps; the step index arrives through ``begin_step``.
 """
@@ -48,6 +50,10 @@ class RuntimeStack:
     def finish(self) -> None:
         for rt in self.runtimes:
             rt.finish()
+
+    def reset_stats(self) -> None:
+        for rt in self.runtimes:
+            rt.reset_stats()
 
     def detach(self) -> None:
         for rt in reversed(self.runtimes):

@@ -8,7 +8,7 @@ or the parallel runtime sees:
 - ``quiet_third_party``: filters the third-party warnings that tell the user nothing (Transformer
   Engine/Apex fallbacks, DeepSpeed's accelerator detection, deprecations inside torch/megatron/
   DeepSpeed/diffusers); ``--verbose`` keeps them. Installed by ``dice_ds.sample.main`` only, never
-  by library code.
+  by library code, which may use ``quieter_third_party`` (the same warning filters, for one block).
 - ``StepTracker`` and ``PeerFailure``: which sampling step a rank is in, and the one-line error a
   rank prints when a collective fails because a peer died or timed out (the rank then exits 1).
 - ``Progress``: rank 0's single progress bar (samples/s, ETA); ``summary_line``: the end-of-run line.
@@ -16,6 +16,7 @@ or the parallel runtime sees:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -94,6 +95,26 @@ def quiet_third_party(verbose: bool = False) -> None:
     # creation); its create_logger resets the level but keeps filters, so a filter sticks
     logging.getLogger("DeepSpeed").addFilter(_DropBelowError())
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
+@contextlib.contextmanager
+def quieter_third_party(verbose: bool = False):
+    """``quiet_third_party``'s warning filters for the duration of a block only (library code, e.g.
+    the pipeline's model build: nothing stays installed afterwards)."""
+    if verbose:
+        yield
+        return
+    ds_logger, drop = logging.getLogger("DeepSpeed"), _DropBelowError()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)")
+        for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=_NOISY_MODULES)
+        ds_logger.addFilter(drop)
+        try:
+            yield
+        finally:
+            ds_logger.removeFilter(drop)
 
 
 class Progress:

@@ -1,8 +1,12 @@
-"""``python -m dice_ds.sample`` / ``dice-ds sample``: data- or expert-parallel sampling of a DiT-MoE.
+"""``python -m dice_ds.sample`` / ``dice-ds sample``: the sample-directory job on ``DiTMoEPipeline``.
 
-Owns the run: options -> ``prepare`` (checkpoint read, model config, parallel plan; every ConfigError
-is raised here, before any process group starts) -> ``run`` (process groups, model, optional EP
-runtime, the batch loop, outputs, ``run.json``).
+Owns the job: options -> ``prepare`` (``dice_ds.pipeline.prepare``'s checks plus the sample
+directory; every ConfigError is raised here, before any process group starts) -> ``run`` (process
+groups, the directory's claim and fingerprint, the pipeline, the batch loop with resume, per-index
+files, npz, grid, ``run.json``). Sampling itself (model, parallel runtime, sampler, each sample's
+noise and label) is the pipeline's (``dice_ds.pipeline``): batch b is one pipeline call with
+``batch_size = n·W``, ``first_index = b·n·W``, ``seed = --global-seed``, ``output_ranks='local'``,
+which samples exactly what this loop sampled before the pipeline existed (bitwise).
 
 Launch with ``torchrun --nproc_per_node W -m dice_ds.sample ...``, the deepspeed launcher
 (``deepspeed --num_gpus W --module dice_ds.sample ...``; its ``--local_rank=N`` is accepted), slurm
@@ -35,82 +39,26 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from dice_ds.config import ConfigError, ModelConfig, get_flavor
-from dice_ds.startup import StartupLog, memory_now, seconds_since_process_start
+from dice_ds.config import ConfigError
 from dice_ds.options import (
     RunOptions,
     auto_sample_dir,
-    build_plan,
     env_rank,
-    env_world_size,
     image_size_of,
-    latent_side,
     mode_name,
     parse_options,
     sampler_of,
     steps_of,
-    validate_options,
 )
-
+from dice_ds.pipeline.prepare import PipelineSpec, prepare_spec
+from dice_ds.startup import StartupLog, seconds_since_process_start
 
 
 @dataclass
-class Prepared:
-    """Everything decided before the process group starts."""
+class Prepared(PipelineSpec):
+    """Everything decided before the process group starts: the pipeline's spec and the directory."""
 
-    opts: RunOptions
-    model_cfg: ModelConfig
-    plan: object
-    world_size: int
-    device: str
-    sample_dir: str
-    checkpoint: object | None
-    """A streaming reader of ``--ckpt`` (``dice_ds.weights.read``), or None (random weights)."""
-    parallelize: object | None
-    """``dice_ds.parallel.apply.parallelize_dit_moe`` (None only if that module is absent)."""
-    startup: object = None
-    """This rank's ``dice_ds.startup.StartupLog`` (phases, bytes read, memory; run.json)."""
-
-
-def _resolve_device(opts: RunOptions) -> str:
-    import torch
-
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
-    if opts.tf32 and opts.device is None and not torch.cuda.is_available():
-        raise ConfigError("--tf32 only affects CUDA matmuls and no CUDA device is available")
-    return opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _model_config(opts: RunOptions) -> tuple[ModelConfig, object | None]:
-    flavor = get_flavor(opts.model)
-    if opts.depth is not None:  # a reduced-depth variant: full width, fewer blocks
-        flavor = flavor.replace(depth=opts.depth)
-    side = latent_side(opts)
-    if opts.ckpt is None:
-        cfg = flavor.replace(num_experts=opts.num_experts or flavor.num_experts)
-        return cfg.replace(input_size=side).validate(), None
-    from dice_ds.checkpoint import config_for_checkpoint
-    from dice_ds.preflight import check_complete, read_checkpoint
-
-    reader = read_checkpoint(opts.ckpt)  # any unreadable file: one ConfigError line
-    shapes = reader.meta_state_dict()  # names, dtypes, shapes: no tensor is read yet
-    cfg = config_for_checkpoint(flavor, shapes, num_experts=opts.num_experts)
-    check_complete(shapes, cfg, opts.ckpt)  # missing keys: before the process group, not at load
-    # another image size than the flavor's: load_into_model regenerates pos_embed and warns
-    return cfg.replace(input_size=side).validate(), reader
-
-
-def _parallelize_fn(plan):
-    """``parallelize_dit_moe``: every plan goes through it (DP included: it then only measures)."""
-    try:
-        from dice_ds.parallel.apply import parallelize_dit_moe
-    except ImportError as e:
-        if plan.ep_enabled:
-            raise ConfigError(f"--ep: expert parallelism is not available in this build ({e}); "
-                              "run without --ep (data parallel)") from None
-        return None
-    return parallelize_dit_moe
+    sample_dir: str = ""
 
 
 def prepare(opts: RunOptions, world_size: int | None = None) -> Prepared:
@@ -119,91 +67,15 @@ def prepare(opts: RunOptions, world_size: int | None = None) -> Prepared:
     ``world_size``: the number of ranks the run will have (default: what the launcher announced in
     the environment; tests that start ranks themselves pass it).
     """
-    from dice_ds.vae import check_decoder
-
-    validate_options(opts)
-    world = world_size or env_world_size()
-    device = _resolve_device(opts)
-    cfg, sd = _model_config(opts)
-    if sampler_of(opts) == "ddpm" and not cfg.learn_sigma:
-        raise ConfigError(f"--sampler ddpm needs a model with learned variance (learn_sigma); "
-                          f"{cfg.name} has none: use --sampler ddim or rf")
-    check_decoder(opts.vae, opts.vae_path, cfg.in_channels)
-    plan = build_plan(opts, world_size=world, num_experts=cfg.num_experts, depth=cfg.depth)
-    sample_dir = opts.sample_dir or auto_sample_dir(opts, plan, world)
-    return Prepared(opts, cfg, plan, world, device, sample_dir, sd, _parallelize_fn(plan),
-                    startup=StartupLog())
+    spec = prepare_spec(opts, world_size)
+    sample_dir = opts.sample_dir or auto_sample_dir(opts, spec.plan, spec.world_size)
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(PipelineSpec)}
+    return Prepared(**fields, sample_dir=sample_dir)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the run (process groups exist from here on)
 # ---------------------------------------------------------------------------------------------------
-
-
-def _local_rank(opts: RunOptions) -> int:
-    if opts.local_rank is not None:
-        return opts.local_rank
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-
-
-def _build(prep: Prepared, groups):
-    """Model with weights, and the EP runtime (None for data parallelism)."""
-    from dice_ds.models import DTYPES, build_model, init_weights
-
-    opts, log = prep.opts, prep.startup
-    log.facts["memory_before_build"] = memory_now()  # what build + load add is measured from here
-    with log.phase("model_build"):  # meta device, then each parameter once on the device
-        model = build_model(prep.model_cfg, groups, DTYPES[opts.dtype], prep.device)
-    if prep.checkpoint is not None and os.environ.get("DICE_DS_READ_BASELINE") == "1":
-        from dice_ds.weights.load import time_plain_read  # the I/O floor (docs/scale.md)
-
-        log.facts["plain_read"] = time_plain_read(model, prep.checkpoint)
-    with log.phase("weight_load"):
-        if prep.checkpoint is not None:
-            from dice_ds.checkpoint import load_into_model
-
-            with prep.checkpoint as reader:  # this rank's tensors only, one at a time
-                result = load_into_model(model, reader, progress=_progress_bars(opts))
-            log.facts.update(bytes_read=result.bytes_read, checkpoint_reader=reader.kind,
-                             dropped_expert_tensors=result.dropped_expert_keys)
-            prep.checkpoint = None
-        else:
-            init_weights(model, opts.init, seed=opts.init_seed)
-    log.facts["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    extra = {}
-    if prep.plan.sp_enabled:  # collective: the SP groups (dice_ds.parallel.sp)
-        from dice_ds.parallel.groups import build_sp_group
-
-        extra["sp_group"] = build_sp_group(prep.plan.ep_size, prep.plan.sp_size)
-    runtime = prep.parallelize(model, prep.plan, groups, **extra) if prep.parallelize else None
-    return model, runtime
-
-
-def _progress_bars(opts: RunOptions) -> bool:
-    """Progress bars on rank 0 of a terminal (the sample loop's ``Progress`` decides the same)."""
-    return env_rank() == 0 and sys.stderr.isatty()
-
-
-def _time_first_step(model, log) -> None:
-    """Open the ``first_step`` phase at the model's first forward and close it after."""
-    handles = []
-
-    def pre(module, args):
-        log.begin("first_step")
-
-    def post(module, args, output):
-        log.end("first_step")
-        for h in handles:
-            h.remove()
-
-    handles += [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _todo_batches(out, prep: Prepared, rank: int, world: int) -> list[int]:
@@ -239,57 +111,43 @@ def _batch_samples(b: int, total: int, world: int, n: int) -> int:
     return max(0, min((b + 1) * n * world, total) - b * n * world)
 
 
-def _sub_batches(plan, todo: list[int], rank: int, world: int, n: int):
-    """(batch, indices to sample, slice this rank writes, last of its batch?): one per batch, or
-    with SP the SP group's samples (``dice_ds.parallel.sp_batches``)."""
-    from dice_ds.parallel.sp_batches import sp_batches
-
-    for b in todo:
-        subs = sp_batches(plan, b, rank, world, n)
-        for k, (indices, mine) in enumerate(subs):
-            yield b, indices, mine, k == len(subs) - 1
-
-
-def _sample_loop(prep: Prepared, model, runtime, decoder, out, rank: int, world: int) -> dict:
-    """Run the batches still to do; returns this rank's timings.
+def _sample_loop(prep: Prepared, pipe, out, rank: int, world: int) -> dict:
+    """Run the batches still to do, one pipeline call each; returns this rank's timings.
 
     A collective that fails because a peer died or timed out becomes a ``PeerFailure`` naming this
     rank, the step and the batch.
     """
-    from dice_ds.diffusion import draw_conditions, get_sampler
+    from dice_ds.outputs import batch_indices
     from dice_ds.parallel.groups import group_timeout
     from dice_ds.runenv import Progress, StepTracker, is_peer_failure
 
-    opts, cfg = prep.opts, prep.model_cfg
-    sampler, steps = get_sampler(sampler_of(opts)), steps_of(opts)
+    opts = prep.opts
+    steps = steps_of(opts)
     todo = _todo_batches(out, prep, rank, world)
     n, total = opts.per_proc_batch_size, opts.num_fid_samples
     progress = Progress(sum(_batch_samples(b, total, world, n) for b in todo), enabled=rank == 0)
-    tracker = StepTracker(model, steps)
+    tracker = StepTracker(pipe.model, steps)
     seconds = []
     try:
-        for b, indices, mine, last in _sub_batches(prep.plan, todo, rank, world, n):
-            z, y, gens = draw_conditions(opts.global_seed, indices, cfg.in_channels,
-                                         cfg.input_size, cfg.num_classes)
-            _sync(prep.device)
+        for b in todo:
             tracker.new_batch()
-            t0 = time.perf_counter()
-            try:
-                x = sampler(model, z.to(prep.device), y.to(prep.device), steps, opts.cfg_scale,
-                            runtime=runtime, generators=gens)
-                _sync(prep.device)
+            try:  # this rank's own samples: indices b·n·W + i·W + rank, in i order
+                result = pipe(batch_size=n * world, first_index=b * n * world,
+                              seed=opts.global_seed, num_inference_steps=steps,
+                              guidance_scale=opts.cfg_scale, output_type="latent",
+                              output_ranks="local", reset_stats=False)
             except Exception as e:
                 if world > 1 and is_peer_failure(e):
                     raise tracker.failure(rank, b, e, group_timeout().total_seconds()) from e
                 raise
-            seconds.append(time.perf_counter() - t0)
-            keep = _written(indices[mine], total, opts.trim_samples)
-            x = x[mine][:len(keep)]  # the kept indices are a prefix of this rank's samples
-            if decoder is None:
-                out.write_latents(keep, x.cpu().numpy())
+            seconds += result.stats["sub_batch_seconds"]
+            keep = _written(batch_indices(b, rank, world, n), total, opts.trim_samples)
+            x = result.images[:len(keep)]  # the kept indices are a prefix of this rank's samples
+            if pipe.decoder is None:
+                out.write_latents(keep, x.numpy())
             elif keep:
-                out.write_images(keep, decoder.decode(x))
-            progress.update(_batch_samples(b, total, world, n) if last else 0)
+                out.write_images(keep, pipe.decoder.decode(x.to(pipe.device)))
+            progress.update(_batch_samples(b, total, world, n))
     finally:
         progress.close()
         tracker.remove()
@@ -378,8 +236,9 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
     import dice_ds
 
     opts, plan = prep.opts, prep.plan
+    from dice_ds.pipeline.output import exchange_totals, rank_exchange
+
     info = dict(per_rank[0].get("runtime") or {})  # runtime.stats() of rank 0, then ours on top
-    stats = [r.get("runtime") or {} for r in per_rank]
     seconds = max(sum(r["batch_seconds"]) for r in per_rank)
     samples_run = per_rank[0]["samples_run"]
     fp = per_rank[0]["fingerprint"]
@@ -388,10 +247,7 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
         "samples_run": samples_run,
         # bytes that left a rank in the EP all-to-alls and SP all-gathers (all ranks), the
         # largest stale cache (EP outputs + displaced-SP K/V buffers)
-        "bytes_exchanged": sum((s.get("a2a_bytes_sent_remote", s.get("a2a_bytes_sent", 0)) or 0)
-                               + (s.get("sp_bytes_exchanged") or 0) for s in stats),
-        "cache_peak_bytes": max((s.get("ep_cache_peak_bytes") or 0)
-                                + (s.get("sp_kv_buffer_bytes") or 0) for s in stats),
+        **exchange_totals([rank_exchange(r.get("runtime")) for r in per_rank]),
         "sample_dir": prep.sample_dir, "dice_ds_version": dice_ds.__version__,
         "git_commit": _git_commit(), "start_time": per_rank[0]["start_time"],
         "host": per_rank[0]["host"], "hosts": sorted({r["host"] for r in per_rank}),
@@ -449,37 +305,26 @@ def _finish(prep: Prepared, out, rank: int, world: int, mine: dict) -> dict | No
 
 def run(prep: Prepared) -> dict | None:
     """The sampling run on this rank; returns rank 0's run.json content (None on other ranks)."""
+    import socket
+
     import torch
     import torch.distributed as dist
 
-    import socket
-
     from dice_ds.outputs import SampleDir
-    from dice_ds.parallel.groups import build_model_groups, init_distributed
+    from dice_ds.pipeline import DiTMoEPipeline
+    from dice_ds.pipeline.prepare import connect
     from dice_ds.runenv import summary_line
-    from dice_ds.vae import build_decoder
 
     opts = prep.opts
     start_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if prep.device == "cuda":
-        torch.cuda.set_device(_local_rank(opts))
-        torch.backends.cuda.matmul.allow_tf32 = opts.tf32
-        torch.backends.cudnn.allow_tf32 = opts.tf32
-    with prep.startup.phase("process_groups"):
-        rank, world = init_distributed(prep.device, timeout=opts.pg_timeout)
-    if world != prep.world_size:
-        raise RuntimeError(f"world size {world} differs from the launcher's {prep.world_size}")
+    rank, world = connect(prep)  # the default group (phase process_groups)
     out = SampleDir(prep.sample_dir, latents_only=opts.vae == "none")
-    fingerprint = _claim_sample_dir(prep, out, rank)
+    fingerprint = _claim_sample_dir(prep, out, rank)  # before any weight is read
     torch.manual_seed(opts.global_seed * world + rank)
-    with prep.startup.phase("process_groups"):
-        groups = build_model_groups(prep.plan.ep_size)
-    model, runtime = _build(prep, groups)
-    _time_first_step(model, prep.startup)
-    decoder = build_decoder(opts.vae, opts.vae_path, prep.device, prep.model_cfg.in_channels)
-    mine = _sample_loop(prep, model, runtime, decoder, out, rank, world)
+    pipe = DiTMoEPipeline(prep, output_ranks="local")  # groups, model, runtime, decoder: once
+    mine = _sample_loop(prep, pipe, out, rank, world)
     mine.update(rank=rank, peak_memory_bytes=_peak_memory_bytes(prep.device),
-                runtime=runtime.stats() if runtime is not None else None,
+                runtime=pipe.runtime.stats() if pipe.runtime is not None else None,
                 startup=prep.startup.as_dict(),
                 host=socket.gethostname(), start_time=start_time, threads=torch.get_num_threads())
     if rank == 0:

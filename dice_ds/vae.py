@@ -1,6 +1,9 @@
 """Turning sampled latents into uint8 images: the SD VAE, the identity map, or nothing.
 
-Owns ``build_decoder(kind, path, device)`` and the pixel conversion ``to_uint8_nhwc``.
+Owns ``build_decoder(kind, path, device)`` and the pixel conversion ``to_uint8_nhwc``. A decoder has
+``decode(z) -> uint8 [N, H, W, 3]`` (what the CLI writes) and ``decode_float(z) -> fp32 [N, C, H, W]``
+in [-1, 1] before quantisation (the pipeline's ``np``/``pt`` outputs); ``decode`` is
+``to_uint8_nhwc(decode_float(z))``.
 
 - ``sd``: diffusers ``AutoencoderKL.from_pretrained(path, local_files_only=True)`` (never the network),
   slicing enabled; ``decode(latent / 0.18215)``.
@@ -45,6 +48,10 @@ class IdentityDecoder:
             raise ConfigError(f"--vae identity needs a model with 1 or 3 image channels, this one "
                               f"has {channels}: use --vae sd or --vae none")
 
+    def decode_float(self, z_NCHW: torch.Tensor) -> torch.Tensor:
+        """The image in [-1, 1] (unclamped), fp32 [N, C, H, W]."""
+        return z_NCHW.float()
+
     def decode(self, z_NCHW: torch.Tensor) -> np.ndarray:
         return to_uint8_nhwc(z_NCHW)
 
@@ -63,9 +70,13 @@ class SDDecoder:
         self.vae.enable_slicing()  # decode one sample at a time: bounded VAE memory
 
     @torch.no_grad()
-    def decode(self, z_NCHW: torch.Tensor) -> np.ndarray:
+    def decode_float(self, z_NCHW: torch.Tensor) -> torch.Tensor:
+        """The decoded image in [-1, 1] (unclamped), fp32 [N, 3, H, W]."""
         z = (z_NCHW / SD_LATENT_SCALE).to(self.vae.dtype)
-        return to_uint8_nhwc(self.vae.decode(z).sample)
+        return self.vae.decode(z).sample.float()
+
+    def decode(self, z_NCHW: torch.Tensor) -> np.ndarray:
+        return to_uint8_nhwc(self.decode_float(z_NCHW))
 
 
 def check_decoder(kind: str, path: str | None, channels: int) -> None:

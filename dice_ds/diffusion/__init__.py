@@ -34,6 +34,22 @@ def sample_seed(global_seed: int, index: int) -> int:
     return (int(index) + int(global_seed) * _SEED_STRIDE) % 2**32
 
 
+def sample_generators(global_seed: int, indices: list[int]) -> list[torch.Generator]:
+    """One fresh CPU generator per sample index, seeded with ``sample_seed(global_seed, index)``."""
+    return [torch.Generator().manual_seed(sample_seed(global_seed, index)) for index in indices]
+
+
+def draw_from(generators: list[torch.Generator], channels: int, side: int, num_classes: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each generator's label (``randint(num_classes)``) then its noise [C, side, side], stacked:
+    (z [N, C, side, side], y [N] int64). The generators continue from there (DDPM noise)."""
+    ys, zs = [], []
+    for g in generators:
+        ys.append(torch.randint(num_classes, (1,), generator=g))
+        zs.append(torch.randn(channels, side, side, generator=g))
+    return torch.stack(zs), torch.cat(ys)
+
+
 def draw_conditions(global_seed: int, indices: list[int], channels: int, side: int,
                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Generator]]:
     """Initial noise z [N, C, side, side], labels y [N] (int64) and each sample's generator.
@@ -41,13 +57,9 @@ def draw_conditions(global_seed: int, indices: list[int], channels: int, side: i
     Per sample, the generator first draws the label (``randint(num_classes)``), then the noise; the
     generator is returned so that a stochastic sampler continues the same stream.
     """
-    gens, ys, zs = [], [], []
-    for index in indices:
-        g = torch.Generator().manual_seed(sample_seed(global_seed, index))
-        ys.append(torch.randint(num_classes, (1,), generator=g))
-        zs.append(torch.randn(channels, side, side, generator=g))
-        gens.append(g)
-    return torch.stack(zs), torch.cat(ys), gens
+    gens = sample_generators(global_seed, indices)
+    z, y = draw_from(gens, channels, side, num_classes)
+    return z, y, gens
 
 
 def labels_for(global_seed: int, indices: list[int], num_classes: int) -> list[int]:

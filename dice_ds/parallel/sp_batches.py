@@ -1,23 +1,26 @@
-"""Which samples an SP rank computes and which it writes (the global batch of an SP group).
+"""Which samples a rank computes and which it owns, for one global batch (the CLI's batches and the
+pipeline's calls alike).
 
-Owns ``sp_batches``: for batch b of rank r, the list of (indices computed, slice this rank writes)
-sub-batches. Without SP a rank computes and writes its own batch (``batch_indices``). With SP the
-ranks of one SP group share every forward, so they must hold the same samples:
+Owns ``call_sub_batches`` (a global batch of B samples, positions 0..B-1) and ``sp_batches`` (the
+CLI's batch b, in global sample indices). Position j of a global batch belongs to rank ``j % W``
+(the reference's index formula: in the CLI's batch b of n samples per rank, position j is global
+index ``b·n·W + j``, ``dice_ds.outputs.batch_indices``); its owner returns / writes it.
 
-- default (the reference's global batch): one sub-batch holding the batches of every SP rank in
-  SP-rank order; rank k of the group writes its own n of them;
-- ``single_img``: one sub-batch per SP rank, holding that rank's n samples only (n = 1: one image
-  spread over the group); only that rank writes it.
+Without SP a rank computes exactly the samples it owns. With SP the ranks of one SP group share
+every forward, so they must hold the same samples:
 
-Either way every global index is computed by the same arithmetic as under DP (sample i's noise and
-label depend only on (global seed, i)), so the written image set equals DP's for the same seed, and
-the batch count, resume and index formula are unchanged. No communication: every SP rank draws the
-group's samples itself, which is what gathering z and y would give.
+- default (the reference's global batch): one sub-batch holding the samples of every SP rank in
+  SP-rank order; each rank owns its own slice of it;
+- ``single_img``: one sub-batch per SP rank, holding that rank's samples only (n = 1: one image
+  spread over the group); only that rank owns it. Empty sub-batches (a member that owns nothing
+  when B < W) are left out, on every member alike.
+
+Either way every sample is computed by the same arithmetic as under DP (its noise and label depend
+only on the seed and its index), so the image set equals DP's for the same seed. No communication:
+every SP rank draws the group's samples itself, which is what gathering z and y would give.
 """
 
 from __future__ import annotations
-
-from dice_ds.outputs import batch_indices
 
 
 def sp_group_ranks(plan, rank: int, world: int) -> list[int]:
@@ -29,11 +32,29 @@ def sp_group_ranks(plan, rank: int, world: int) -> list[int]:
     return next(g for g in sp_rank_lists(world, plan.ep_size, plan.sp_size) if rank in g)
 
 
-def sp_batches(plan, b: int, rank: int, world: int, n: int) -> list[tuple[list[int], slice]]:
-    """[(indices to sample, slice of them this rank writes)] for batch ``b`` (module docstring)."""
+def owned_positions(batch_size: int, rank: int, world: int) -> list[int]:
+    """Positions of a global batch of ``batch_size`` that ``rank`` owns: j with j % W == rank."""
+    return list(range(rank, batch_size, world))
+
+
+def call_sub_batches(plan, batch_size: int, rank: int, world: int) -> list[tuple[list[int], slice]]:
+    """[(positions to sample together, slice of them this rank owns)] (module docstring)."""
     members = sp_group_ranks(plan, rank, world)
     if plan.single_img:
-        return [(batch_indices(b, r, world, n), slice(0, n if r == rank else 0)) for r in members]
-    k = members.index(rank)
-    indices = [i for r in members for i in batch_indices(b, r, world, n)]
-    return [(indices, slice(k * n, (k + 1) * n))]
+        subs = [(owned_positions(batch_size, r, world), r == rank) for r in members]
+        return [(pos, slice(0, len(pos) if mine else 0)) for pos, mine in subs if pos]
+    positions, start, stop = [], 0, 0
+    for r in members:
+        own = owned_positions(batch_size, r, world)
+        if r == rank:
+            start, stop = len(positions), len(positions) + len(own)
+        positions += own
+    return [(positions, slice(start, stop))] if positions else []
+
+
+def sp_batches(plan, b: int, rank: int, world: int, n: int) -> list[tuple[list[int], slice]]:
+    """[(indices to sample, slice of them this rank writes)] for the CLI's batch ``b`` of ``n``
+    samples per rank: ``call_sub_batches`` of its n·W samples, shifted to their global indices."""
+    first = b * n * world
+    return [([first + j for j in pos], mine)
+            for pos, mine in call_sub_batches(plan, n * world, rank, world)]

@@ -1,0 +1,74 @@
+"""Building a pipeline's model and parallel runtime, once, on the process groups of its plan.
+
+Owns ``build_model_and_runtime``: the model on the meta device, each parameter materialised once
+(``dice_ds.models.build_model``), the checkpoint streamed in (``dice_ds.checkpoint.load_into_model``:
+this rank's tensors only, one at a time) or ``init_weights``, then the plan applied
+(``parallelize_dit_moe``: the EP runtime, with SP a ``RuntimeStack``); and ``time_first_step``.
+Each part is a phase of the rank's ``StartupLog`` (``model_build``, ``weight_load``,
+``first_step``; run.json's ``startup``), with the facts run.json reports (``memory_before_build``,
+``bytes_read``, ``checkpoint_reader``, ``dropped_expert_tensors``, ``param_bytes``, and with
+``DICE_DS_READ_BASELINE=1`` the plain-read floor ``plain_read``).
+
+Invariant: collective where the groups are (every rank of the world calls it, in the same order).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def progress_bars() -> bool:
+    """Progress bars on rank 0 of a terminal (the CLI's ``Progress`` decides the same)."""
+    from dice_ds.options import env_rank
+
+    return env_rank() == 0 and sys.stderr.isatty()
+
+
+def build_model_and_runtime(spec, groups):
+    """Model with weights, and its parallel runtime (None only without ``parallelize``)."""
+    from dice_ds.models import DTYPES, build_model, init_weights
+    from dice_ds.startup import memory_now
+
+    opts, log = spec.opts, spec.startup
+    log.facts["memory_before_build"] = memory_now()  # what build + load add is measured from here
+    with log.phase("model_build"):  # meta device, then each parameter once on the device
+        model = build_model(spec.model_cfg, groups, DTYPES[opts.dtype], spec.device)
+    if spec.checkpoint is not None and os.environ.get("DICE_DS_READ_BASELINE") == "1":
+        from dice_ds.weights.load import time_plain_read  # the I/O floor (docs/scale.md)
+
+        log.facts["plain_read"] = time_plain_read(model, spec.checkpoint)
+    with log.phase("weight_load"):
+        if spec.checkpoint is not None:
+            from dice_ds.checkpoint import load_into_model
+
+            with spec.checkpoint as reader:  # this rank's tensors only, one at a time
+                result = load_into_model(model, reader, progress=progress_bars())
+            log.facts.update(bytes_read=result.bytes_read, checkpoint_reader=reader.kind,
+                             dropped_expert_tensors=result.dropped_expert_keys)
+            spec.checkpoint = None
+        else:
+            init_weights(model, opts.init, seed=opts.init_seed)
+    log.facts["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    extra = {}
+    if spec.plan.sp_enabled:  # collective: the SP groups (dice_ds.parallel.sp)
+        from dice_ds.parallel.groups import build_sp_group
+
+        extra["sp_group"] = build_sp_group(spec.plan.ep_size, spec.plan.sp_size)
+    runtime = spec.parallelize(model, spec.plan, groups, **extra) if spec.parallelize else None
+    return model, runtime
+
+
+def time_first_step(model, log) -> None:
+    """Open the ``first_step`` phase at the model's first forward and close it after."""
+    handles = []
+
+    def pre(module, args):
+        log.begin("first_step")
+
+    def post(module, args, output):
+        log.end("first_step")
+        for h in handles:
+            h.remove()
+
+    handles += [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]

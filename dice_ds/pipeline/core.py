@@ -1,0 +1,243 @@
+"""``DiTMoEPipeline``: a DiT-MoE with its parallel runtime, called like diffusers' ``DiTPipeline``.
+
+Owns the pipeline object (built once: process groups, model, runtime, decoder) and its call (the
+global batch spread over the ranks, sampled, decoded where it was sampled, delivered to the output
+ranks). What a call's arguments mean and where its randomness comes from: ``dice_ds.pipeline.call``;
+the output types: ``dice_ds.pipeline.output``; which rank samples and owns which position:
+``dice_ds.parallel.sp_batches``.
+
+Invariants: every ConfigError of the settings is raised before a process group starts; the model
+and the runtime are built once and reused by every call (the sampler resets the runtime at the
+start and end of every sub-batch, so nothing stale crosses calls); a call is collective (every
+rank calls it with the same arguments, checked by one all-gather); torch's global RNG is never
+used or seeded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from dice_ds.config import ConfigError
+from dice_ds.pipeline.call import (
+    OUTPUT_RANKS,
+    agree,
+    check_call,
+    conditions,
+    draw_generators,
+    replay,
+)
+from dice_ds.pipeline.output import (
+    DiTMoEPipelineOutput,
+    deliver,
+    encode,
+    exchange_totals,
+    finish,
+    rank_exchange,
+)
+from dice_ds.pipeline.prepare import (
+    PipelineSpec,
+    connect,
+    keyword_message,
+    pipeline_options,
+    prepare_spec,
+)
+
+
+class DiTMoEPipeline:
+    """Class-conditional sampling of a DiT-MoE on one process or W ranks (DP, EP/DICE, SP).
+
+    Build it with ``DiTMoEPipeline.from_pretrained(weights, config=None, device=None, dtype=None,
+    **overrides)`` (``weights``: a checkpoint file, ``"digits"`` for the shipped model, or a flavor
+    name with ``init="random"``; ``config``: a ds_config path or dict as ``dice-ds sample --config``
+    takes; ``overrides``: ``RunOptions`` field names, e.g. ``ep=True, ep_async=True``) or
+    ``DiTMoEPipeline(run_options)``. It starts the default process group from the launcher's
+    environment (torchrun, deepspeed, slurm: WORLD_SIZE/RANK/MASTER_ADDR), or uses one already
+    initialised, or runs alone. ``output_ranks``: which ranks receive the images: ``"rank0"``
+    (default; the others get ``images=None``), ``"all"``, or ``"local"`` (each rank its own
+    positions, no gathering; ``dice-ds sample`` uses it); a call may override it.
+
+    A call: ``pipe(class_labels, num_inference_steps=None, guidance_scale=None, generator=None,
+    seed=None, latents=None, output_type="pil", return_dict=True)``. Under W ranks it is
+    collective: every rank calls it with the same arguments (checked: one line on every rank if
+    they differ). Position j of the batch of B = len(class_labels) belongs to rank j % W (the index
+    formula of ``dice-ds sample``, so a position gets the same image at any world size in DP and
+    sync EP); an SP group samples its members' positions together; with EP, B is padded to a
+    multiple of W with filler samples (computed, never returned) so that every rank sends tokens.
+
+    Differences from diffusers' ``DiTPipeline`` (same names, same meaning otherwise):
+
+    - construction: a dice_ds checkpoint / shipped model / flavor plus a ds_config and overrides,
+      not a diffusers repository; device, dtype and the parallel mode are fixed at construction
+      (no ``.to()``); the sampler is the config's (RF for XL/G and digits, DDPM for S/B; DDIM on
+      request), not a swappable scheduler;
+    - ``class_labels``: class ids (no ``get_label_ids``); ``None`` with ``batch_size=B`` draws the
+      labels per sample as ``dice-ds sample`` does;
+    - ``guidance_scale``: default the config's ``cfg_scale`` (1.5), not 4.0; must be >= 1, and 1
+      runs the plain conditional forward; RF guides all latent channels, DDPM/DDIM the first 3
+      (DiT's legacy rule, ``dice_ds.diffusion``); the unconditional branch is evaluated on the
+      conditional state;
+    - ``num_inference_steps``: default the config's (``num_sampling_steps``; 50 RF, 250 DDPM/DDIM);
+    - ``generator``: CPU generators; a list gives each sample its own stream (label, noise, DDPM
+      noise), a single one is split into B per-sample generators; ``seed`` (extra; default the
+      config's ``global_seed``) reproduces ``dice-ds sample``'s sample ``first_index + j`` for
+      position j (``first_index`` extra, default 0) when no generator is given;
+    - ``latents``: optional initial noise [B, C, h, w] (extra);
+    - ``output_type``: also ``"latent"``; ``"pil"`` pixels use the reference formula
+      (clamp(127.5·x + 128) truncated: the bytes ``dice-ds sample`` writes) rather than
+      round(255·x); ``"np"``/``"pt"`` keep the decoder's channels (1 for the pixel-space digits
+      model, whose "latents" are the images in [-1, 1]);
+    - the output also carries ``stats`` (mode, world_size, sampler, num_images,
+      num_inference_steps, guidance_scale, ``seconds``: sampler time, max over ranks;
+      ``sub_batch_seconds``: this rank's; ``bytes_exchanged`` (sum over ranks) and
+      ``cache_peak_bytes`` (max) as in run.json, over every rank except with
+      ``output_ranks='local'`` (this rank's); ``runtime``: this rank's ``runtime.stats()``) and
+      ``indices``; keywords ``batch_size``, ``first_index``, ``output_ranks`` and ``reset_stats``
+      (False: the runtime's counters accumulate across calls, as run.json reports a whole run).
+    """
+
+    def __init__(self, options, *, output_ranks: str = "rank0", world_size: int | None = None):
+        """``options``: ``RunOptions`` (validated here) or a ``PipelineSpec`` already prepared."""
+        if output_ranks not in OUTPUT_RANKS:
+            raise ConfigError(f"output_ranks={output_ranks!r}: use one of {', '.join(OUTPUT_RANKS)}")
+        if isinstance(options, PipelineSpec):
+            spec = options
+        else:
+            try:
+                spec = prepare_spec(options, world_size)
+            except ConfigError as e:
+                raise ConfigError(keyword_message(str(e))) from None
+        self.spec, self.output_ranks = spec, output_ranks
+        self.startup = spec.startup
+        self.rank, self.world_size = connect(spec)  # reused when initialised (the CLI's order)
+        self._build()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, config=None, device=None,
+                        dtype=None, *, output_ranks: str = "rank0", world_size: int | None = None,
+                        **overrides) -> "DiTMoEPipeline":
+        """A pipeline from weights, a ds_config and ``RunOptions`` overrides (class docstring)."""
+        try:
+            opts = pipeline_options(pretrained_model_name_or_path, config, device, dtype,
+                                    **overrides)
+        except ConfigError as e:
+            raise ConfigError(keyword_message(str(e))) from None
+        return cls(opts, output_ranks=output_ranks, world_size=world_size)
+
+    def _build(self) -> None:
+        from dice_ds.diffusion import get_sampler
+        from dice_ds.options import sampler_of
+        from dice_ds.parallel.groups import build_model_groups
+        from dice_ds.pipeline.build import build_model_and_runtime, time_first_step
+        from dice_ds.runenv import quieter_third_party
+        from dice_ds.vae import build_decoder
+
+        spec, opts = self.spec, self.spec.opts
+        with quieter_third_party(opts.verbose):  # megatron's import-time fallback notes
+            with self.startup.phase("process_groups"):
+                self.groups = build_model_groups(spec.plan.ep_size)
+            self.model, self.runtime = build_model_and_runtime(spec, self.groups)
+        time_first_step(self.model, self.startup)
+        self.decoder = build_decoder(opts.vae, opts.vae_path, spec.device,
+                                     spec.model_cfg.in_channels)
+        self.sampler_name = sampler_of(opts)
+        self.sampler = get_sampler(self.sampler_name)
+
+    @property
+    def device(self) -> str:
+        return self.spec.device
+
+    # -- the call ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, class_labels=None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, generator=None, seed: int | None = None,
+                 latents=None, output_type: str = "pil", return_dict: bool = True, *,
+                 batch_size: int | None = None, first_index: int = 0,
+                 output_ranks: str | None = None, reset_stats: bool = True):
+        """Sample B images (class docstring); collective under W ranks."""
+        call = self._agreed_call(class_labels, batch_size, num_inference_steps, guidance_scale,
+                                 generator, seed, latents, first_index, output_type,
+                                 output_ranks or self.output_ranks)
+        if reset_stats and self.runtime is not None:
+            self.runtime.reset_stats()
+        from dice_ds.runenv import quieter_third_party
+
+        with quieter_third_party(self.spec.opts.verbose):
+            positions, x, seconds = self._sample(call)
+            rows = encode(x, call.output_type, self.decoder) if positions else None
+        stats = self._stats(call, seconds)
+        got = deliver(positions, rows, call.output_ranks, self.rank, self.world_size,
+                      call.batch_size)
+        images, indices = (finish(got[0], call.output_type), got[1]) if got else (None, None)
+        if not return_dict:
+            return (images,)
+        return DiTMoEPipelineOutput(images=images, stats=stats, indices=indices)
+
+    def _agreed_call(self, *args):
+        """Check the arguments here, then agree on them with every rank (one all-gather)."""
+        try:
+            call = check_call(self, *args)
+            summary, error = call.summary(), None
+        except ConfigError as e:
+            call, summary, error = None, None, str(e)
+        agree(summary, error, self.world_size)
+        cfg = self.spec.model_cfg
+        draw_generators(call, cfg.in_channels, cfg.input_size, cfg.num_classes)
+        return call
+
+    def _padded(self, batch_size: int) -> int:
+        """With EP every rank must sample: B rounded up to a multiple of W (filler positions)."""
+        if self.spec.plan.ep_size > 1:
+            return math.ceil(batch_size / self.world_size) * self.world_size
+        return batch_size
+
+    def _sample(self, call):
+        """This rank's sub-batches: (its own positions < B, their sampled rows, seconds per
+        sub-batch)."""
+        from dice_ds.parallel.sp_batches import call_sub_batches
+
+        cfg, device = self.spec.model_cfg, self.spec.device
+        own, rows, seconds, computed = [], [], [], set()
+        for positions, mine in call_sub_batches(self.spec.plan, self._padded(call.batch_size),
+                                                self.rank, self.world_size):
+            z, y, gens = conditions(call, positions, cfg.in_channels, cfg.input_size,
+                                    cfg.num_classes)
+            _sync(device)
+            t0 = time.perf_counter()
+            x = self.sampler(self.model, z.to(device), y.to(device), call.steps, call.guidance,
+                             runtime=self.runtime, generators=gens)
+            _sync(device)
+            seconds.append(time.perf_counter() - t0)
+            computed.update(positions)
+            kept = [j for j in positions[mine] if j < call.batch_size]  # fillers come last
+            own += kept
+            rows.append(x[mine][:len(kept)])
+        draws = call.steps - 1 if self.sampler_name == "ddpm" else 0
+        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        replay(call, computed, draws, shape)
+        return own, (torch.cat(rows) if own else None), seconds
+
+    def _stats(self, call, seconds: list[float]) -> dict:
+        """The call's measurements (class docstring); collective unless ``local`` or W = 1."""
+        from dice_ds.options import mode_name
+
+        rt = self.runtime.stats() if self.runtime is not None else None
+        mine = (sum(seconds), *rank_exchange(rt))
+        parts = [mine]
+        if call.output_ranks != "local" and self.world_size > 1:
+            import torch.distributed as dist
+
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, mine)
+        return {"mode": mode_name(self.spec.plan), "world_size": self.world_size,
+                "sampler": self.sampler_name, "num_images": call.batch_size,
+                "num_inference_steps": call.steps, "guidance_scale": call.guidance,
+                "seconds": max(p[0] for p in parts), "sub_batch_seconds": seconds,
+                **exchange_totals([(b, c) for _, b, c in parts]), "runtime": rt}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()

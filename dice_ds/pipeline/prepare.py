@@ -1,0 +1,254 @@
+"""What a pipeline is built from, decided before any process group starts; and the process groups.
+
+Owns ``PipelineSpec`` (validated options, model config, parallel plan, world size, device, the
+checkpoint reader, the start-up log), ``prepare_spec`` (every check of the run's settings: options,
+checkpoint header, model config, decoder, plan), ``pipeline_options`` (how ``from_pretrained``
+merges its arguments into ``RunOptions``) and ``connect`` (the default process group).
+
+Invariants: ``prepare_spec`` and ``pipeline_options`` start no process group and read no tensor; every
+bad input raises ``ConfigError`` with one line naming the field and the fix (``keyword_message``
+turns the CLI's ``--flag`` names into the keyword names the pipeline takes). ``connect`` reuses an
+initialised default group, else starts one from the launcher's environment (torchrun, deepspeed,
+slurm), else a 1-rank world.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+
+from dice_ds.config import ConfigError, ModelConfig, get_flavor
+from dice_ds.options import (
+    RunOptions,
+    build_plan,
+    env_world_size,
+    latent_side,
+    option_fields,
+    sampler_of,
+    validate_options,
+)
+from dice_ds.startup import StartupLog
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+SHIPPED = {"digits": {"model": "digits", "ckpt": os.path.join(ASSETS, "digits_dit_moe.pt")}}
+"""Models shipped with dice_ds, by name: their options (pixel space: ``vae`` defaults to identity)."""
+SHIPPED_DEFAULTS = {"digits": {"vae": "identity"}}
+JOB_OPTIONS = ("sample_dir", "extra_name", "extra_folder_name", "trim_samples", "force_new",
+               "num_fid_samples", "per_proc_batch_size")
+"""Options of the ``dice-ds sample`` job (sample directory, batch loop), not of the model or
+the run: a config file's values are ignored by the pipeline, a keyword naming one is refused."""
+DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+               "fp16": "fp16", "float16": "fp16", "half": "fp16", "float": "fp32"}
+
+
+@dataclass
+class PipelineSpec:
+    """Everything decided before the process group starts."""
+
+    opts: RunOptions
+    model_cfg: ModelConfig
+    plan: object
+    world_size: int
+    device: str
+    checkpoint: object | None
+    """A streaming reader of ``ckpt`` (``dice_ds.weights.read``), or None (random weights); the
+    build consumes it (None afterwards)."""
+    parallelize: object | None
+    """``dice_ds.parallel.apply.parallelize_dit_moe`` (None only if that module is absent)."""
+    startup: object = None
+    """This rank's ``dice_ds.startup.StartupLog`` (phases, bytes read, memory; run.json)."""
+
+
+def resolve_device(opts: RunOptions) -> str:
+    import torch
+
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    if opts.tf32 and opts.device is None and not torch.cuda.is_available():
+        raise ConfigError("--tf32 only affects CUDA matmuls and no CUDA device is available")
+    return opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_config(opts: RunOptions) -> tuple[ModelConfig, object | None]:
+    """The model's config (expert count and shapes from the checkpoint header) and its reader."""
+    flavor = get_flavor(opts.model)
+    if opts.depth is not None:  # a reduced-depth variant: full width, fewer blocks
+        flavor = flavor.replace(depth=opts.depth)
+    side = latent_side(opts)
+    if opts.ckpt is None:
+        cfg = flavor.replace(num_experts=opts.num_experts or flavor.num_experts)
+        return cfg.replace(input_size=side).validate(), None
+    from dice_ds.checkpoint import config_for_checkpoint
+    from dice_ds.preflight import check_complete, read_checkpoint
+
+    reader = read_checkpoint(opts.ckpt)  # any unreadable file: one ConfigError line
+    shapes = reader.meta_state_dict()  # names, dtypes, shapes: no tensor is read yet
+    cfg = config_for_checkpoint(flavor, shapes, num_experts=opts.num_experts)
+    check_complete(shapes, cfg, opts.ckpt)  # missing keys: before the process group, not at load
+    # another image size than the flavor's: load_into_model regenerates pos_embed and warns
+    return cfg.replace(input_size=side).validate(), reader
+
+
+def parallelize_fn(plan):
+    """``parallelize_dit_moe``: every plan goes through it (DP included: it then only measures)."""
+    try:
+        from dice_ds.parallel.apply import parallelize_dit_moe
+    except ImportError as e:
+        if plan.ep_enabled:
+            raise ConfigError(f"--ep: expert parallelism is not available in this build ({e}); "
+                              "run without --ep (data parallel)") from None
+        return None
+    return parallelize_dit_moe
+
+
+def _world_size(world_size: int | None) -> int:
+    if world_size:
+        return world_size
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else env_world_size()
+
+
+def prepare_spec(opts: RunOptions, world_size: int | None = None) -> PipelineSpec:
+    """Resolve everything that can fail on bad input; raises ConfigError. Starts no process group.
+
+    ``world_size``: the number of ranks the run will have (default: the initialised default
+    group's, else what the launcher announced in the environment, else 1).
+    """
+    from dice_ds.vae import check_decoder
+
+    validate_options(opts)
+    world = _world_size(world_size)
+    device = resolve_device(opts)
+    cfg, reader = model_config(opts)
+    if sampler_of(opts) == "ddpm" and not cfg.learn_sigma:
+        raise ConfigError(f"--sampler ddpm needs a model with learned variance (learn_sigma); "
+                          f"{cfg.name} has none: use --sampler ddim or rf")
+    check_decoder(opts.vae, opts.vae_path, cfg.in_channels)
+    plan = build_plan(opts, world_size=world, num_experts=cfg.num_experts, depth=cfg.depth)
+    return PipelineSpec(opts, cfg, plan, world, device, reader, parallelize_fn(plan),
+                        startup=StartupLog())
+
+
+def local_rank(opts: RunOptions) -> int:
+    if opts.local_rank is not None:
+        return opts.local_rank
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
+def connect(spec: PipelineSpec) -> tuple[int, int]:
+    """The default process group (reused when initialised); returns (rank, world size)."""
+    import torch
+
+    from dice_ds.parallel.groups import init_distributed
+
+    opts = spec.opts
+    if spec.device == "cuda":
+        torch.cuda.set_device(local_rank(opts))
+        torch.backends.cuda.matmul.allow_tf32 = opts.tf32
+        torch.backends.cudnn.allow_tf32 = opts.tf32
+    with spec.startup.phase("process_groups"):
+        rank, world = init_distributed(spec.device, timeout=opts.pg_timeout)
+    if world != spec.world_size:
+        raise RuntimeError(f"world size {world} differs from the launcher's {spec.world_size}")
+    return rank, world
+
+
+# ---------------------------------------------------------------------------------------------------
+# from_pretrained's arguments -> RunOptions
+# ---------------------------------------------------------------------------------------------------
+
+
+def _config_values(config) -> dict:
+    if config is None:
+        return {}
+    from dice_ds.ds_config import config_values, load_config
+
+    if isinstance(config, dict):
+        return config_values(config, "config dict")
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(os.fspath(config))
+    raise ConfigError(f"config={type(config).__name__}: pass a ds_config path (configs/ds/*.json) "
+                      "or a dict in that layout")
+
+
+def _weights_of(name) -> dict:
+    """Options naming the weights of ``from_pretrained``'s first argument."""
+    if name is None:
+        return {}
+    name = os.fspath(name)
+    if name in SHIPPED:
+        return dict(SHIPPED[name], init=None)
+    if os.path.exists(name) or name.endswith((".pt", ".pth", ".safetensors")):
+        return {"ckpt": name, "init": None}
+    try:
+        get_flavor(name)
+    except ConfigError:
+        raise ConfigError(f"from_pretrained({name!r}): not a checkpoint file, a shipped model "
+                          f"({', '.join(SHIPPED)}) or a model flavor (e.g. debug, DiT-XL/2 with "
+                          "init='random')") from None
+    return {"model": name, "ckpt": None}
+
+
+def _device_name(device) -> str:
+    import torch
+
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r}: use 'cpu' or 'cuda'") from None
+
+
+def _dtype_name(dtype) -> str:
+    text = str(dtype).removeprefix("torch.")
+    if text not in DTYPE_NAMES:
+        raise ConfigError(f"dtype={dtype!r}: use fp32, bf16 or fp16 (or the torch dtype)")
+    return DTYPE_NAMES[text]
+
+
+def _check_overrides(overrides: dict) -> None:
+    kinds = {f.name: f.metadata["kind"] for f in option_fields()}
+    for key, value in overrides.items():
+        if key in JOB_OPTIONS:
+            raise ConfigError(f"{key}: an option of the dice-ds sample job (sample directory, batch "
+                              "loop), not of the pipeline: a call's batch is its class_labels")
+        if key not in kinds:
+            raise ConfigError(f"unknown option {key!r}: pass RunOptions field names (e.g. ep=True, "
+                              "ep_async=True, cfg_scale=2.0, num_sampling_steps=20, vae='none')")
+        if kinds[key] is bool and not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: must be True or False")
+
+
+def pipeline_options(name=None, config=None, device=None, dtype=None, **overrides) -> RunOptions:
+    """``RunOptions`` of ``DiTMoEPipeline.from_pretrained``: RunOptions defaults < a shipped model's
+    defaults < ``config`` (its job options dropped) < the weights ``name`` names < ``device``,
+    ``dtype`` and ``overrides`` (RunOptions field names)."""
+    _check_overrides(overrides)
+    key = os.fspath(name) if isinstance(name, (str, os.PathLike)) else name
+    values = dict(SHIPPED_DEFAULTS.get(key, {})) if isinstance(key, str) else {}
+    values.update(_config_values(config))
+    for job in JOB_OPTIONS:
+        values.pop(job, None)
+    values.update(_weights_of(name))
+    if device is not None:
+        values["device"] = _device_name(device)
+    if dtype is not None:
+        values["dtype"] = _dtype_name(dtype)
+    values.update(overrides)
+    return RunOptions(**values, explicit=frozenset(values))
+
+
+_FLAG = re.compile(r"--([a-z0-9][a-z0-9-]*)")
+
+
+def keyword_message(text: str) -> str:
+    """A ConfigError line with the CLI's ``--flag-name`` written as the keyword ``flag_name``."""
+    names = {f.name for f in dataclasses.fields(RunOptions)}
+
+    def sub(m):
+        name = m.group(1).replace("-", "_")
+        return name if name in names else m.group(0)
+
+    return _FLAG.sub(sub, text)
