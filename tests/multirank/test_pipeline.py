@@ -3,9 +3,10 @@
 Three launches in all:
 1. one pair of gloo ranks runs, per mode (DP, displaced EP, interweaved EP, sync SP, DICE), the
    CLI's own path (``prepare`` -> ``run``, latents only) and ``examples/pipeline_digits.py`` with
-   the CLI's labels (``--cli-labels --latents``); then, on the same pipeline objects, repeated calls
-   with other step counts and batch sizes against a fresh pipeline, the collective argument check
-   (one line on every rank, the pipeline usable afterwards) and ``output_ranks='all'``;
+   the CLI's labels (``--cli-labels --latents``); the README's five lines (DICE, PIL on rank 0);
+   then, on one pipeline object, repeated calls with other step counts and batch sizes against a
+   fresh pipeline, the collective argument check (one line on every rank, the pipeline usable
+   afterwards) and ``output_ranks='all'``;
 2. one rank runs the example without a config (DP) against the 2-rank CLI's DP latents;
 3. a real ``torchrun --nproc_per_node 2 examples/pipeline_digits.py configs/ds/digits_dice.json``
    (the README's "done when"): PIL images on rank 0 only, equal to the in-process DICE run's.
@@ -51,6 +52,20 @@ def _cli(config, out, world):
     run(prepare(parse_options(["--config", config, "--num-fid-samples", str(B),
                                "--per-proc-batch-size", str(B // world), "--num-sampling-steps",
                                str(STEPS), "--vae", "none", "--sample-dir", out])))
+
+
+def _readme_snippet(out):
+    """The README's Python API example as written, with the config made absolute, 4 steps and
+    the PNG written to ``out``."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    code = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    for old, new in (('"configs/ds/digits_dice.json"', repr(DICE)),
+                     ("num_inference_steps=50", f"num_inference_steps={STEPS}"),
+                     ('"digit_0.png"', repr(os.path.join(out, "digit_0.png")))):
+        assert old in code, old
+        code = code.replace(old, new)
+    assert len(code.strip().splitlines()) <= 6  # the import, a blank line and five lines
+    exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
 
 
 def _repeated_calls(rank):
@@ -100,6 +115,8 @@ def _two_ranks(rank, world, out):
     for sub, extra in (("dice", ["--cli-labels", "--latents"]), ("dice_png", [])):
         os.makedirs(os.path.join(out, "api", sub), exist_ok=True)
         _example(DICE, "--steps", str(STEPS), *extra, "--out", os.path.join(out, "api", sub))
+    os.makedirs(os.path.join(out, "readme"), exist_ok=True)
+    _readme_snippet(os.path.join(out, "readme"))
     pipe, calls = _repeated_calls(rank)
     calls["disagree"], calls["usable_after"] = _disagreements(pipe, rank)
     return calls
@@ -118,6 +135,11 @@ def test_example_equals_the_cli_at_one_and_two_ranks_and_under_torchrun(tmp_path
         cli = np.load(tmp_path / "cli" / mode / "latents.npz")["arr_0"]
         api = np.load(tmp_path / "api" / mode / "latents.npy")
         assert cli.shape == (B, 1, 16, 16) and np.array_equal(api, cli), mode
+    from PIL import Image
+
+    assert os.listdir(tmp_path / "readme") == ["digit_0.png"]  # the README's lines, on rank 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "readme" / "digit_0.png")),
+                          np.asarray(Image.open(tmp_path / "api" / "dice_png" / "digit_0.png")))
     assert not np.array_equal(np.load(tmp_path / "api" / "dice" / "latents.npy"),
                               np.load(tmp_path / "api" / "dp" / "latents.npy"))  # stale: differs
 
@@ -152,8 +174,6 @@ def test_example_equals_the_cli_at_one_and_two_ranks_and_under_torchrun(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(os.listdir(tmp_path / "tr"))
     assert names == [f"digit_{i}.png" for i in range(B)]
-    from PIL import Image
-
     for name in names:
         got, want = Image.open(tmp_path / "tr" / name), Image.open(tmp_path / "api" / "dice_png" / name)
         assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(want)), name
