@@ -15,8 +15,11 @@ Where a sample's randomness comes from (position j of the call, index = first_in
   (``dice_ds.diffusion.draw_conditions``); with class_labels or latents given, the draws they
   replace are still made, so the other draws stay the CLI's.
 
-Invariants: every rank draws the same numbers for a position, whichever rank samples it, so the
-images do not depend on the world size (DP, sync EP); user generators end a call in the same state
+Invariants: every rank draws the same numbers for a position, whichever rank samples it, so a
+position's noise and label do not depend on the world size (its image, in DP and sync EP, only up
+to float rounding: a rank's batch is about B/W, and kernels round differently at other batch
+sizes; ``dice-ds sample`` keeps n per rank fixed and is bitwise equal); user generators end a call
+in the same state
 on every rank (every rank draws each one's label and noise, and ``replay`` makes the DDPM draws of
 the samples another rank computed). Filler positions (j >= B, see ``DiTMoEPipeline``) draw by the
 seed rule and are never returned.

@@ -63,9 +63,10 @@ class DiTMoEPipeline:
     seed=None, latents=None, output_type="pil", return_dict=True)``. Under W ranks it is
     collective: every rank calls it with the same arguments (checked: one line on every rank if
     they differ). Position j of the batch of B = len(class_labels) belongs to rank j % W (the index
-    formula of ``dice-ds sample``, so a position gets the same image at any world size in DP and
-    sync EP); an SP group samples its members' positions together; with EP, B is padded to a
-    multiple of W with filler samples (computed, never returned) so that every rank sends tokens.
+    formula of ``dice-ds sample``: a position gets the same noise and label at any world size,
+    and in DP and sync EP the same image up to float rounding, as a rank's batch is about B/W); an
+    SP group samples its members' positions together; with EP, B is padded to a multiple of W
+    with filler samples (computed, never returned) so that every rank sends tokens.
 
     Differences from diffusers' ``DiTPipeline`` (same names, same meaning otherwise):
 
