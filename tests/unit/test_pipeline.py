@@ -1,6 +1,6 @@
 """``DiTMoEPipeline`` on one process: lazy export, settings merge, one-line errors before any process
 group, the randomness rules (seed = the CLI's draws; generators; latents), output types, repeated
-calls. Multi-rank behaviour and the README example: tests/multirank/test_pipeline.py."""
+calls. Multi-rank behaviour and the README example: tests/multirank/test_pipeline_cli.py."""
 import os
 import subprocess
 import sys
