@@ -40,6 +40,7 @@ from dice_ds.pipeline.output import (
 from dice_ds.pipeline.prepare import (
     PipelineSpec,
     connect,
+    default_world_size,
     keyword_message,
     pipeline_options,
     prepare_spec,
@@ -107,7 +108,7 @@ class DiTMoEPipeline:
             spec = options
         else:
             try:
-                spec = prepare_spec(options, world_size)
+                spec = prepare_spec(options, world_size or default_world_size())
             except ConfigError as e:
                 raise ConfigError(keyword_message(str(e))) from None
         self.spec, self.output_ranks = spec, output_ranks

@@ -103,9 +103,8 @@ def parallelize_fn(plan):
     return parallelize_dit_moe
 
 
-def _world_size(world_size: int | None) -> int:
-    if world_size:
-        return world_size
+def default_world_size() -> int:
+    """The initialised default group's size, else what the launcher announced, else 1."""
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_initialized() else env_world_size()
@@ -114,13 +113,13 @@ def _world_size(world_size: int | None) -> int:
 def prepare_spec(opts: RunOptions, world_size: int | None = None) -> PipelineSpec:
     """Resolve everything that can fail on bad input; raises ConfigError. Starts no process group.
 
-    ``world_size``: the number of ranks the run will have (default: the initialised default
-    group's, else what the launcher announced in the environment, else 1).
+    ``world_size``: the number of ranks the run will have (default: what the launcher announced
+    in the environment, else 1; the pipeline passes ``default_world_size()``).
     """
     from dice_ds.vae import check_decoder
 
     validate_options(opts)
-    world = _world_size(world_size)
+    world = world_size or env_world_size()
     device = resolve_device(opts)
     cfg, reader = model_config(opts)
     if sampler_of(opts) == "ddpm" and not cfg.learn_sigma:
