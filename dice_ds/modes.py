@@ -52,7 +52,14 @@ MODES: tuple[Mode, ...] = (
     Mode("sp", "sync SP", ("--sp",), "patch parallelism, K/V all-gathered every layer (exact)"),
     Mode("sp-async", "displaced SP", ("--sp", "--sp-async"),
          "DistriFusion-style: remote K/V 1 step stale, own K/V fresh"),
+    Mode("ep-sp", "sync EP x sync SP", ("--ep", "--sp", "--sp-size", "2"),
+         "mesh of EP groups of W/2 ranks x SP pairs (4 ranks: EP 2 x SP 2); exact"),
+    Mode("hybrid", "DICE x displaced SP", DICE_FLAGS + ("--sp", "--sp-async", "--sp-size", "2"),
+         "DICE over EP groups of W/2 ranks x displaced SP pairs"),
 )
+
+MESH_MODES = ("ep-sp", "hybrid")
+"""Modes that need an EP x SP mesh: at least 4 ranks."""
 
 _BY_KEY = {}
 for _m in MODES:

@@ -25,7 +25,8 @@ Invariants:
   Every collective has the run's timeout (``--pg-timeout``, ``dice_ds.parallel.groups``): a rank
   whose peer died or stopped prints one line naming itself, the step and the batch
   (``dice_ds.runenv.PeerFailure``) and exits 1 within that time, under any launcher.
-- ``sampling_seconds`` times the sampler loops only (VAE decoding and file writes excluded).
+- ``sampling_seconds`` times the sampler loops only (VAE decoding and file writes excluded); each
+  rank's ``batch_cpu_seconds`` (run.json ``per_rank``) is its process's CPU time over the same loops.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def _sample_loop(prep: Prepared, pipe, out, rank: int, world: int) -> dict:
     n, total = opts.per_proc_batch_size, opts.num_fid_samples
     progress = Progress(sum(_batch_samples(b, total, world, n) for b in todo), enabled=rank == 0)
     tracker = StepTracker(pipe.model, steps)
-    seconds = []
+    seconds, cpu = [], []
     try:
         for b in todo:
             tracker.new_batch()
@@ -141,6 +142,7 @@ def _sample_loop(prep: Prepared, pipe, out, rank: int, world: int) -> dict:
                     raise tracker.failure(rank, b, e, group_timeout().total_seconds()) from e
                 raise
             seconds += result.stats["sub_batch_seconds"]
+            cpu += result.stats["sub_batch_cpu_seconds"]
             keep = _written(batch_indices(b, rank, world, n), total, opts.trim_samples)
             x = result.images[:len(keep)]  # the kept indices are a prefix of this rank's samples
             if pipe.decoder is None:
@@ -151,7 +153,7 @@ def _sample_loop(prep: Prepared, pipe, out, rank: int, world: int) -> dict:
     finally:
         progress.close()
         tracker.remove()
-    return {"batch_seconds": seconds, "batches_run": len(todo),
+    return {"batch_seconds": seconds, "batch_cpu_seconds": cpu, "batches_run": len(todo),
             "samples_run": sum(_batch_samples(b, total, world, n) for b in todo)}
 
 

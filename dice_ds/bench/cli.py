@@ -1,6 +1,8 @@
-"""``dice-ds bench``: every parallel mode, the same 2-rank job, on loopback and emulated slow links.
+"""``dice-ds bench``: every parallel mode, the same N-rank job, on loopback and emulated slow links.
 
 Owns the subcommand: flags, the interleaved run order, the console progress and the output files.
+``--ranks N`` (2 to 16) ranks, each in its own network namespace on one bridge, each rank's link
+shaped to the rate (``dice_ds.bench.links``); from 4 ranks the EP x SP mesh modes run too.
 For each link (``--links loopback,300mbit,100mbit``): the namespaces are shaped to the rate, every
 mode runs ``--rounds`` times round-robin (dp sync displaced ... dp sync ...; slow drift of the
 machine's load spreads over all modes), and after the first round the communication-only probe
@@ -24,16 +26,17 @@ from pathlib import Path
 
 from dice_ds.bench import launch, links, modeconfig, report
 from dice_ds.bench.modeconfig import split_mode_config
-from dice_ds.modes import by_key
+from dice_ds.modes import MESH_MODES, by_key
 
 DEFAULT_MODES = "dp,sync,displaced,interweaved,dice,dice-bf16,sp,sp-async"
+MAX_RANKS = 16
 
 
 def job_args(a) -> list[str]:
     """The sampling job every mode runs (only the mode flags differ)."""
     job = ["--model", a.model, "--image-size", str(a.image_size), "--device", "cpu",
            "--vae", "none", "--sampler", "rf", "--num-sampling-steps", str(a.steps),
-           "--per-proc-batch-size", str(a.batch), "--num-fid-samples", str(2 * a.batch),
+           "--per-proc-batch-size", str(a.batch), "--num-fid-samples", str(a.ranks * a.batch),
            "--cfg-scale", "1.5", "--global-seed", "0"]
     job += ["--ckpt", a.ckpt] if a.ckpt else ["--init", "random"]
     return job + list(a.extra)
@@ -42,12 +45,16 @@ def job_args(a) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dice-ds bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Speed of every parallel mode at 2 ranks on loopback and emulated links "
-                    "(network namespaces + tbf; root), with the overlap bound and PSNR vs sync EP.")
+        description="Speed of every parallel mode at N ranks on loopback and emulated links "
+                    "(network namespaces on a bridge + tbf; root), with the overlap bound, the "
+                    "CPU-aware bound and PSNR vs sync EP.")
+    p.add_argument("--ranks", type=int, default=2,
+                   help=f"ranks of every job (2 to {MAX_RANKS}), one network namespace each")
     p.add_argument("--links", default="loopback,300mbit,100mbit",
                    help="comma-separated: 'loopback' and/or tc rates (e.g. 300mbit)")
-    p.add_argument("--modes", default=DEFAULT_MODES,
-                   help="comma-separated mode keys of dice_ds/modes.py (dp is the compute time)")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated mode keys of dice_ds/modes.py (dp is the compute time; "
+                        f"default {DEFAULT_MODES}, plus {','.join(MESH_MODES)} from 4 ranks)")
     modeconfig.add_option(p)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per link (>= 1)")
     p.add_argument("--burst", default="small",
@@ -78,6 +85,10 @@ def _terminate(signum, frame):
 def _check(a, p) -> tuple[list[str], list[str]]:
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
+    if not 2 <= a.ranks <= MAX_RANKS:
+        p.error(f"--ranks {a.ranks}: use 2 to {MAX_RANKS}")
+    if a.modes is None:
+        a.modes = DEFAULT_MODES + ("," + ",".join(MESH_MODES) if a.ranks >= 4 else "")
     for name in ("steps", "batch", "image_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -91,6 +102,9 @@ def _check(a, p) -> tuple[list[str], list[str]]:
         except KeyError as e:
             p.error(str(e.args[0]) + " (or name a --mode-config)")
     modes += [m for m in a.custom if m not in modes]
+    mesh = [m for m in modes if m in MESH_MODES]
+    if mesh and (a.ranks < 4 or a.ranks % 2):
+        p.error(f"--modes {','.join(mesh)}: an EP x SP mesh needs an even --ranks >= 4")
     if "sync" not in modes:
         p.error("--modes must include 'sync' (the speed-up reference)")
     link_list = [x.strip() for x in a.links.split(",") if x.strip()]
@@ -106,12 +120,14 @@ def _check(a, p) -> tuple[list[str], list[str]]:
 
 
 def _gather_bytes(a, modes: list[str]) -> int:
-    """K/V bytes a rank all-gathers per layer in sync SP of this job (0 without an SP mode)."""
-    if not any(m in ("sp", "sp-async") for m in modes):
+    """K/V bytes a rank contributes per layer to sync SP's all-gather in this job (0 without an SP
+    mode)."""
+    if not any(m in ("sp", "sp-async", *MESH_MODES) for m in modes):
         return 0
     from dice_ds.plan.costs import messages
     from dice_ds.plan.validate import workload_of_job
 
+    # one rank's own K/V (what it contributes to each gather) is the SP-size-2 received bytes
     return int(messages(workload_of_job(shlex.join(job_args(a))), 1, 2).kv)
 
 
@@ -144,15 +160,19 @@ def mode_flags(a, m: str) -> list[str]:
     return list(a.custom[m]) if m in getattr(a, "custom", {}) else list(by_key(m).flags)
 
 
-def _first_error(log_dir: str) -> str:
-    for rank in (0, 1):
+def _first_error(log_dir: str, ranks: int) -> str:
+    """The first rank's ``error:`` line, else the last line of the first non-empty log."""
+    last = None
+    for rank in range(ranks):
         try:
             lines = Path(log_dir, f"rank{rank}.log").read_text().strip().splitlines()
         except OSError:
             continue
-        if lines:
-            return lines[-1][:200]
-    return "no log"
+        err = [ln for ln in lines if "error:" in ln]
+        if err:
+            return err[-1][:200]
+        last = last or (lines[-1][:200] if lines else None)
+    return last or "no log"
 
 
 def _git_commit() -> str:
@@ -209,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     sysctls = (links.DEFAULT_SYSCTLS if a.sysctl is None
                else tuple(kv for kv in a.sysctl if kv.strip()))
-    with links.Links(use_netns=why is None, sysctls=sysctls) as net:
+    with links.Links(use_netns=why is None, sysctls=sysctls, ranks=a.ranks) as net:
         for link in link_list:
             net.shape(link, a.burst)
             if link != "loopback":
@@ -228,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                     if rec["ok"]:
                         note = f"{rec['sampling_seconds']:7.2f} s"
                     else:
-                        note = f"FAILED ({rec['why']}: {_first_error(rec['logs'])})"
+                        note = f"FAILED ({rec['why']}: {_first_error(rec['logs'], a.ranks)})"
                         if rnd == 0:
                             unavailable[m] = note
                     print(f"[bench {time.monotonic() - t_start:6.0f} s] {link:9} round {rnd + 1}/"
@@ -254,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "dice-ds bench " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "commit": _git_commit(), "cpus": os.cpu_count(), "job": " ".join(job),
+            "ranks": a.ranks, "threads_per_rank": "1 intra-op (OMP_NUM_THREADS=1) + gloo's",
             "load_min": min(loads or [0]), "load_max": max(loads or [0]), "shaping": shaping,
             "probes": probes, "unavailable": unavailable, "rounds": a.rounds,
             "wall_seconds": time.monotonic() - t_start}

@@ -1,7 +1,8 @@
-"""Run one 2-rank job of ``dice-ds bench`` on a link: a sampling run or the communication probe.
+"""Run one N-rank job of ``dice-ds bench`` on a link: a sampling run or the communication probe.
 
-Owns starting both ranks (each the leader of its own session, so a timeout, a failed rank, Ctrl-C or
-SIGTERM kills both whole process groups), the per-run timeout, and reading back what the job wrote.
+Owns starting the ranks (N = ``Links.ranks``; each the leader of its own session, so a timeout, a
+failed rank, Ctrl-C or SIGTERM kills every rank's whole process group), the per-run timeout, and
+reading back what the job wrote.
 Nothing is timed here: sampling runs report their own ``sampling_seconds`` (run.json), the probe its
 own seconds.
 """
@@ -18,6 +19,9 @@ from pathlib import Path
 
 from dice_ds.bench.links import Links
 
+FAILED_RANK_GRACE_S = 5.0
+"""Seconds the other ranks get to end on their own after one failed, before they are killed."""
+
 
 def _kill(procs: list[subprocess.Popen]) -> None:
     for p in procs:
@@ -30,14 +34,14 @@ def _kill(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
-def run_pair(links: Links, link: str, port: int, module_argv: list[str], run_dir: Path,
-             timeout_s: float) -> tuple[bool, str]:
-    """Both ranks of ``python -m <module_argv>``; (ok, why) with logs in ``run_dir``."""
+def run_ranks(links: Links, link: str, port: int, module_argv: list[str], run_dir: Path,
+              timeout_s: float) -> tuple[bool, str]:
+    """Every rank of ``python -m <module_argv>``; (ok, why) with logs in ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     deadline = time.monotonic() + timeout_s
     try:
-        for rank in (0, 1):
+        for rank in range(links.ranks):
             prefix, env = links.rank_env(link, rank, port)
             with open(run_dir / f"rank{rank}.log", "w") as log:
                 procs.append(subprocess.Popen([*prefix, sys.executable, "-m", *module_argv],
@@ -47,19 +51,24 @@ def run_pair(links: Links, link: str, port: int, module_argv: list[str], run_dir
             if time.monotonic() > deadline:
                 return False, f"timeout after {timeout_s:.0f} s"
             if any(p.poll() not in (None, 0) for p in procs):
+                # the others usually end on their own within seconds, rank 0 with the one-line
+                # error the job prints (a configuration error is printed by rank 0 only)
+                grace = time.monotonic() + FAILED_RANK_GRACE_S
+                while any(p.poll() is None for p in procs) and time.monotonic() < grace:
+                    time.sleep(0.1)
                 break
             time.sleep(0.1)
     finally:
         _kill(procs)
     codes = [p.returncode for p in procs]
-    return (codes == [0, 0]), f"exit codes {codes}"
+    return all(c == 0 for c in codes), f"exit codes {codes}"
 
 
 def sample_run(links: Links, link: str, port: int, argv: list[str], run_dir: Path,
                timeout_s: float) -> dict:
     """One sampling run; returns the bench's record of it (``ok`` False with ``why`` on failure)."""
     sample_dir = run_dir / "samples"
-    ok, why = run_pair(links, link, port, ["dice_ds.sample", *argv, "--sample-dir",
+    ok, why = run_ranks(links, link, port, ["dice_ds.sample", *argv, "--sample-dir",
                                            str(sample_dir)], run_dir, timeout_s)
     info_path = sample_dir / "run.json"
     if not ok or not info_path.exists():
@@ -84,6 +93,8 @@ def record_of(info: dict, sample_dir: Path) -> dict:
     ranks = [r.get("runtime") or {} for r in info.get("per_rank", [])]
     return {
         "ok": True, "sampling_seconds": info["sampling_seconds"],
+        # each rank's CPU seconds (all its threads) over the sampling loops
+        "cpu_seconds": [sum(r.get("batch_cpu_seconds") or [0.0]) for r in info.get("per_rank", [])],
         "phase_seconds": [r.get("phase_seconds", {}) for r in ranks],
         # EP all-to-all bytes to other ranks + SP all-gather bytes (K/V and the final x)
         "bytes_remote": [(r.get("a2a_bytes_sent_remote") or 0) + (r.get("sp_bytes_exchanged") or 0)
@@ -110,7 +121,7 @@ def probe_run(links: Links, link: str, port: int, bytes_per_call: int, calls: in
             "--lone-calls", str(lone_calls), "--out", str(out)]
     if gather_bytes:
         argv += ["--gather-bytes", str(gather_bytes)]
-    ok, why = run_pair(links, link, port, argv, run_dir, timeout_s)
+    ok, why = run_ranks(links, link, port, argv, run_dir, timeout_s)
     if not ok or not out.exists():
         return {"ok": False, "why": why, "logs": str(run_dir)}
     return {"ok": True, **json.loads(out.read_text())}

@@ -14,6 +14,16 @@ Definitions (docs/benchmarks.md "Method"):
   that are synchronous (the first step of every async mode); only for modes that move the same
   bytes as sync EP (for DICE's skipped slots or a bf16 payload f * T_sync is not what its sync
   calls cost);
+- CPU-aware bound: the exchanges also cost the CPU they are meant to hide behind (gloo's threads, the
+  kernel's TCP, bridge and shaping work). The probe measures the machine's busy CPU seconds over its
+  exchanges, ``cpu_per_byte`` per byte a rank sends; a run's wall seconds per CPU second of one rank,
+  k = T_compute / (DP rank CPU seconds), turns CPU into wall time on this machine (about W / cores
+  once the ranks outnumber the cores). C_comm(mode) = k x cpu_per_byte x the mode's remote bytes;
+  cpu bound = T_sync / max(T_compute + C_comm, T_comm); % of cpu bound = speed-up / cpu bound;
+- what is left (``gap``): the mode's time minus max(T_compute + C_comm, T_comm), split into the
+  waits rank 0 measured (counts, dispatch, combine, drain), extra CPU (k x (the mode's rank CPU -
+  DP's) - C_comm: duplicated or Python work beyond the compute and the exchanges' own CPU) and the
+  rest (scheduling between ranks sharing cores, what neither explains);
 - bytes: EP all-to-all bytes a rank sent to other ranks plus its SP all-gather bytes; cache: held
   stale EP exchanges plus displaced SP K/V buffers (peak, max over ranks);
 - phases: rank 0's exclusive seconds per phase summed over the run, median over rounds;
@@ -33,10 +43,24 @@ from pathlib import Path
 
 import numpy as np
 
-NO_OVERLAP = ("dp", "sync", "sp")
+NO_OVERLAP = ("dp", "sync", "sp", "ep-sp")
 """Modes without stale exchanges: no overlap bound (dp is T_compute, sync the reference)."""
 PHASES = ("router", "preprocess", "shared", "dispatch", "experts", "combine", "postprocess",
           "wait_counts", "wait_dispatch", "wait_combine", "drain")
+WAITS = ("wait_counts", "wait_dispatch", "wait_combine", "drain")
+
+
+def _rank_cpu(run: dict) -> float | None:
+    """Mean CPU seconds of one run's ranks over the sampling loops (None before they were kept)."""
+    cpu = [c for c in run.get("cpu_seconds") or [] if c]
+    return sum(cpu) / len(cpu) if cpu else None
+
+
+def cpu_terms(mine: list[dict], probe: dict, t_dp: float | None) -> tuple:
+    """(k, cpu_per_byte, DP rank CPU seconds) of one link; Nones where not measured."""
+    dp_cpu = _median([_rank_cpu(r) for r in mine if r["mode"] == "dp" and r["ok"]])
+    k = t_dp / dp_cpu if t_dp and dp_cpu else None
+    return k, (probe.get("cpu_per_byte") if probe.get("ok") else None), dp_cpu
 
 
 def _median(xs):
@@ -71,6 +95,7 @@ def summarise(runs: list[dict], probes: dict) -> list[dict]:
         probe = probes.get(link) or {}
         t_probe = probe.get("seconds") if probe.get("ok") else None
         t_sync, t_dp = med.get("sync"), med.get("dp")
+        k, cpb, dp_cpu = cpu_terms(mine, probe, t_dp)
         for m in modes:
             ok = [r for r in mine if r["mode"] == m and r["ok"]]
             row = {"link": link, "mode": m, "runs": len(ok),
@@ -92,14 +117,30 @@ def summarise(runs: list[dict], probes: dict) -> list[dict]:
             sched = (t_sync / (f * t_sync + (1 - f) * floor)
                      if bound and f is not None and floor and same_bytes else None)
             ref = next((r for r in sync_runs if r["round"] == ok[0]["round"]), None)
+            phases = {p: _median([r["phase_seconds"][0].get(p, 0.0) if r["phase_seconds"]
+                                  else 0.0 for r in ok]) for p in PHASES}
+            c_comm = k * cpb * bytes_remote if k and cpb is not None and m != "dp" else None
+            cpu_bound = (t_sync / max(t_dp + c_comm, t_comm) if bound and c_comm is not None
+                         else None)
+            gap = None
+            if cpu_bound:
+                mode_cpu = _median([_rank_cpu(r) for r in ok])
+                floor_cpu = max(t_dp + c_comm, t_comm)
+                waits = sum(phases[p] for p in WAITS)
+                extra = k * (mode_cpu - dp_cpu) - c_comm if mode_cpu and dp_cpu else None
+                rest = med[m] - floor_cpu - waits - (extra or 0.0)
+                gap = {"seconds": med[m] - floor_cpu, "waits": waits, "extra_cpu": extra,
+                       "rest": rest}
             row.update({
                 "seconds": med[m], "min": min(secs), "max": max(secs),
                 "speedup": speed, "t_compute": t_dp, "t_comm": t_comm, "bound": bound,
                 "pct_of_bound": speed / bound if speed and bound else None,
                 "sync_fraction": f, "schedule_bound": sched,
                 "pct_of_schedule_bound": speed / sched if speed and sched else None,
-                "phases": {p: _median([r["phase_seconds"][0].get(p, 0.0) if r["phase_seconds"]
-                                       else 0.0 for r in ok]) for p in PHASES},
+                "phases": phases, "c_comm": c_comm, "cpu_bound": cpu_bound,
+                "pct_of_cpu_bound": speed / cpu_bound if speed and cpu_bound else None,
+                "wall_per_cpu": k, "cpu_per_byte": cpb, "gap": gap,
+                "cpu_seconds_rank": _median([_rank_cpu(r) for r in ok]),
                 "bytes_remote_per_rank": ok[0]["bytes_remote"],
                 "bytes_remote_total": sum(ok[0]["bytes_remote"]),
                 "cache_peak_bytes": max(ok[0]["cache_peak_bytes"] or [0]),
@@ -122,8 +163,10 @@ def _f(x, fmt="{:.2f}", none="-"):
 
 def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"`{meta['command']}`", "",
-           f"{meta['date']}, commit {meta['commit']}, {meta['cpus']} CPU cores, load average "
-           f"{meta['load_min']:.1f}-{meta['load_max']:.1f} during the runs; job: {meta['job']}", ""]
+           f"{meta['date']}, commit {meta['commit']}, {meta.get('ranks', 2)} ranks "
+           f"({meta.get('threads_per_rank', '1 intra-op thread')} per rank) on {meta['cpus']} "
+           f"CPU cores, load average {meta['load_min']:.1f}-{meta['load_max']:.1f} during the "
+           f"runs; job: {meta['job']}", ""]
     for link in dict.fromkeys(r["link"] for r in rows):
         shaping = meta["shaping"].get(link, "")
         probe = meta["probes"].get(link) or {}
@@ -154,8 +197,30 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 + " | ".join(f"{ph[p]:.2f}" for p in ("router", "preprocess", "dispatch",
                                                        "experts", "combine", "wait_dispatch",
                                                        "wait_combine", "wait_counts")) + " |")
-        out.append("")
+        out += [""] + cpu_table(rows, link, probe)
     return "\n".join(out)
+
+
+def cpu_table(rows: list[dict], link: str, probe: dict) -> list[str]:
+    """The CPU-aware bound of one link and what is left between each mode and it (module doc)."""
+    mine = [r for r in rows if r["link"] == link and r.get("cpu_bound")]
+    if not mine:
+        return []
+    r0 = mine[0]
+    head = (f"CPU-aware bound: the probe's exchanges cost {r0['cpu_per_byte'] * 1e9:.1f} ns of "
+            f"machine CPU per byte a rank sends ({probe.get('cpu_seconds_machine', 0):.2f} s busy "
+            f"for {probe['bytes_per_call'] * probe['calls'] / 1e6:.1f} MB per rank); wall seconds "
+            f"per rank CPU second k = {r0['wall_per_cpu']:.2f}")
+    out = [head, "", "| mode | speed-up | C_comm s | CPU bound | % of CPU bound | left s | waits s "
+           "| extra CPU s | rest s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in mine:
+        g = r["gap"] or {}
+        out.append(f"| {r['mode']} | {_f(r['speedup'], '{:.2f}x')} | {_f(r['c_comm'])} "
+                   f"| {_f(r['cpu_bound'], '{:.2f}x')} "
+                   f"| {_f(r['pct_of_cpu_bound'] and 100 * r['pct_of_cpu_bound'], '{:.0f} %')} "
+                   f"| {_f(g.get('seconds'))} | {_f(g.get('waits'))} | {_f(g.get('extra_cpu'))} "
+                   f"| {_f(g.get('rest'))} |")
+    return out + [""]
 
 
 def no_matplotlib(png: str) -> str:

@@ -27,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dice_ds.modes import MESH_MODES, Mode
 from dice_ds.modes import MODES as ALL_MODES
-from dice_ds.modes import Mode
 
-MODES: tuple[Mode, ...] = tuple(m for m in ALL_MODES if m.key != "dice-bf16")
-"""The quality table's rows: every mode of ``dice_ds.modes`` (the payload-dtype variant aside)."""
+MODES: tuple[Mode, ...] = tuple(m for m in ALL_MODES
+                                if m.key != "dice-bf16" and m.key not in MESH_MODES)
+"""The quality table's rows: every mode of ``dice_ds.modes`` (the payload-dtype variant and the
+4-rank mesh modes aside: the sweep runs on 2 ranks)."""
 
 
 @dataclass

@@ -93,7 +93,8 @@ class DiTMoEPipeline:
       model, whose "latents" are the images in [-1, 1]);
     - the output also carries ``stats`` (mode, world_size, sampler, num_images,
       num_inference_steps, guidance_scale, ``seconds``: sampler time, max over ranks;
-      ``sub_batch_seconds``: this rank's; ``bytes_exchanged`` (sum over ranks) and
+      ``sub_batch_seconds``: this rank's, ``sub_batch_cpu_seconds`` its process's CPU seconds
+      (all threads); ``bytes_exchanged`` (sum over ranks) and
       ``cache_peak_bytes`` (max) as in run.json, over every rank except with
       ``output_ranks='local'`` (this rank's); ``runtime``: this rank's ``runtime.stats()``) and
       ``indices``; keywords ``batch_size``, ``first_index``, ``output_ranks`` and ``reset_stats``
@@ -167,9 +168,9 @@ class DiTMoEPipeline:
         from dice_ds.runenv import quieter_third_party
 
         with quieter_third_party(self.spec.opts.verbose):
-            positions, x, seconds = self._sample(call)
+            positions, x, seconds, cpu = self._sample(call)
             rows = encode(x, call.output_type, self.decoder) if positions else None
-        stats = self._stats(call, seconds)
+        stats = self._stats(call, seconds, cpu)
         got = deliver(positions, rows, call.output_ranks, self.rank, self.world_size,
                       call.batch_size)
         images, indices = (finish(got[0], call.output_type), got[1]) if got else (None, None)
@@ -197,21 +198,22 @@ class DiTMoEPipeline:
 
     def _sample(self, call):
         """This rank's sub-batches: (its own positions < B, their sampled rows, seconds per
-        sub-batch)."""
+        sub-batch, this process's CPU seconds per sub-batch: every thread, gloo's too)."""
         from dice_ds.parallel.sp_batches import call_sub_batches
 
         cfg, device = self.spec.model_cfg, self.spec.device
-        own, rows, seconds, computed = [], [], [], set()
+        own, rows, seconds, cpu, computed = [], [], [], [], set()
         for positions, mine in call_sub_batches(self.spec.plan, self._padded(call.batch_size),
                                                 self.rank, self.world_size):
             z, y, gens = conditions(call, positions, cfg.in_channels, cfg.input_size,
                                     cfg.num_classes)
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             x = self.sampler(self.model, z.to(device), y.to(device), call.steps, call.guidance,
                              runtime=self.runtime, generators=gens)
             _sync(device)
             seconds.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             computed.update(positions)
             kept = [j for j in positions[mine] if j < call.batch_size]  # fillers come last
             own += kept
@@ -219,9 +221,9 @@ class DiTMoEPipeline:
         draws = call.steps - 1 if self.sampler_name == "ddpm" else 0
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         replay(call, computed, draws, shape)
-        return own, (torch.cat(rows) if own else None), seconds
+        return own, (torch.cat(rows) if own else None), seconds, cpu
 
-    def _stats(self, call, seconds: list[float]) -> dict:
+    def _stats(self, call, seconds: list[float], cpu: list[float]) -> dict:
         """The call's measurements (class docstring); collective unless ``local`` or W = 1."""
         from dice_ds.options import mode_name
 
@@ -237,6 +239,7 @@ class DiTMoEPipeline:
                 "sampler": self.sampler_name, "num_images": call.batch_size,
                 "num_inference_steps": call.steps, "guidance_scale": call.guidance,
                 "seconds": max(p[0] for p in parts), "sub_batch_seconds": seconds,
+                "sub_batch_cpu_seconds": cpu,
                 **exchange_totals([(b, c) for _, b, c in parts]), "runtime": rt}
 
 
