@@ -21,9 +21,14 @@ Definitions (docs/benchmarks.md "Method"):
   once the ranks outnumber the cores). C_comm(mode) = k x cpu_per_byte x the mode's remote bytes;
   cpu bound = T_sync / max(T_compute + C_comm, T_comm); % of cpu bound = speed-up / cpu bound;
 - what is left (``gap``): the mode's time minus max(T_compute + C_comm, T_comm), split into the
-  waits rank 0 measured (counts, dispatch, combine, drain), extra CPU (k x (the mode's rank CPU -
-  DP's) - C_comm: duplicated or Python work beyond the compute and the exchanges' own CPU) and the
-  rest (scheduling between ranks sharing cores, what neither explains);
+  waits rank 0 measured (counts, dispatch, combine, drain), blocking exchanges (its sync calls'
+  counts, dispatch and combine phases beyond DP's local permutations: the sync steps and the sync
+  layers of DICE's selective synchronisation, which no overlap can hide), extra CPU (k x (the
+  mode's rank CPU - DP's - the probe's own rank CPU per byte x the mode's bytes): duplicated or
+  Python work beyond
+  the compute and the exchanges' own process CPU; the ranks' process CPU, not the machine's, on
+  both sides) and the rest (the kernel's share of C_comm, scheduling between ranks sharing cores,
+  what neither explains);
 - bytes: EP all-to-all bytes a rank sent to other ranks plus its SP all-gather bytes; cache: held
   stale EP exchanges plus displaced SP K/V buffers (peak, max over ranks);
 - phases: rank 0's exclusive seconds per phase summed over the run, median over rounds;
@@ -48,6 +53,9 @@ NO_OVERLAP = ("dp", "sync", "sp", "ep-sp")
 PHASES = ("router", "preprocess", "shared", "dispatch", "experts", "combine", "postprocess",
           "wait_counts", "wait_dispatch", "wait_combine", "drain")
 WAITS = ("wait_counts", "wait_dispatch", "wait_combine", "drain")
+BLOCKING = ("preprocess", "dispatch", "combine")
+"""Phases that hold a sync call's blocking exchanges (counts, dispatch, combine); in DP they are
+only the local permutations, which are subtracted."""
 
 
 def _rank_cpu(run: dict) -> float | None:
@@ -57,10 +65,18 @@ def _rank_cpu(run: dict) -> float | None:
 
 
 def cpu_terms(mine: list[dict], probe: dict, t_dp: float | None) -> tuple:
-    """(k, cpu_per_byte, DP rank CPU seconds) of one link; Nones where not measured."""
+    """(k, machine CPU per byte, the ranks' own CPU per byte, DP rank CPU seconds) of one link;
+    Nones where not measured. The ranks' own share (their processes' user + system seconds in the
+    probe) is what a run's own CPU seconds can be compared with: the kernel's softirq work is not
+    always charged to the process that caused it."""
     dp_cpu = _median([_rank_cpu(r) for r in mine if r["mode"] == "dp" and r["ok"]])
     k = t_dp / dp_cpu if t_dp and dp_cpu else None
-    return k, (probe.get("cpu_per_byte") if probe.get("ok") else None), dp_cpu
+    if not probe.get("ok"):
+        return k, None, None, dp_cpu
+    own = probe.get("cpu_seconds_rank")
+    moved = probe.get("bytes_per_call", 0) * probe.get("calls", 0)
+    own_per_byte = sum(own) / len(own) / moved if own and moved else None
+    return k, probe.get("cpu_per_byte"), own_per_byte, dp_cpu
 
 
 def _median(xs):
@@ -95,7 +111,10 @@ def summarise(runs: list[dict], probes: dict) -> list[dict]:
         probe = probes.get(link) or {}
         t_probe = probe.get("seconds") if probe.get("ok") else None
         t_sync, t_dp = med.get("sync"), med.get("dp")
-        k, cpb, dp_cpu = cpu_terms(mine, probe, t_dp)
+        k, cpb, own_cpb, dp_cpu = cpu_terms(mine, probe, t_dp)
+        dp_ok = [r for r in mine if r["mode"] == "dp" and r["ok"] and r["phase_seconds"]]
+        dp_phases = {p: _median([r["phase_seconds"][0].get(p, 0.0) for r in dp_ok])
+                     for p in BLOCKING} if dp_ok else {}
         for m in modes:
             ok = [r for r in mine if r["mode"] == m and r["ok"]]
             row = {"link": link, "mode": m, "runs": len(ok),
@@ -127,10 +146,12 @@ def summarise(runs: list[dict], probes: dict) -> list[dict]:
                 mode_cpu = _median([_rank_cpu(r) for r in ok])
                 floor_cpu = max(t_dp + c_comm, t_comm)
                 waits = sum(phases[p] for p in WAITS)
-                extra = k * (mode_cpu - dp_cpu) - c_comm if mode_cpu and dp_cpu else None
-                rest = med[m] - floor_cpu - waits - (extra or 0.0)
-                gap = {"seconds": med[m] - floor_cpu, "waits": waits, "extra_cpu": extra,
-                       "rest": rest}
+                blocking = max(0.0, sum(phases[p] - dp_phases.get(p, 0.0) for p in BLOCKING))
+                extra = (k * (mode_cpu - dp_cpu - own_cpb * bytes_remote)
+                         if mode_cpu and dp_cpu and own_cpb is not None else None)
+                rest = med[m] - floor_cpu - waits - blocking - (extra or 0.0)
+                gap = {"seconds": med[m] - floor_cpu, "waits": waits, "blocking": blocking,
+                       "extra_cpu": extra, "rest": rest}
             row.update({
                 "seconds": med[m], "min": min(secs), "max": max(secs),
                 "speedup": speed, "t_compute": t_dp, "t_comm": t_comm, "bound": bound,
@@ -139,7 +160,7 @@ def summarise(runs: list[dict], probes: dict) -> list[dict]:
                 "pct_of_schedule_bound": speed / sched if speed and sched else None,
                 "phases": phases, "c_comm": c_comm, "cpu_bound": cpu_bound,
                 "pct_of_cpu_bound": speed / cpu_bound if speed and cpu_bound else None,
-                "wall_per_cpu": k, "cpu_per_byte": cpb, "gap": gap,
+                "wall_per_cpu": k, "cpu_per_byte": cpb, "cpu_per_byte_rank": own_cpb, "gap": gap,
                 "cpu_seconds_rank": _median([_rank_cpu(r) for r in ok]),
                 "bytes_remote_per_rank": ok[0]["bytes_remote"],
                 "bytes_remote_total": sum(ok[0]["bytes_remote"]),
@@ -212,13 +233,14 @@ def cpu_table(rows: list[dict], link: str, probe: dict) -> list[str]:
             f"for {probe['bytes_per_call'] * probe['calls'] / 1e6:.1f} MB per rank); wall seconds "
             f"per rank CPU second k = {r0['wall_per_cpu']:.2f}")
     out = [head, "", "| mode | speed-up | C_comm s | CPU bound | % of CPU bound | left s | waits s "
-           "| extra CPU s | rest s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| blocking s | extra CPU s | rest s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in mine:
         g = r["gap"] or {}
         out.append(f"| {r['mode']} | {_f(r['speedup'], '{:.2f}x')} | {_f(r['c_comm'])} "
                    f"| {_f(r['cpu_bound'], '{:.2f}x')} "
                    f"| {_f(r['pct_of_cpu_bound'] and 100 * r['pct_of_cpu_bound'], '{:.0f} %')} "
-                   f"| {_f(g.get('seconds'))} | {_f(g.get('waits'))} | {_f(g.get('extra_cpu'))} "
+                   f"| {_f(g.get('seconds'))} | {_f(g.get('waits'))} | {_f(g.get('blocking'))} "
+                   f"| {_f(g.get('extra_cpu'))} "
                    f"| {_f(g.get('rest'))} |")
     return out + [""]
 

@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--emulation-from", default=None, metavar="BENCH_JSON",
                    help="with --fit-on: fit the emulation constant on this bench instead of the "
                         "validated one (a hold-out invocation)")
+    p.add_argument("--calibration", default=None, metavar="BENCH_JSON",
+                   help="validation at N ranks: predict the --validate bench (any --ranks) from "
+                        "this bench of the same job (2 ranks): its DP rows, its probes and, with "
+                        "--fit-on, the constant fitted on it; nothing from the N-rank timings")
+    p.add_argument("--link-from-bench", action="store_true",
+                   help="with --calibration: take the link from the validated bench's own "
+                        "communication-only probe (measured at its rank count)")
     p.add_argument("--save-loads", action="store_true",
                    help="validation: write <bench>.loads.json (the sync runs' routing rows) beside "
                         "the bench JSON, so it validates without the run directories")
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = p.parse_args(argv)
     try:
+        if a.calibration and not a.validate:
+            raise ValueError("--calibration needs --validate BENCH_JSON (the bench it predicts)")
         gpus = [int(x) for x in _split(a.gpus)]
         scen = scenarios(a, _split(a.models), gpus) if a.models else []
         val = None
@@ -118,14 +127,17 @@ def main(argv: list[str] | None = None) -> int:
                 from dice_ds.plan.validate import save_loads
 
                 print(f"dice-ds plan: wrote {save_loads(bench)}", file=sys.stderr)
-            val = validate(bench, use_loads=not a.no_loads)
+            cal = load(a.calibration) if a.calibration else None
+            val = validate(bench, use_loads=not a.no_loads, calib=cal,
+                           link_from_bench=a.link_from_bench)
             if a.fit_on:
                 from dice_ds.plan.validate import fit_emulation
 
-                source = load(a.emulation_from) if a.emulation_from else bench
+                source = load(a.emulation_from) if a.emulation_from else (cal or bench)
                 emu = fit_emulation(source, a.fit_on, use_loads=not a.no_loads)
                 fitted = {(r["link"], r["mode"]): r
-                          for r in validate(bench, not a.no_loads, emu)}
+                          for r in validate(bench, not a.no_loads, emu, calib=cal,
+                                            link_from_bench=a.link_from_bench)}
                 for r in val:
                     f = fitted.get((r["link"], r["mode"]))
                     if f and "error" not in f:

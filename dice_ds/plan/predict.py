@@ -2,7 +2,8 @@
 
 Owns ``PLAN_MODES`` (the bench's modes of ``dice_ds.modes`` plus ``hybrid`` = DICE over an EP group
 x displaced SP of size 2), the EP / SP sizes a mode gets on W GPUs (EP size is capped by E, SP by
-``SP_CAP``; the rest of the world is data parallel and does not change per-GPU time), the
+``SP_CAP``; the rest of the world is data parallel and does not change per-GPU time; ``ep-sp``,
+sync EP x sync SP, is sized as ``hybrid`` and predicted when asked, not a default row), the
 ``ParallelPlan`` of a mode (built by ``dice_ds.options.build_plan`` from the mode's own
 ``dice-ds sample`` flags, so the schedule is the one the sampler would run) and ``predict``.
 """
@@ -41,7 +42,7 @@ def sizes(mode: str, world: int, num_experts: int) -> tuple[int, int]:
         return 1, 1
     if mode in ("sp", "sp-async"):
         return 1, max(d for d in range(1, min(world, SP_CAP) + 1) if world % d == 0)
-    if mode == "hybrid":
+    if mode in ("hybrid", "ep-sp"):
         ep = max(d for d in range(1, min(world // 2, num_experts) + 1)
                  if num_experts % d == 0 and (world // 2) % d == 0)
         return ep, 2
@@ -82,13 +83,13 @@ def group_link(link: Link, group: int, topo: Topology) -> Link:
 
 
 def predict_plan(plan, w: Workload, costs: LayerCosts, link: Link, loads: Loads | None = None,
-                 topo: Topology = Topology()) -> dict:
+                 topo: Topology = Topology(), cores: float = 0.0) -> dict:
     """Prediction for a validated ``ParallelPlan``."""
     sched = Schedule.build(plan, w.steps, w.cfg.depth)
     msgs = messages(w, plan.ep_size, plan.sp_size, plan.payload_dtype)
     lk = group_link(link, plan.ep_size * plan.sp_size, topo)
     res = simulate(sched, costs, msgs, lk, ranks=max(plan.ep_size, 1),
-                   loads=loads if plan.ep_size > 1 else None)
+                   loads=loads if plan.ep_size > 1 else None, cores=cores)
     return {"ep": plan.ep_size, "sp": plan.sp_size,
             "batch_seconds": res.seconds, "step_seconds": res.seconds / w.steps,
             "compute_seconds": res.compute, "comm_share": res.comm_share,
@@ -97,13 +98,14 @@ def predict_plan(plan, w: Workload, costs: LayerCosts, link: Link, loads: Loads 
 
 
 def predict(mode: str, w: Workload, costs: LayerCosts, link: Link, world: int,
-            loads: Loads | None = None, topo: Topology = Topology(), flags=None) -> dict:
+            loads: Loads | None = None, topo: Topology = Topology(), flags=None,
+            cores: float = 0.0) -> dict:
     """One mode's prediction: batch and step seconds, comm share, bytes, memory per GPU."""
     ep, sp = sizes(mode, world, w.cfg.num_experts)
     flags = list(flags) if flags is not None else mode_flags(mode, ep, sp)
     plan = build_plan(flags, w, ep * sp)
     return {"mode": mode, "flags": " ".join(flags),
-            **predict_plan(plan, w, costs, link, loads, topo)}
+            **predict_plan(plan, w, costs, link, loads, topo, cores)}
 
 
 def predict_all(w: Workload, costs: LayerCosts, link: Link, world: int, modes=PLAN_MODES,

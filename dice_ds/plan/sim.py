@@ -36,7 +36,9 @@ the only direction left (``lone_exchange``; a second exchange queued behind a lo
 to the pipelined rate); a rank's dispatch egress follows the other ranks' loads and its combine
 its own; and compute runs slower while the rank's link moves bytes (``Link.cpu_per_byte``: the
 network path takes CPU from compute on the 2-core machine). Not modelled: scheduling noise between
-ranks sharing cores, per-peer link asymmetry beyond the loads, ingress limits.
+ranks sharing cores (but a sync call's expert phase, where every rank starts together after the
+blocking dispatch, shares the cores by processor sharing when the ranks outnumber them), per-peer
+link asymmetry beyond the loads, ingress limits.
 """
 
 from __future__ import annotations
@@ -93,9 +95,24 @@ def lone_exchange(starts: list, sizes: list, bw: float, lone_bw: float) -> list:
     return ends
 
 
+def shared_cores(sizes: list, cores: float) -> list:
+    """Seconds until each of ``len(sizes)`` CPU jobs that start together is done when they share
+    ``cores`` cores (processor sharing: while k > cores jobs run, each runs at cores / k of a
+    core; a job that is done frees its share). ``sizes`` are seconds on a core of its own."""
+    order = sorted(range(len(sizes)), key=lambda r: sizes[r])
+    done, now, progress = [0.0] * len(sizes), 0.0, 0.0
+    for i, r in enumerate(order):
+        running = len(sizes) - i
+        rate = min(1.0, cores / running)
+        now += (sizes[r] - progress) / rate
+        progress = sizes[r]
+        done[r] = now
+    return done
+
+
 class _Ranks:
-    def __init__(self, n: int, link: Link):
-        self.n, self.link = n, link
+    def __init__(self, n: int, link: Link, cores: float = 0.0):
+        self.n, self.link, self.cores = n, link, cores
         self.t = [0.0] * n
         self.free = [0.0] * n
         self.lone = [False] * n
@@ -175,10 +192,13 @@ class _Ranks:
 
 
 def simulate(sched: Schedule, costs: LayerCosts, msgs: Messages, link: Link, *, ranks: int,
-             loads: Loads | None = None, bucket: int = 4) -> SimResult:
-    """One batch of ``sched.num_steps`` steps on ``ranks`` EP ranks (1 for DP / pure SP)."""
+             loads: Loads | None = None, bucket: int = 4, cores: float = 0.0) -> SimResult:
+    """One batch of ``sched.num_steps`` steps on ``ranks`` EP ranks (1 for DP / pure SP).
+    ``cores`` > 0: the ranks share that many cores (the emulated bench; ``costs`` already count
+    the share of a core every rank gets while all compute, ``ranks / cores``), which a sync
+    call's unequal expert work changes (``_sync``)."""
     S, L = sched.num_steps, sched.depth
-    R = _Ranks(ranks, link)
+    R = _Ranks(ranks, link, cores)
     ones = [1.0] * ranks
     load = loads or (lambda i, l: ones)
     disp: dict = {}
@@ -241,8 +261,15 @@ def _sync(R: _Ranks, costs, msgs, comb, load, skip) -> None:
     for r in range(n):
         R.work(r, costs.shared)
     R.blocking([msgs.dispatch * skip * _others(load, r) for r in range(n)], "dispatch")
+    work = [costs.experts * skip * load[r] for r in range(n)]
+    if R.cores and n > R.cores:
+        # every rank starts its experts at the end of the same blocking dispatch; a rank that is
+        # done waits in the combine and leaves its core to the busier ones, so the busiest
+        # finishes sooner than its load times the all-busy share (ranks / cores)
+        share = n / R.cores
+        work = shared_cores([x / share for x in work], R.cores)
     for r in range(n):
-        R.work(r, costs.experts * skip * load[r])
+        R.work(r, work[r])
     R.blocking([msgs.combine * skip * load[r] for r in range(n)], "combine")
     for r in range(n):
         R.work(r, costs.post)

@@ -1,5 +1,12 @@
 """``dice-ds plan --validate BENCH.json``: the model against ``dice-ds bench`` measurements.
 
+At N ranks (``meta.ranks``) with ``--calibration CAL.json`` (a 2-rank bench of the same job), the
+N-rank bench is predicted from the calibration alone: compute and link from CAL's rows and probes,
+the emulation constant fitted on CAL, no number taken from the N-rank runs but their routing
+(rows per rank per (step, layer): what the router did, not how long it took). The machine's cores
+are shared: every CPU cost (compute and the network path's CPU) runs ``cpu_share`` = max(1, ranks
+/ cores) times slower than with a core per rank, relative to the calibration's own share.
+
 Owns reading a bench JSON (``dice_ds.bench.report``: ``meta.job``, ``meta.probes``, ``rows``,
 ``runs``), calibrating from it per link the per-layer compute from the DP row's phases
 (``costs_from_phases``) and the link from the communication-only probe (``meta.probes[link]``:
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from dice_ds.config import get_flavor
@@ -128,6 +136,33 @@ def _load_table(bench: dict, link: str):
     return table, len(next(iter(rows_by.values())))
 
 
+def pooled_dp(bench: dict) -> dict | None:
+    """The DP row of the whole invocation: median seconds and phases over every DP run on every
+    link (DP exchanges nothing, so its time does not depend on the link; pooling keeps one noisy
+    round on one link out of the compute calibration). None when the bench kept no DP run."""
+    import statistics
+
+    runs = [r for r in bench.get("runs", []) if r.get("mode") == "dp" and r.get("ok")
+            and r.get("phase_seconds")]
+    if not runs:
+        return None
+    keys = {k for r in runs for k in r["phase_seconds"][0]}
+    return {"seconds": statistics.median(r["sampling_seconds"] for r in runs),
+            "phases": {k: statistics.median(r["phase_seconds"][0].get(k, 0.0) for r in runs)
+                       for k in keys}, "runs": len(runs)}
+
+
+def ranks_of(bench: dict) -> int:
+    """Ranks of every job of the bench (benches before ``--ranks`` ran 2)."""
+    return int(bench["meta"].get("ranks", 2))
+
+
+def cpu_share(bench: dict) -> float:
+    """How many times slower one rank's CPU work runs than on a core of its own: max(1, ranks /
+    cores) (ranks run one intra-op thread each, ``dice_ds.bench.links``)."""
+    return max(1.0, ranks_of(bench) / max(1, int(bench["meta"].get("cpus") or 1)))
+
+
 def cpu_device(bench: dict, link: str = "loopback") -> Device:
     """'this CPU': the bench job's FLOPs per rank over its DP seconds (efficiency 1 by definition)."""
     w = workload_of(bench)
@@ -137,24 +172,36 @@ def cpu_device(bench: dict, link: str = "loopback") -> Device:
 
 
 def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
-             links: tuple[str, ...] | None = None) -> list[dict]:
-    """Predicted vs measured seconds and speed-up per (link, mode) of the bench."""
+             links: tuple[str, ...] | None = None, calib: dict | None = None,
+             link_from_bench: bool = False) -> list[dict]:
+    """Predicted vs measured seconds and speed-up per (link, mode) of the bench; with ``calib``
+    (a bench of the same job at its own rank count), compute and link come from ``calib`` only
+    (module docstring), and the DP row is a prediction too; ``link_from_bench`` takes the link
+    from the validated bench's own communication-only probe instead (still no mode run's time)."""
     w = workload_of(bench)
+    src = calib or bench
+    if calib is not None and workload_of(calib) != w:
+        raise ValueError(f"--calibration runs another job ({calib['meta']['job']!r}) than the "
+                         f"validated bench ({bench['meta']['job']!r}): use a bench of the same "
+                         "job (dice-ds bench flags other than --ranks and --links)")
+    world, scale = ranks_of(bench), cpu_share(bench) / cpu_share(src)
+    cores = float(bench["meta"].get("cpus") or 0) if cpu_share(bench) > 1 else 0.0
     out = []
     for link in links or tuple(dict.fromkeys(r["link"] for r in bench["rows"])):
-        dp, sync = row(bench, link, "dp"), row(bench, link, "sync")
+        dp, sync = pooled_dp(src) or row(src, link, "dp"), row(bench, link, "sync")
         if dp is None or sync is None:
             continue
-        costs = costs_from_phases(dp, w.cfg.depth, w.steps)
-        lk = link_of(bench, link, emulation)
+        costs = costs_from_phases(dp, w.cfg.depth, w.steps).scaled(scale)
+        lk = link_of(bench if link_from_bench else src, link, emulation)
+        lk = replace(lk, cpu_per_byte=lk.cpu_per_byte * scale)
         loads = loads_of(bench, link) if use_loads else None
         preds, custom = {}, config_modes(bench)
         for r in bench["rows"]:
             if r["link"] != link or not r.get("runs"):
                 continue
             try:
-                preds[r["mode"]] = predict(r["mode"], w, costs, lk, 2, loads,
-                                           flags=custom.get(r["mode"]))
+                preds[r["mode"]] = predict(r["mode"], w, costs, lk, world, loads,
+                                           flags=custom.get(r["mode"]), cores=cores)
             except (KeyError, ValueError) as e:
                 preds[r["mode"]] = {"error": str(e)}
         t_sync = preds.get("sync", {}).get("batch_seconds")
@@ -172,8 +219,10 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
                         "bytes_measured": max(meas.get("bytes_remote_per_rank") or [0]),
                         "cache_predicted": p["memory"]["stale_cache"] + p["memory"]["kv_cache"],
                         "cache_measured": meas.get("cache_peak_bytes"),
-                        "calibration": m == "dp", "loads": loads is not None,
-                        "link_mbit": lk.bandwidth * 8 / 1e6})
+                        "calibration": m == "dp" and calib is None, "loads": loads is not None,
+                        "link_from": "bench" if link_from_bench else "calibration",
+                        "link_mbit": lk.bandwidth * 8 / 1e6, "ranks": world,
+                        "cpu_share": scale})
     return out
 
 

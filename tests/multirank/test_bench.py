@@ -93,3 +93,82 @@ def test_small_burst_and_rates():
     assert links.small_burst("100mbit") == "8kb"
     with pytest.raises(ValueError, match="tc rate"):
         links.rate_bits("fast")
+
+
+def test_report_cpu_aware_bound_and_what_is_left():
+    def rec(mode, secs, remote, cpu, phases=None):
+        return {"ok": True, "link": "L", "mode": mode, "round": 0, "sampling_seconds": secs,
+                "phase_seconds": [phases or {}], "bytes_remote": [remote, remote],
+                "cache_peak_bytes": [0], "latents": "/nonexistent", "exchanges": [10, 10],
+                "cpu_seconds": [cpu, cpu]}
+
+    runs = [rec("dp", 4.0, 0, 2.0), rec("sync", 12.0, 100, 3.0),
+            rec("displaced", 9.0, 100, 3.5, {"wait_combine": 1.0, "drain": 0.5, "dispatch": 0.3})]
+    runs[0]["phase_seconds"] = [{"dispatch": 0.1}]   # DP's local permutation
+    # machine CPU 0.01 s per byte sent; the ranks' own processes 0.005 s of it (10 B x 10 calls)
+    probe = {"ok": True, "seconds": 5.0, "cpu_per_byte": 0.01, "cpu_seconds_rank": [0.5, 0.5],
+             "bytes_per_call": 10, "calls": 10}
+    rows = {r["mode"]: r for r in report.summarise(runs, {"L": probe})}
+    d = rows["displaced"]
+    # k = T_dp / DP rank CPU = 4 / 2; C_comm = k x 0.01 s/B x 100 B = 2 s;
+    # cpu bound = 12 / max(4 + 2, 5) = 2; the plain bound 12 / max(4, 5) = 2.4
+    assert d["wall_per_cpu"] == pytest.approx(2.0) and d["c_comm"] == pytest.approx(2.0)
+    assert d["cpu_bound"] == pytest.approx(2.0) and d["bound"] == pytest.approx(2.4)
+    assert d["pct_of_cpu_bound"] == pytest.approx((12 / 9) / 2.0)
+    # left: 9 - 6 = 3 s = waits 1.5 + blocking 0.2 + extra CPU (2 x (3.5 - 2 - 0.005 x 100) = 2)
+    # - 0.7 rest
+    g = d["gap"]
+    assert (g["seconds"], g["waits"], g["extra_cpu"]) == pytest.approx((3.0, 1.5, 2.0))
+    assert g["blocking"] == pytest.approx(0.2) and g["rest"] == pytest.approx(-0.7)
+    assert rows["sync"]["cpu_bound"] is None
+    md = report.markdown(list(rows.values()), {
+        "command": "c", "date": "d", "commit": "x", "cpus": 2, "load_min": 0, "load_max": 0,
+        "job": "j", "shaping": {}, "probes": {"L": {**probe, "throughput_bits": 8e6,
+                                                      "cpu_seconds_machine": 1.0}}})
+    assert "% of CPU bound" in md and "| displaced | 1.33x | 2.00 | 2.00x | 67 % |" in md
+
+
+def test_links_place_n_ranks():
+    net = links.Links(use_netns=False, ranks=4)
+    prefix, env = net.rank_env("loopback", 3, 1234)
+    assert prefix == [] and env["WORLD_SIZE"] == "4" and env["RANK"] == "3"
+    assert len(set(net.ns)) == 4 and links.addr(3) == "10.200.0.4"
+    with pytest.raises(RuntimeError, match="network namespaces"):
+        net.rank_env("100mbit", 0, 1234)
+    with pytest.raises(ValueError, match="ranks"):
+        links.Links(use_netns=False, ranks=1)
+
+
+def test_bench_rank_count_errors():
+    for argv, text in ((["--ranks", "1"], "--ranks 1"),
+                       (["--modes", "dp,sync,ep-sp"], "EP x SP mesh needs an even --ranks >= 4")):
+        r = subprocess.run([sys.executable, "-m", "dice_ds.cli", "bench", "--links", "loopback",
+                            *argv], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and text in r.stderr, r.stderr
+
+
+def test_bench_four_ranks_on_one_bridge(tmp_path):
+    """4 ranks, each in its own namespace on the bridge with a shaped link (as root; else on
+    loopback): sync EP, interweaved and the EP 2 x SP 2 mesh run; the probe is a 4-rank one."""
+    shaped = links.available() is None
+    link = "1gbit" if shaped else "loopback"
+    before = _netns() if shaped else set()
+    out = tmp_path / "bench4"
+    r = subprocess.run([sys.executable, "-m", "dice_ds.cli", "bench", "--ranks", "4", "--links",
+                        link, "--modes", "dp,sync,interweaved,ep-sp", "--rounds", "1", "--model",
+                        "debug", "--image-size", "32", "--steps", "2", "--batch", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=400,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "bench.json").read_text())
+    assert data["meta"]["ranks"] == 4
+    rows = {row["mode"]: row for row in data["rows"]}
+    assert all(rows[m]["runs"] == 1 for m in ("dp", "sync", "interweaved", "ep-sp")), rows
+    assert len(rows["sync"]["bytes_remote_per_rank"]) == 4
+    assert rows["ep-sp"]["psnr_vs_sync"] is not None
+    probe = data["meta"]["probes"][link]
+    assert probe["ok"] and probe["ranks"] == 4 and len(probe["cpu_seconds_rank"]) == 4
+    assert rows["dp"]["cpu_seconds_rank"] > 0
+    assert rows["interweaved"]["cpu_bound"] is not None
+    if shaped:
+        assert _netns() == before

@@ -209,3 +209,66 @@ def test_mode_configs_of_reads_a_command_line_as_the_bench_parser_does():
         assert mode_configs_of("dice-ds bench " + cmd) == want, cmd
     assert mode_configs_of("dice-ds bench --out o -- --mode-config z=c.json") == {}
     assert mode_configs_of("--mode-config=w=x=y.json") == {"w": ["--config", "x=y.json"]}
+
+
+def test_validation_at_n_ranks_scales_the_calibration_by_the_core_share(tmp_path):
+    """A 4-rank bench predicted from a 2-rank calibration on 2 cores: every CPU cost twice as
+    long (max(1, 4 / 2) over max(1, 2 / 2)); a calibration of another job is refused."""
+    import copy
+    import json
+
+    from dice_ds.plan.validate import cpu_share, validate
+
+    cal = json.loads(open("docs/bench_v2.json").read())
+    cal["_path"] = "docs/bench_v2.json"
+    four = copy.deepcopy(cal)
+    four["meta"].update(ranks=4, cpus=2)
+    cal["meta"]["cpus"] = 2
+    assert cpu_share(cal) == 1.0 and cpu_share(four) == 2.0
+    plain = {(r["link"], r["mode"]): r for r in validate(cal, use_loads=False, links=("loopback",))}
+    scaled = {(r["link"], r["mode"]): r
+              for r in validate(four, use_loads=False, links=("loopback",), calib=cal)}
+    dp = scaled["loopback", "dp"]
+    assert not dp["calibration"] and dp["ranks"] == 4 and dp["cpu_share"] == 2.0
+    assert dp["predicted"] == pytest.approx(2 * plain["loopback", "dp"]["predicted"])
+    # sync EP at 4 ranks sends 3/4 of its slots off-rank (2 ranks: 1/2)
+    assert scaled["loopback", "sync"]["bytes_predicted"] == pytest.approx(
+        1.5 * plain["loopback", "sync"]["bytes_predicted"], rel=1e-6)
+    other = copy.deepcopy(four)
+    other["meta"]["job"] = other["meta"]["job"].replace("--num-sampling-steps 10",
+                                                        "--num-sampling-steps 20")
+    with pytest.raises(ValueError, match="--calibration runs another job"):
+        validate(other, use_loads=False, calib=cal)
+
+
+def test_mesh_modes_get_ep_and_sp_sizes():
+    assert sizes("ep-sp", 4, 8) == (2, 2) and sizes("ep-sp", 8, 8) == (4, 2)
+    p = predict("ep-sp", W, C, Link("l", 1e9, 0.0), 4)
+    assert (p["ep"], p["sp"]) == (2, 2)
+
+
+def test_shared_cores_is_processor_sharing():
+    from dice_ds.plan.sim import shared_cores
+
+    assert shared_cores([1.0] * 4, 2) == pytest.approx([2.0] * 4)      # all busy: half a core
+    # 4 jobs on 2 cores: the two short ones end at 1 s (rate 1/2), then each gets a whole core
+    assert shared_cores([0.5, 0.5, 1.0, 2.0], 2) == pytest.approx([1.0, 1.0, 1.5, 2.5])
+    assert shared_cores([1.0, 3.0], 2) == pytest.approx([1.0, 3.0])     # a core each
+
+
+def test_sync_experts_share_the_cores_when_ranks_outnumber_them():
+    """4 EP ranks on 2 cores, one rank with all the expert rows of a layer: with the cores
+    shared it computes at a whole core once the others wait, so the batch is shorter than
+    charging it twice its load at the all-busy share."""
+    sched = Schedule.build(ParallelPlan(ep_size=4), 3, 2)
+    msgs = messages(W, ep=4)
+    link = Link("l", 1e12, 0.0)
+    skew = lambda i, l: [4.0, 0.0, 0.0, 0.0]   # noqa: E731
+    costs = C.scaled(2.0)                      # the all-busy share of 4 ranks on 2 cores
+    plain = simulate(sched, costs, msgs, link, ranks=4, loads=skew).seconds
+    shared = simulate(sched, costs, msgs, link, ranks=4, loads=skew, cores=2).seconds
+    # per layer call the experts cost 2 x 4 x 2 s = 16 s charged plainly, 4 x 2 s = 8 s shared
+    assert plain - shared == pytest.approx(3 * 2 * 8.0, rel=1e-6)
+    even = lambda i, l: [1.0] * 4              # noqa: E731
+    assert simulate(sched, costs, msgs, link, ranks=4, loads=even, cores=2).seconds == \
+        pytest.approx(simulate(sched, costs, msgs, link, ranks=4, loads=even).seconds)
