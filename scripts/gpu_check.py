@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
     steps = [s for s in STEPS if s in a.steps.split(",")]
-    env = dict(os.environ)
+    # no working-directory entry on sys.path (python -m pytest, the forkserver's python -c): the
+    # repository's dice_ds/ lacks dice_ds.patches and must not shadow the installed one
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
     if tiny:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the rehearsal runs on CPU even on a GPU machine
     env.setdefault("OMP_NUM_THREADS", "1" if tiny else str(max(1, (os.cpu_count() or 2) // 2)))

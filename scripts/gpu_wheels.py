@@ -43,6 +43,8 @@ WHEELS = {
     "annotated-types": "pydantic",
     "typing-inspection": "pydantic",
     "typing-extensions": "pydantic (needs a newer one than torch)",
+    "setuptools": "torch.utils.cpp_extension, imported by megatron-core (a pip install of torch "
+                  "on 3.12 brings it; shipped in case the machine's torch came another way)",
     # step 'tests' (pytest tests/gpu)
     "pytest": "tests/gpu",
     "pluggy": "pytest",
