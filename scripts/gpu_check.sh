@@ -10,7 +10,7 @@
 #   bash scripts/gpu_check.sh --dry-run          # here: .venv, CPU, tiny sizes, no install
 #   bash scripts/gpu_check.sh --tiny             # install + tiny sizes on CPU (a GPU-less rehearsal)
 #
-# Other options go to scripts/gpu_check.py (--out DIR, --budget S, --steps tests,ep_modes,step_time,
+# Other options go to scripts/gpu_check.py (--out DIR, --budget S, --steps machine,ep_modes,step_time,tests,
 # --quick, --depth N, --batch B; python scripts/gpu_check.py --help). Environment: PYTHON (the
 # interpreter; default python3, or .venv/bin/python with --dry-run), GPU_CHECK_SITE (install folder,
 # default /tmp/gpu_check_site), GPU_CHECK_WHEELS (the wheels, default .whl).

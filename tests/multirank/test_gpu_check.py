@@ -31,7 +31,7 @@ def test_dry_run_every_step_ok_or_skipped_with_a_reason(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rep = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = rep["steps"]
-    assert list(steps) == ["machine", "tests", "ep_modes", "step_time"]
+    assert list(steps) == ["machine", "ep_modes", "step_time", "tests"]
     for name, st in steps.items():
         assert st["status"] in ("ok", "skipped"), (name, st["status"], st["reason"])
         assert st["status"] == "ok" or st["reason"], name
