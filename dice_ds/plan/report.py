@@ -18,6 +18,11 @@ def _mib(x: float) -> str:
     return f"{x / MIB:,.0f}" if x >= MIB else (f"{x / MIB:.2f}" if x else "0")
 
 
+def _speedup(r: dict) -> str:
+    """The row's speed-up over sync EP, '–' when sync EP was not predicted (e.g. --modes dp)."""
+    return "–" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
+
+
 def scenario_table(rows: list[dict]) -> str:
     out = ["| model | GPUs | device / link | mode | EP x SP | step ms | speed-up vs sync EP | "
            "exposed comm | expert weights MiB/GPU | dense weights MiB/GPU | activations MiB/GPU | "
@@ -28,7 +33,7 @@ def scenario_table(rows: list[dict]) -> str:
         m = r["memory"]
         out.append(f"| {r['model']} | {r['gpus']} | {r['scenario']} | {r['mode']} | "
                    f"{r['ep']} x {r['sp']} | {1e3 * r['step_seconds']:.1f} | "
-                   f"{r['speedup']:.2f}x | {100 * r['comm_share']:.0f} % | "
+                   f"{_speedup(r)} | {100 * r['comm_share']:.0f} % | "
                    f"{_mib(m['expert_weights'])} | {_mib(m['dense_weights'])} | "
                    f"{_mib(m['activations'])} | {_mib(m['stale_cache'])} | "
                    f"{_mib(m['skip_cache'])} | {_mib(m['kv_cache'])} | {_mib(sum(m.values()))} | "
@@ -44,7 +49,7 @@ def summary_table(rows: list[dict]) -> str:
     for key in dict.fromkeys((r["model"], r["gpus"], r["scenario"]) for r in rows):
         mine = {r["mode"]: r for r in rows if (r["model"], r["gpus"], r["scenario"]) == key}
         sync = mine.get("sync")
-        cells = [f"{mine[m]['speedup']:.2f}x" if m in mine else "–" for m in modes]
+        cells = [_speedup(mine[m]) if m in mine else "–" for m in modes]
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | "
                    + (f"{1e3 * sync['step_seconds']:.0f} | {100 * sync['comm_share']:.0f} % | "
                       if sync else "– | – | ") + " | ".join(cells) + " |")
@@ -103,7 +108,7 @@ def plot(scen: list[dict], val: list[dict] | None, path: Path) -> str | None:
     ax = axes[0][0]
     width = 0.8 / max(1, len(groups))
     for gi, g in enumerate(groups):
-        ys = [next((r["speedup"] for r in scen if (r["model"], r["gpus"], r["scenario"]) == g
+        ys = [next((r["speedup"] or 0 for r in scen if (r["model"], r["gpus"], r["scenario"]) == g
                     and r["mode"] == m), 0) for m in modes]
         ax.bar([x + gi * width for x in range(len(modes))], ys, width,
                label=f"{g[0]} {g[1]} GPUs {g[2]}")

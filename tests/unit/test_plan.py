@@ -272,3 +272,12 @@ def test_sync_experts_share_the_cores_when_ranks_outnumber_them():
     even = lambda i, l: [1.0] * 4              # noqa: E731
     assert simulate(sched, costs, msgs, link, ranks=4, loads=even, cores=2).seconds == \
         pytest.approx(simulate(sched, costs, msgs, link, ranks=4, loads=even).seconds)
+
+
+def test_plan_without_sync_ep_renders(tmp_path):
+    """`dice-ds plan --modes dp`: no sync row, so no speed-up; the tables say '–'."""
+    from dice_ds.plan.cli import main
+
+    assert main(["--models", "DiT-XL/2", "--gpus", "8", "--modes", "dp", "--scenarios",
+                 "h100:nvlink-h100", "--out", str(tmp_path)]) == 0
+    assert "| dp | 1 x 1 |" in (tmp_path / "plan.md").read_text()
