@@ -58,16 +58,9 @@ def _time_once(fn) -> float:
 
 def interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each ``fns`` entry: ``repeats`` rounds, order rotating per round."""
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times = {n: [] for n in names}
-    for rep in range(repeats):
-        k = rep % len(names)
-        for n in names[k:] + names[:k]:
-            times[n].append(_time_once(fns[n]))
-    return times
+    from dice_ds.bench.interleave import interleaved as rotate
+
+    return rotate(fns, warmup, repeats, _time_once)
 
 
 def _summary(times: dict[str, list[float]], base: str, other: str) -> dict:

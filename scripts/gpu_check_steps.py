@@ -381,16 +381,9 @@ class _Clock:
 
 
 def _interleaved(clock: _Clock, fns: dict, warmup: int, rounds: int) -> dict:
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times = {n: [] for n in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            times[n].append(clock(fns[n]))
-    return times
+    from dice_ds.bench.interleave import interleaved
+
+    return interleaved(fns, warmup, rounds, clock)
 
 
 @torch.no_grad()
