@@ -69,6 +69,12 @@ class Link:
     emulated links, where the network path shares the 2 cores with compute; 0 on GPUs)."""
     gather_bandwidth: float = 0.0
     """the same for a lone blocking all-gather (sync SP's K/V; 0: ``single_bandwidth``)."""
+    cpu_own_per_byte: float = 0.0
+    """a rank's own CPU seconds (its threads' user + system time: the kernel's TCP, bridge and
+    shaping work done in its system calls included) per byte it sends, from the probe. When the
+    ranks outnumber the cores (``simulate(cores=...)``), the g ranks of one collective cannot move
+    more than cores / (g x this) bytes/s each: the network path alone keeps the cores busy
+    (0: no such limit)."""
 
     @property
     def lone_rate(self) -> float:
@@ -111,10 +117,24 @@ def calibrated_link(name: str, probe: dict, cpu_per_byte: float = 0.0) -> Link:
     only (loopback moves 64 KB frames without a qdisc: no measurable CPU cost)."""
     base = LINKS["loopback"] if name == "loopback" else parse_link(name)
     lone = probe.get("lone_throughput_bits", 0.0) / 8
+    own = probe.get("cpu_seconds_rank") or []
     return Link(f"{name} (probe)", probe["throughput_bits"] / 8, base.latency, base.hol_bytes,
                 single_bandwidth=lone,
                 gather_bandwidth=probe.get("gather_throughput_bits", 0.0) / 8,
-                cpu_per_byte=0.0 if name == "loopback" else cpu_per_byte)
+                cpu_per_byte=0.0 if name == "loopback" else cpu_per_byte,
+                cpu_own_per_byte=(sum(own) / len(own) / (probe["bytes_per_call"] * probe["calls"])
+                                  if own else 0.0))
+
+
+def cpu_bound(link: Link, group: int, cores: float) -> Link:
+    """``link`` as ``group`` ranks sharing ``cores`` cores see it in one collective: every rate
+    at most cores / (group x ``cpu_own_per_byte``) (unchanged without a measured CPU cost)."""
+    if cores <= 0 or link.cpu_own_per_byte <= 0:
+        return link
+    cap = cores / (group * link.cpu_own_per_byte)
+    return replace(link, bandwidth=min(link.bandwidth, cap),
+                   single_bandwidth=min(link.lone_rate, cap),
+                   gather_bandwidth=min(link.gather_bandwidth or link.lone_rate, cap))
 
 
 def parse_device(name: str) -> Device:

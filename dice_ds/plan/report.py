@@ -67,7 +67,8 @@ def validation_table(rows: list[dict]) -> str:
         if "error" in r:
             out.append(f"| {r['link']} | {r['mode']} | – | {r['error']} |")
             continue
-        cal = " (calibration)" if r["calibration"] else ""
+        cal = (" (calibration)" if r["calibration"] else
+               " (all DP runs pooled)" if r.get("measured_pooled") else "")
         sm = r["speedup_measured"]
         f = r.get("fitted")
         fit_cols = ((f"{f['predicted']:.2f} | {f['error_pct']:+.0f} % | " if f else "– | – | ")

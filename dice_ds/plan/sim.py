@@ -26,7 +26,9 @@ What each call costs, as implemented (``dice_ds/moe/dispatcher.py``, ``runtime.p
 - conditional communication: a skipping call sends half the rows and computes half the expert rows;
 - SP: sync SP gathers each layer's K/V blocking; displaced SP posts one gather per bucket of
   ``bucket`` layers at the bucket's last layer and waits for it at the bucket's first layer one
-  step later (sync steps gather blocking); every step ends with a blocking gather of x.
+  step later (sync steps gather blocking); every step ends with a blocking gather of x. A
+  blocking gather over 2 ranks moves at the lone gather rate, over more at the pipelined rate
+  (``gather_rate``: gloo's all-gather is a ring).
 
 Link: one egress FIFO per rank (bandwidth, per-message latency). On the emulated links of
 ``dice-ds bench`` three measured effects are modelled (docs/plan.md "Link"): a lone exchange (a
@@ -35,7 +37,10 @@ throughput per direction while the other direction also sends, and at the full r
 the only direction left (``lone_exchange``; a second exchange queued behind a lone one lifts both
 to the pipelined rate); a rank's dispatch egress follows the other ranks' loads and its combine
 its own; and compute runs slower while the rank's link moves bytes (``Link.cpu_per_byte``: the
-network path takes CPU from compute on the 2-core machine). Not modelled: scheduling noise between
+network path takes CPU from compute on the 2-core machine). When the ranks outnumber the cores
+(``cores``), the g ranks of one collective move at most cores / (g x ``Link.cpu_own_per_byte``)
+bytes/s each (``presets.cpu_bound``: the network path alone keeps the cores busy; g = the EP
+group for the all-to-alls, the SP group for the gathers). Not modelled: scheduling noise between
 ranks sharing cores (but a sync call's expert phase, where every rank starts together after the
 blocking dispatch, shares the cores by processor sharing when the ranks outnumber them), per-peer
 link asymmetry beyond the loads, ingress limits.
@@ -47,7 +52,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dice_ds.plan.costs import LayerCosts, Messages
-from dice_ds.plan.presets import Link
+from dice_ds.plan.presets import Link, cpu_bound
 from dice_ds.schedule import Schedule
 
 Loads = Callable[[int, int], list]
@@ -93,6 +98,15 @@ def lone_exchange(starts: list, sizes: list, bw: float, lone_bw: float) -> list:
                 left[r], ends[r] = 0.0, now + step
         now += step
     return ends
+
+
+def gather_rate(link: Link, group: int) -> float:
+    """Bytes/s per rank of a blocking all-gather over ``group`` ranks. gloo's all-gather is a ring
+    (each rank sends to the next and receives from the previous, two half chunks in flight): at 2
+    ranks its one connection carries both directions at once, a lone exchange
+    (``Link.gather_bandwidth``); beyond 2 every connection carries one direction and the chunks
+    queue behind each other: the pipelined rate (``Link.bandwidth``)."""
+    return link.bandwidth if group > 2 else (link.gather_bandwidth or link.lone_rate)
 
 
 def shared_cores(sizes: list, cores: float) -> list:
@@ -198,6 +212,8 @@ def simulate(sched: Schedule, costs: LayerCosts, msgs: Messages, link: Link, *, 
     the share of a core every rank gets while all compute, ``ranks / cores``), which a sync
     call's unequal expert work changes (``_sync``)."""
     S, L = sched.num_steps, sched.depth
+    gather_bw = gather_rate(cpu_bound(link, sched.sp_size, cores), sched.sp_size)
+    link = cpu_bound(link, max(ranks, sched.sp_size), cores)
     R = _Ranks(ranks, link, cores)
     ones = [1.0] * ranks
     load = loads or (lambda i, l: ones)
@@ -210,7 +226,8 @@ def simulate(sched: Schedule, costs: LayerCosts, msgs: Messages, link: Link, *, 
             R.drain(comb)
         sp_sync = sched.sp_sync_step(i) if sched.sp_size > 1 else True
         for l in range(L):
-            _attention(R, sched, costs, msgs, kv, i, l, sp_sync, bucket)
+            _attention(R, sched, costs, msgs, kv, i, l, sp_sync, bucket,
+                       gather_bw)
             skip = 0.5 if sched.skips(i, l) else 1.0
             if not ep:
                 for r in range(ranks):
@@ -221,20 +238,20 @@ def simulate(sched: Schedule, costs: LayerCosts, msgs: Messages, link: Link, *, 
             else:
                 _sync(R, costs, msgs, comb, load(i, l), skip)
         if sched.sp_size > 1:
-            R.blocking([msgs.x] * ranks, "x gather", link.gather_bandwidth)
+            R.blocking([msgs.x] * ranks, "x gather", gather_bw)
     R.drain(comb)
     slow = max(range(ranks), key=lambda r: R.t[r])
     return SimResult(seconds=R.t[slow], compute=max(R.compute),
                      bytes_per_rank=max(R.bytes), stalls=R.stalls)
 
 
-def _attention(R: _Ranks, sched, costs, msgs, kv, i, l, sp_sync, bucket) -> None:
+def _attention(R: _Ranks, sched, costs, msgs, kv, i, l, sp_sync, bucket, gather_bw) -> None:
     for r in range(R.n):
         R.work(r, costs.attn)
     if sched.sp_size <= 1:
         return
     if sp_sync:
-        R.blocking([msgs.kv] * R.n, "kv gather", R.link.gather_bandwidth)
+        R.blocking([msgs.kv] * R.n, "kv gather", gather_bw)
         return
     b = l // bucket
     if l % bucket == 0 and (i + 1, b) in kv:

@@ -172,3 +172,22 @@ def test_bench_four_ranks_on_one_bridge(tmp_path):
     assert rows["interweaved"]["cpu_bound"] is not None
     if shaped:
         assert _netns() == before
+
+
+@pytest.mark.skipif(links.available() is not None, reason="needs network namespaces (root)")
+def test_patterns_a_pair_exchanging_both_ways_is_slower_than_one_way(tmp_path):
+    """The mechanism behind the model's lone-exchange rate (docs/plan.md "Link"), re-measured on
+    a shaped 100mbit link: both directions of one pair at once move well under one direction
+    alone (measured 0.51x); the namespaces are removed afterwards."""
+    before = _netns()
+    out = tmp_path / "patterns.json"
+    r = subprocess.run([sys.executable, "-m", "dice_ds.bench.patterns", "--ranks", "2",
+                        "--links", "100mbit", "--bytes", "131072", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rates = json.loads(out.read_text())["mbit_s"]["100mbit"]
+    assert set(rates) == {f"{k} 131072" for k in ("a2a", "pair", "oneway", "gather")}
+    assert rates["pair 131072"] < 0.8 * rates["oneway 131072"]
+    assert 0 < rates["oneway 131072"] < 110
+    assert _netns() == before

@@ -4,6 +4,7 @@ cases (no process group)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -217,7 +218,7 @@ def test_validation_at_n_ranks_scales_the_calibration_by_the_core_share(tmp_path
     import copy
     import json
 
-    from dice_ds.plan.validate import cpu_share, validate
+    from dice_ds.plan.validate import cpu_share, pooled_dp, validate
 
     cal = json.loads(open("docs/bench_v2.json").read())
     cal["_path"] = "docs/bench_v2.json"
@@ -231,6 +232,10 @@ def test_validation_at_n_ranks_scales_the_calibration_by_the_core_share(tmp_path
     dp = scaled["loopback", "dp"]
     assert not dp["calibration"] and dp["ranks"] == 4 and dp["cpu_share"] == 2.0
     assert dp["predicted"] == pytest.approx(2 * plain["loopback", "dp"]["predicted"])
+    # DP's time does not depend on the link: measured as the median of every DP run of the bench
+    assert dp["measured_pooled"] and dp["measured"] == pytest.approx(
+        pooled_dp(four)["seconds"])
+    assert not plain["loopback", "dp"]["measured_pooled"]
     # sync EP at 4 ranks sends 3/4 of its slots off-rank (2 ranks: 1/2)
     assert scaled["loopback", "sync"]["bytes_predicted"] == pytest.approx(
         1.5 * plain["loopback", "sync"]["bytes_predicted"], rel=1e-6)
@@ -281,3 +286,52 @@ def test_plan_without_sync_ep_renders(tmp_path):
     assert main(["--models", "DiT-XL/2", "--gpus", "8", "--modes", "dp", "--scenarios",
                  "h100:nvlink-h100", "--out", str(tmp_path)]) == 0
     assert "| dp | 1 x 1 |" in (tmp_path / "plan.md").read_text()
+
+
+def test_gather_is_a_ring_beyond_two_ranks():
+    """gloo's all-gather is a ring: at 2 ranks its one connection carries both directions (the
+    lone gather rate), beyond 2 each connection carries one direction (the pipelined rate)."""
+    from dice_ds.plan.sim import gather_rate
+
+    link = Link("l", 10.0, 0.0, single_bandwidth=4.0, gather_bandwidth=6.0)
+    assert gather_rate(link, 2) == 6.0
+    assert gather_rate(link, 3) == gather_rate(link, 8) == 10.0
+    assert gather_rate(Link("l", 10.0, 0.0, single_bandwidth=4.0), 2) == 4.0
+    # sync SP over 4 ranks, one 30 B K/V gather per layer call at 10 B/s instead of 6 B/s
+    sched = Schedule.build(ParallelPlan(sp_size=4), 3, 2)
+    msgs = Messages(0.0, 0.0, 0.0, kv=30.0, x=0.0)
+    t = simulate(sched, C, msgs, link, ranks=1).seconds
+    assert t == pytest.approx(6 * (4.0 + 3.0))
+
+
+def test_cpu_bound_caps_every_rate_of_a_collective_by_its_ranks():
+    """g ranks on `cores` cores whose own CPU costs c s per byte sent move at most
+    cores / (g c) B/s each; without a measured cost or shared cores nothing changes."""
+    from dice_ds.plan.presets import cpu_bound
+
+    link = Link("l", 10.0, 0.0, single_bandwidth=8.0, gather_bandwidth=9.0,
+                cpu_own_per_byte=0.05)
+    capped = cpu_bound(link, 8, 2.0)           # 2 / (8 x 0.05) = 5 B/s
+    assert (capped.bandwidth, capped.single_bandwidth, capped.gather_bandwidth) == (5.0, 5.0, 5.0)
+    pair = cpu_bound(link, 2, 2.0)             # 20 B/s: above every rate
+    assert (pair.bandwidth, pair.lone_rate, pair.gather_bandwidth) == (10.0, 8.0, 9.0)
+    assert cpu_bound(link, 8, 0.0) == link
+    assert cpu_bound(replace(link, cpu_own_per_byte=0.0), 8, 2.0).bandwidth == 10.0
+    # sync EP over 8 ranks on 2 cores: the blocking exchanges move at 5 B/s, not 8
+    sched = Schedule.build(ParallelPlan(ep_size=8), 3, 2)
+    msgs = Messages(10.0, 10.0, 0.0)
+    fast = simulate(sched, C, msgs, replace(link, cpu_own_per_byte=0.0), ranks=8, cores=2.0)
+    slow = simulate(sched, C, msgs, link, ranks=8, cores=2.0)
+    assert slow.seconds - fast.seconds == pytest.approx(6 * 2 * (10.0 / 5.0 - 10.0 / 8.0))
+
+
+def test_calibrated_link_reads_the_probes_own_cpu_per_byte():
+    from dice_ds.plan.presets import calibrated_link
+
+    probe = {"ok": True, "throughput_bits": 80.0, "bytes_per_call": 100, "calls": 10,
+             "lone_throughput_bits": 40.0, "cpu_seconds_rank": [0.5, 1.5]}
+    link = calibrated_link("100mbit", probe)
+    assert link.cpu_own_per_byte == pytest.approx(1.0 / 1000)
+    assert (link.bandwidth, link.lone_rate) == (10.0, 5.0)
+    del probe["cpu_seconds_rank"]              # a bench from before the CPU-aware probe
+    assert calibrated_link("100mbit", probe).cpu_own_per_byte == 0.0
