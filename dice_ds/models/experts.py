@@ -108,6 +108,36 @@ def grouped_linear(x_RD: torch.Tensor, w_LND: torch.Tensor, counts_L: torch.Tens
     return torch.cat(parts) if parts else x_RD.new_zeros(0, w_LND.shape[1])
 
 
+MIN_CPU_GROUP_ROWS = 16
+"""On CPU an expert group with fewer rows is computed padded to this many (zero rows). MKL's
+sgemm picks its kernel by the number of rows, and on AVX-512 machines a GEMM of 1-15 rows rounds
+differently from the same rows inside a taller one (measured on a Xeon with AVX-512/AMX at
+D = 64-8192, one thread; from 16 rows on, every row equals its value in a 600-row GEMM). Padding
+makes a token's expert output independent of how many other tokens its expert got, which is what
+makes EP equal DP bit for bit (an EP rank's experts get rows from every rank; docs/megatron-cpu.md
+section 8). The AVX2 machines measured before had the same effect at 1-3 rows."""
+
+
+def _pad_small_groups(x_RD: torch.Tensor, counts_L: torch.Tensor, probs_R: torch.Tensor):
+    """(x, counts, probs, rows) with every non-empty group of fewer than ``MIN_CPU_GROUP_ROWS``
+    rows padded with zero rows (zero probs) to that many; ``rows`` [R] are the original rows'
+    positions in the padded tensors (None when nothing needed padding)."""
+    counts = [int(c) for c in counts_L.tolist()]
+    if not any(0 < c < MIN_CPU_GROUP_ROWS for c in counts):
+        return x_RD, counts_L, probs_R, None
+    counts_t = torch.tensor(counts)
+    padded = torch.tensor([max(c, MIN_CPU_GROUP_ROWS) if c else 0 for c in counts])
+    group_R = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+    start_orig = torch.cumsum(counts_t, 0) - counts_t
+    start_pad = torch.cumsum(padded, 0) - padded
+    rows = (start_pad - start_orig)[group_R] + torch.arange(len(group_R))
+    xp = x_RD.new_zeros(int(padded.sum()), x_RD.shape[1])
+    xp[rows] = x_RD
+    pp = probs_R.new_zeros(xp.shape[0])
+    pp[rows] = probs_R
+    return xp, padded, pp, rows
+
+
 def _grouped_experts_class():
     from megatron.core.transformer.module import MegatronModule
 
@@ -156,6 +186,10 @@ def _grouped_experts_class():
                 # e.g. one received from an all-to-all, which torch._grouped_mm rejects)
                 return x_RD.new_zeros(0, self.fc2_weight.shape[1]), None
             counts_L = torch.as_tensor(tokens_per_expert)
+            rows = None
+            if x_RD.device.type == "cpu":   # batch-invariant rows (MIN_CPU_GROUP_ROWS)
+                x_RD, counts_L, permuted_probs, rows = _pad_small_groups(x_RD, counts_L,
+                                                                         permuted_probs)
             offs_L = None
             if _use_grouped_mm(x_RD, self.fc1_weight):
                 offs_L = torch.cumsum(counts_L.to(x_RD.device), 0).to(torch.int32)
@@ -173,7 +207,8 @@ def _grouped_experts_class():
             else:  # in place: same values, no extra [R, F] buffers
                 act_RF = F.silu(gate_RF).mul_(up_RF).mul_(probs_R1)
             act_RF = act_RF.to(x_RD.dtype)
-            return grouped_linear(act_RF, self.fc2_weight, counts_L, offs_L), None
+            out_RD = grouped_linear(act_RF, self.fc2_weight, counts_L, offs_L)
+            return (out_RD if rows is None else out_RD[rows]), None
 
         def backward_dw(self):
             """megatron's delayed weight-gradient hook: nothing is delayed here."""

@@ -4,10 +4,10 @@ Each rank samples its own batch with a short rectified-flow Euler loop (CFG 1.5,
 per step, ``runtime.begin_step`` before every forward). Checks:
 - sync EP images equal DP images bitwise (the runtime runs megatron's phases unchanged), and a
   runtime sync forward equals megatron's own ``MoELayer.forward`` bitwise on the same EP model.
-  Caveat (measured, torch 2.13 CPU): a CPU linear on 1-3 rows can round differently from the same
-  rows inside a larger batch, so DP == EP bitwise needs every expert batch to avoid that regime
-  (true here; with larger weights some experts got 1-3 tokens and DP vs megatron's own sync EP
-  differed by ~2e-7 relative). The runtime == megatron check does not depend on it;
+  Caveat (measured, torch 2.13 CPU): a CPU linear on few rows (1-3 on AVX2, 1-15 on AVX-512)
+  can round differently from the same rows inside a larger batch; the grouped experts pad such
+  groups to 16 rows (``MIN_CPU_GROUP_ROWS``, docs/megatron-cpu.md section 8), which keeps DP == EP
+  bitwise. The runtime == megatron check does not depend on it;
 - displaced / interweaved / DICE (interweaved + shallow async + conditional comm) images are finite
   and within a stated tolerance of sync EP (stale activations change the result, modestly);
 - a forced-sync step leaves no handle in flight, async steps do have some, ``finish`` drains all;

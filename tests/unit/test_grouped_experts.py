@@ -172,3 +172,22 @@ def test_keymap_grouped_layout():
 def test_experts_impl_is_validated():
     with pytest.raises(ConfigError, match="experts_impl='loop'"):
         DEBUG.replace(experts_impl="loop").validate()
+
+
+def test_a_rows_output_does_not_depend_on_how_many_rows_its_expert_got():
+    """Batch invariance on CPU (``MIN_CPU_GROUP_ROWS``): a token's output is the same bit for bit
+    whether its expert got 1-15 rows or 40. Without the padding this fails on AVX-512 machines
+    (MKL rounds GEMMs of few rows differently), which broke EP == DP in the multirank tests."""
+    _, grp = _pair(S2_WIDTH)
+    ex = grp.blocks[0].moe.experts
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(48, 384, generator=gen)
+    probs = torch.rand(48, generator=gen)
+    counts_big = [40, 8] + [0] * 6
+    with torch.no_grad():
+        big, _ = ex(x, torch.tensor(counts_big), probs)
+        for m in (1, 2, 3, 7, 15, 16):
+            small, _ = ex(torch.cat([x[:m], x[40:]]), torch.tensor([m, 8] + [0] * 6),
+                          torch.cat([probs[:m], probs[40:]]))
+            assert torch.equal(small[:m], big[:m]), m
+            assert torch.equal(small[m:], big[40:]), m
