@@ -42,6 +42,14 @@ def busy_seconds() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def own_cpu_per_byte(probe: dict) -> float | None:
+    """A rank's own CPU seconds (``cpu_seconds_rank``, mean over ranks) per byte it sent in the
+    pipelined measurement of a probe record; None where the probe did not measure it."""
+    own = probe.get("cpu_seconds_rank")
+    moved = probe.get("bytes_per_call", 0) * probe.get("calls", 0)
+    return sum(own) / len(own) / moved if own and moved else None
+
+
 def _own_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime

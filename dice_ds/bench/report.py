@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dice_ds.bench.probe import own_cpu_per_byte
+
 NO_OVERLAP = ("dp", "sync", "sp", "ep-sp")
 """Modes without stale exchanges: no overlap bound (dp is T_compute, sync the reference)."""
 PHASES = ("router", "preprocess", "shared", "dispatch", "experts", "combine", "postprocess",
@@ -73,10 +75,7 @@ def cpu_terms(mine: list[dict], probe: dict, t_dp: float | None) -> tuple:
     k = t_dp / dp_cpu if t_dp and dp_cpu else None
     if not probe.get("ok"):
         return k, None, None, dp_cpu
-    own = probe.get("cpu_seconds_rank")
-    moved = probe.get("bytes_per_call", 0) * probe.get("calls", 0)
-    own_per_byte = sum(own) / len(own) / moved if own and moved else None
-    return k, probe.get("cpu_per_byte"), own_per_byte, dp_cpu
+    return k, probe.get("cpu_per_byte"), own_cpu_per_byte(probe), dp_cpu
 
 
 def _median(xs):

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from dice_ds.bench.links import rate_bits
+from dice_ds.bench.probe import own_cpu_per_byte
 
 EFFICIENCY = 0.4
 
@@ -117,13 +118,11 @@ def calibrated_link(name: str, probe: dict, cpu_per_byte: float = 0.0) -> Link:
     only (loopback moves 64 KB frames without a qdisc: no measurable CPU cost)."""
     base = LINKS["loopback"] if name == "loopback" else parse_link(name)
     lone = probe.get("lone_throughput_bits", 0.0) / 8
-    own = probe.get("cpu_seconds_rank") or []
     return Link(f"{name} (probe)", probe["throughput_bits"] / 8, base.latency, base.hol_bytes,
                 single_bandwidth=lone,
                 gather_bandwidth=probe.get("gather_throughput_bits", 0.0) / 8,
                 cpu_per_byte=0.0 if name == "loopback" else cpu_per_byte,
-                cpu_own_per_byte=(sum(own) / len(own) / (probe["bytes_per_call"] * probe["calls"])
-                                  if own else 0.0))
+                cpu_own_per_byte=own_cpu_per_byte(probe) or 0.0)
 
 
 def cpu_bound(link: Link, group: int, cores: float) -> Link:

@@ -226,8 +226,7 @@ def simulate(sched: Schedule, costs: LayerCosts, msgs: Messages, link: Link, *, 
             R.drain(comb)
         sp_sync = sched.sp_sync_step(i) if sched.sp_size > 1 else True
         for l in range(L):
-            _attention(R, sched, costs, msgs, kv, i, l, sp_sync, bucket,
-                       gather_bw)
+            _attention(R, sched, costs, msgs, kv, i, l, sp_sync, bucket, gather_bw)
             skip = 0.5 if sched.skips(i, l) else 1.0
             if not ep:
                 for r in range(ranks):

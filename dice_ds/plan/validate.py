@@ -192,6 +192,8 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
     world, scale = ranks_of(bench), cpu_share(bench) / cpu_share(src)
     cores = float(bench["meta"].get("cpus") or 0) if cpu_share(bench) > 1 else 0.0
     out = []
+    # DP's prediction does not depend on the link, so neither does its best measurement
+    dp_pooled = pooled_dp(bench) if calib is not None else None
     for link in links or tuple(dict.fromkeys(r["link"] for r in bench["rows"])):
         dp, sync = pooled_dp(src) or row(src, link, "dp"), row(bench, link, "sync")
         if dp is None or sync is None:
@@ -218,9 +220,9 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
                 out.append({"link": link, "mode": m, "error": p["error"]})
                 continue
             sec, measured = p["batch_seconds"], meas["seconds"]
-            pooled = m == "dp" and calib is not None and pooled_dp(bench) is not None
-            if pooled:   # the prediction is link-independent: so is its best measurement
-                measured = pooled_dp(bench)["seconds"]
+            pooled = m == "dp" and dp_pooled is not None
+            if pooled:
+                measured = dp_pooled["seconds"]
             out.append({"link": link, "mode": m, "measured": measured, "predicted": sec,
                         "error_pct": 100 * (sec - measured) / measured,
                         "measured_link_row": meas["seconds"], "measured_pooled": pooled,
