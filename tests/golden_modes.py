@@ -1,0 +1,87 @@
+"""Golden latents of every parallel mode: the harness behind ``tests/golden/*.npz``.
+
+The fixtures were written by ``python tests/golden_modes.py`` at the commit before the issue "One
+place for each decision" changed anything (c18ffde + the fixtures), so a refactor that changes a
+mode's numbers fails ``tests/multirank/test_golden.py`` bitwise on this machine. Each case is a
+set of ``dice-ds sample`` flags (the rows of ``dice_ds/modes.py``, plus DDPM/DDIM variants of
+the loop and the shipped digits model in sync EP, DICE and displaced SP), sampled through
+``DiTMoEPipeline`` with the same labels, seed and step count; rank 0 returns every case's latents.
+
+The fixtures are data: if the way a pipeline is built from flags changes, only ``_pipeline``
+below changes, never the .npz files (regenerating them would make the test unable to fail).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FIXTURES = {2: os.path.join(HERE, "golden", "latents_n2.npz"),
+            4: os.path.join(HERE, "golden", "latents_n4.npz")}
+DEBUG = ("--model", "debug", "--init", "random", "--init-seed", "3", "--vae", "none",
+         "--num-sampling-steps", "6", "--cfg-scale", "1.5")
+DIGITS = ("--model", "digits", "--ckpt", os.path.join(ROOT, "dice_ds", "assets", "digits_dit_moe.pt"),
+          "--vae", "identity", "--num-sampling-steps", "6", "--cfg-scale", "1.5")
+LABELS = {"debug": [3, 1, 4, 1, 5, 9, 2, 6], "digits": [0, 1, 2, 3, 4, 5, 6, 7]}
+SEED = 11
+
+
+def cases(world: int) -> dict[str, tuple[str, ...]]:
+    """Case name -> full flag list, for ``world`` ranks."""
+    from dice_ds.modes import MESH_MODES, MODES
+
+    out = {}
+    for mode in MODES:
+        if (mode.key in MESH_MODES) != (world >= 4):
+            continue
+        out[f"debug/{mode.key}"] = DEBUG + tuple(mode.flags)
+    if world == 2:
+        by = {m.key: m.flags for m in MODES}
+        for sampler in ("ddpm", "ddim"):
+            for key in ("sync", "displaced", "dice", "sp-async"):
+                out[f"debug-{sampler}/{key}"] = DEBUG + ("--sampler", sampler) + tuple(by[key])
+        for key in ("sync", "dice", "sp-async"):
+            out[f"digits/{key}"] = DIGITS + tuple(by[key])
+    return out
+
+
+def _pipeline(flags):
+    from dice_ds import DiTMoEPipeline
+    from dice_ds.options import parse_options
+
+    return DiTMoEPipeline(parse_options(list(flags)), output_ranks="rank0")
+
+
+def run_cases(rank: int, world: int) -> dict[str, np.ndarray] | None:
+    """Every case on this rank (collective); rank 0 returns name -> latents."""
+    out = {}
+    for name, flags in cases(world).items():
+        labels = LABELS[name.split("/")[0].split("-")[0]]
+        pipe = _pipeline(flags)
+        got = pipe(class_labels=labels, seed=SEED, output_type="latent")
+        if rank == 0:
+            out[name] = got.images.numpy()
+        pipe.runtime.detach() if hasattr(pipe.runtime, "detach") else None
+        del pipe
+    return out if rank == 0 else None
+
+
+def main() -> None:  # pragma: no cover - run once by hand to write the fixtures
+    import tempfile
+
+    sys.path.insert(0, HERE)
+    from distributed import run_ranks
+
+    for world, path in FIXTURES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            got = run_ranks(run_cases, world, tmp, timeout=900)[0]
+        np.savez_compressed(path, **got)
+        print(f"{path}: {len(got)} cases: {', '.join(got)}")
+
+
+if __name__ == "__main__":
+    main()
