@@ -8,7 +8,7 @@ ONE invocation so that the numbers are comparable with each other (not with othe
    experts: ``--tokens`` tokens routed top-2 by a random softmax router, i.e. 2·tokens rows sorted
    by expert with uneven counts, the call megatron's ``MoELayer`` makes.
 2. **full model forward** of dice_ds's DiT-MoE with either experts implementation vs the oracle
-   (tests/oracle_dit_moe.py), same weights loaded through ``dice_ds.checkpoint``, at debug and
+   (tests/oracle_dit_moe.py), same weights loaded through ``dice_ds.weights``, at debug and
    DiT-S/2, and at DiT-XL/2 width with a reduced depth (``--xl-depth``; the full 28 layers do not fit
    a CPU time budget; the table says which depth ran).
 
@@ -113,9 +113,10 @@ def bench_experts(label: str, tokens: int, num_experts: int, warmup: int, repeat
 def _model_trio(oracle_mod, name: str, depth: int | None, seed: int):
     from dataclasses import replace
 
-    from dice_ds.checkpoint import config_for_checkpoint, load_into_model
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model
+    from dice_ds.weights.check import config_for_checkpoint
+    from dice_ds.weights.load import load_into_model
 
     ocfg = oracle_mod.ORACLE_SIZES[name]
     flavor = get_flavor(name)

@@ -34,7 +34,7 @@ WHEELS = {
     # dice_ds's own runtime (pyproject.toml dependencies) that the check imports
     "megatron-core": "the MoE layers (pinned in pyproject.toml)",
     "pydantic": "the --config schema, imported by dice_ds.options (pinned in pyproject.toml)",
-    "safetensors": "dice_ds.checkpoint (.safetensors files)",
+    "safetensors": "dice_ds.weights (.safetensors files)",
     "numpy": "dice_ds.moe and megatron-core",
     "tqdm": "progress bars of the weight loader and sampler",
     # their requirements

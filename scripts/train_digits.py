@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from dice_ds.config import get_flavor
 from dice_ds.data import load_digits_tensors
 from dice_ds.models import build_model, init_weights
+from dice_ds.weights.save import save_checkpoint
 
 BALANCE_ALPHA = 0.01
 LABEL_DROP = 0.1
@@ -116,8 +117,6 @@ def save_ema(model, ema: dict[str, torch.Tensor], out: Path) -> None:
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(ema[n])
-        from dice_ds.checkpoint import save_checkpoint
-
         save_checkpoint(model, out, dtype=torch.float16)
         for n, p in model.named_parameters():
             p.copy_(live[n])

@@ -124,7 +124,7 @@ def build_model(cfg: ModelConfig, groups=None, params_dtype: torch.dtype = torch
     """Build a DiT-MoE on ``groups`` (a ``ModelGroups``; default: this rank alone), without
     allocating first: the module tree is built on the meta device, then every parameter is
     materialised once, uninitialised, directly on ``device`` in ``params_dtype`` (only this rank's
-    experts exist). Fill it with ``init_weights`` or ``dice_ds.checkpoint.load_into_model``; only
+    experts exist). Fill it with ``init_weights`` or ``dice_ds.weights.load.load_into_model``; only
     ``pos_embed`` (a fixed table) is computed here.
 
     Starts a 1-rank default process group if none exists (megatron's layers need one) and, on a

@@ -18,7 +18,7 @@ Weights are stored stacked, one tensor per projection, so that a grouped GEMM ca
 - ``fc1_weight`` [L, 2F, D]: expert i's ``linear_fc1.weight`` (= cat(gate_proj, up_proj)),
 - ``fc2_weight`` [L, D, F]: expert i's ``linear_fc2.weight`` (= down_proj).
 
-The released key format maps onto this layout in ``dice_ds/keymap.py`` (the only place keys are
+The released key format maps onto this layout in ``dice_ds/weights/keymap.py`` (the only place keys are
 mapped); checkpoints are implementation-independent.
 
 Grouped GEMM backend: ``torch._grouped_mm`` (one call over all experts, offsets = cumulative row

@@ -1,7 +1,7 @@
 """Building a pipeline's model and parallel runtime, once, on the process groups of its plan.
 
 Owns ``build_model_and_runtime``: the model on the meta device, each parameter materialised once
-(``dice_ds.models.build_model``), the checkpoint streamed in (``dice_ds.checkpoint.load_into_model``:
+(``dice_ds.models.build_model``), the checkpoint streamed in (``dice_ds.weights.load.load_into_model``:
 this rank's tensors only, one at a time) or ``init_weights``, then the plan applied
 (``parallelize_dit_moe``: the EP runtime, with SP a ``RuntimeStack``); and ``time_first_step``.
 Each part is a phase of the rank's ``StartupLog`` (``model_build``, ``weight_load``,
@@ -40,7 +40,7 @@ def build_model_and_runtime(spec, groups):
         log.facts["plain_read"] = time_plain_read(model, spec.checkpoint)
     with log.phase("weight_load"):
         if spec.checkpoint is not None:
-            from dice_ds.checkpoint import load_into_model
+            from dice_ds.weights.load import load_into_model
 
             with spec.checkpoint as reader:  # this rank's tensors only, one at a time
                 result = load_into_model(model, reader, progress=progress_bars())

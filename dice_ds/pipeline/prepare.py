@@ -80,10 +80,10 @@ def model_config(opts: RunOptions) -> tuple[ModelConfig, object | None]:
     if opts.ckpt is None:
         cfg = flavor.replace(num_experts=opts.num_experts or flavor.num_experts)
         return cfg.replace(input_size=side).validate(), None
-    from dice_ds.checkpoint import config_for_checkpoint
-    from dice_ds.preflight import check_complete, read_checkpoint
+    from dice_ds.weights.check import check_complete, config_for_checkpoint
+    from dice_ds.weights.read import open_checkpoint
 
-    reader = read_checkpoint(opts.ckpt)  # any unreadable file: one ConfigError line
+    reader = open_checkpoint(opts.ckpt)  # any unreadable file: one ConfigError line
     shapes = reader.meta_state_dict()  # names, dtypes, shapes: no tensor is read yet
     cfg = config_for_checkpoint(flavor, shapes, num_experts=opts.num_experts)
     check_complete(shapes, cfg, opts.ckpt)  # missing keys: before the process group, not at load

@@ -1,8 +1,10 @@
 """The streaming load: checkpoint regions straight into a built model's parameters, one at a time.
 
-Owns ``stream_into_model(model, reader)``, the one path by which weights enter a ``DiTMoE``
-(``dice_ds.checkpoint.load_into_model`` wraps it), plus ``LoadResult`` and
-``CheckpointMismatchError``. For every model tensor it asks ``dice_ds/keymap.py`` which released
+Owns ``load_into_model(model, source)``, the one path by which weights enter a ``DiTMoE`` (the
+source is a ``dice_ds/weights/read.py`` reader, or a state dict, read through ``InMemoryReader``),
+plus ``LoadResult``, ``CheckpointMismatchError``, ``local_expert_ids`` and ``time_plain_read`` (the
+I/O floor of a load, ``docs/scale.md``). For every model tensor it asks
+``dice_ds/weights/keymap.py`` which released
 tensors fill which rows of it (``released_sources``) and where each released tensor lives in this
 checkpoint (``released_view``: itself, or a region of a dice_ds-layout tensor), checks the whole
 plan first (missing, unexpected and wrongly shaped tensors, one ``CheckpointMismatchError`` naming
@@ -21,20 +23,21 @@ from __future__ import annotations
 import re
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from dice_ds.config import ConfigError
 from dice_ds.hugepages import trim_heap
-from dice_ds.keymap import is_dice_layout, released_sources, released_view
-from dice_ds.weights.read import CheckpointReader, region
+from dice_ds.models.dit_moe import fill_fixed_tables
+from dice_ds.weights.check import listed
+from dice_ds.weights.keymap import held_experts, is_dice_layout, released_sources, released_view
+from dice_ds.weights.read import CheckpointReader, InMemoryReader, region
 
 _RELEASED_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.")
-_MCORE_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.local_experts\.(\d+)\.")
-_GROUPED_FC1 = "blocks.0.moe.experts.fc1_weight"
 _EXTRA = "._extra_state"
-_MAX_LISTED = 8
 
 
 class CheckpointMismatchError(ConfigError):
@@ -65,22 +68,13 @@ def local_expert_ids(model: torch.nn.Module) -> tuple[int, ...]:
     return ids.pop()
 
 
-def listed(keys: list[str]) -> str:
-    more = f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
-    return ", ".join(keys[:_MAX_LISTED]) + more
-
-
 def _checkpoint_view(reader: CheckpointReader, local: tuple[int, ...], num_experts: int) -> dict:
     """Released name -> checkpoint region (a dice_ds shard holds this rank's experts in local
     order: the caller saved its own state dict)."""
     shapes = {k: i.shape for k, i in reader.infos.items()}
     if not is_dice_layout(shapes):
         return {k: (k, None, None) for k in shapes}
-    if _GROUPED_FC1 in shapes:
-        held = shapes[_GROUPED_FC1][0]
-    else:
-        held = len({int(m.group(2)) for k in shapes if (m := _MCORE_EXPERT.match(k))})
-    shard = len(local) < num_experts and held == len(local)
+    shard = len(local) < num_experts and held_experts(shapes) == len(local)
     return released_view(shapes, expert_ids=local if shard else None)
 
 
@@ -157,15 +151,18 @@ def _check(plan: _Plan, unexpected: list, strict: bool, name: str) -> list[str]:
 
 
 @torch.no_grad()
-def stream_into_model(model, reader: CheckpointReader, strict: bool = True,
-                      progress: bool = False) -> LoadResult:
-    """Fill ``model`` (a materialised ``DiTMoE``) from ``reader``, region by region (module doc).
+def load_into_model(model, source: CheckpointReader | dict[str, torch.Tensor], strict: bool = True,
+                    progress: bool = False) -> LoadResult:
+    """Fill ``model`` (a materialised ``DiTMoE``) from ``source`` (a reader, or a state dict in
+    released or dice_ds layout), in place, region by region (module doc).
 
-    Raises ``CheckpointMismatchError`` naming every missing (``strict``), unexpected (``strict``)
-    or wrongly shaped tensor before anything is copied. ``progress``: a byte progress bar on stderr.
+    Each MoE layer receives only the experts in its ``local_expert_indices``; the others are never
+    read. Raises ``CheckpointMismatchError`` naming every missing (``strict``), unexpected
+    (``strict``) or wrongly shaped tensor before anything is copied. A ``pos_embed`` for another
+    image size is replaced by the model's own table, with a warning. ``progress``: a byte progress
+    bar on stderr.
     """
-    from dice_ds.models.dit_moe import fill_fixed_tables
-
+    reader = source if isinstance(source, CheckpointReader) else InMemoryReader(source)
     t0 = time.perf_counter()
     local, n_experts = local_expert_ids(model), model.cfg.num_experts
     view = _checkpoint_view(reader, local, n_experts)
@@ -176,7 +173,7 @@ def stream_into_model(model, reader: CheckpointReader, strict: bool = True,
         theirs = reader.infos[view["pos_embed"][0]].shape[1]
         warnings.warn(f"checkpoint pos_embed has {theirs} tokens, the model {model.cfg.num_tokens} "
                       "(another image size): pos_embed regenerated; the weights were trained at the "
-                      "checkpoint's size, so outputs are for performance testing only", stacklevel=3)
+                      "checkpoint's size, so outputs are for performance testing only", stacklevel=2)
         fill_fixed_tables(model)
     before = reader.bytes_read
     bar = _bar(sum(reader.nbytes(s, i, r) for _, s, i, r in plan.copies), progress)
@@ -190,7 +187,7 @@ def stream_into_model(model, reader: CheckpointReader, strict: bool = True,
     if missing or unexpected:
         warnings.warn(f"non-strict checkpoint load: {len(missing)} missing "
                       f"({listed(missing)}), {len(unexpected)} unexpected ({listed(unexpected)})",
-                      stacklevel=3)
+                      stacklevel=2)
     return LoadResult(local_experts=local, dropped_expert_keys=dropped,
                       regenerated_pos_embed=plan.regenerate, missing=tuple(missing),
                       unexpected=tuple(unexpected), bytes_read=reader.bytes_read - before,
@@ -219,8 +216,6 @@ def _copy_pipelined(reader: CheckpointReader, copies: list, bar) -> None:
     """Each piece read by a worker thread into one of two scratch slots while this thread casts
     the previous one into its parameter (``pread`` and ``copy_`` both release the GIL): a cast
     load costs about max(read, cast) instead of their sum, with 2 x ``CHUNK_BYTES`` of scratch."""
-    from concurrent.futures import ThreadPoolExecutor
-
     parts = list(_parts(reader, copies, CHUNK_BYTES))
     if not parts:
         return
@@ -242,8 +237,6 @@ def _copy_pipelined(reader: CheckpointReader, copies: list, bar) -> None:
 def _bar(total: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights",
                 dynamic_ncols=True, leave=False)
 

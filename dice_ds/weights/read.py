@@ -1,7 +1,10 @@
-"""Streaming checkpoint readers: tensor names, dtypes and shapes first, bytes one region at a time.
+"""The one checkpoint reader: tensor names, dtypes and shapes first, bytes one region at a time.
 
-Owns ``open_checkpoint(path)`` and the three readers behind it, all with one interface
-(``CheckpointReader``):
+Owns ``open_checkpoint(path)`` (the reader of ``--ckpt``; every failure to open it -- missing,
+empty, a directory, truncated, garbage, a ``.safetensors`` with a broken header, a pickle that is
+not a state dict -- is one ``ConfigError`` line), ``read_state_dict(path)`` (a thin helper on top:
+every tensor read through that reader, for tools and tests) and the three readers behind it, all
+with one interface (``CheckpointReader``):
 
 - ``SafetensorsReader``: parses the ``.safetensors`` header itself (8-byte little-endian length, a
   JSON table of dtype / shape / byte range per tensor) and reads a tensor's bytes with ``pread``;
@@ -11,7 +14,7 @@ Owns ``open_checkpoint(path)`` and the three readers behind it, all with one int
   address minus the mapping's base is its record's offset), and the bytes are then read with
   ``pread`` -- the mapping itself is never touched, so its pages never count as this process's;
 - ``InMemoryReader``: a state dict already in memory (torch's legacy non-zip ``.pt`` format, or a
-  caller's dict); reads are copies.
+  caller's dict: how tests and tools hand tensors to the loader); reads are copies.
 
 ``read_into(key, dest, index, rows)`` writes the region ``src[index][rows[0]:rows[1]]`` of one
 checkpoint tensor into ``dest`` (any device, any dtype: cast on the way). When ``dest`` is a
@@ -21,8 +24,8 @@ region while it casts the previous: ``stage`` / ``commit``). Nothing else is kep
 load's resident memory is the model plus one tensor, whatever the file's size.
 
 Invariants: no process group, no CUDA call; ``meta_state_dict()`` costs no tensor memory (meta
-tensors), so the pre-flight checks (``dice_ds.checkpoint.inspect_checkpoint``,
-``dice_ds.preflight.check_complete``) run on it unchanged.
+tensors), so the pre-flight checks (``dice_ds/weights/check.py``) run on it unchanged. The first
+module of the package: it imports none of the others.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dice_ds.config import ConfigError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -47,7 +53,9 @@ _LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
 class CheckpointFormatError(ValueError):
-    """The file is not a checkpoint this module can read (callers turn it into a ConfigError)."""
+    """The file is not a checkpoint this module can read (``open_checkpoint`` words it as a
+    ``ConfigError``; raised as it is only by a read past the end of a file that shrank after it was
+    opened)."""
 
 
 @dataclass(frozen=True)
@@ -276,13 +284,14 @@ class TorchZipReader(CheckpointReader):
 
     kind = "torch-zip"
 
-    def __init__(self, path: str, sd: dict[str, torch.Tensor]):
+    def __init__(self, path: str, obj, sd: dict[str, torch.Tensor]):
+        """``obj``: what ``torch_load(path, mmap=True)`` returned; ``sd``: its state dict."""
         super().__init__()
         self.path = path
         records = _zip_record_offsets(path)
         data = sorted((off, size) for name, (off, size) in records.items()
                       if "/data/" in name and not name.rsplit("/", 1)[-1].startswith("."))
-        base = _mapping_base(sd, data)
+        base = _mapping_base(obj, sd, data)
         self.infos = {}
         for key, t in sd.items():
             if not t.is_contiguous():
@@ -294,18 +303,45 @@ class TorchZipReader(CheckpointReader):
         self._fd = os.open(path, os.O_RDONLY)
 
 
-def _mapping_base(sd: dict[str, torch.Tensor], data: list[tuple[int, int]]) -> int:
-    """The address at which the file is mapped: the one base that puts every storage on a record."""
-    ptrs = sorted({t.untyped_storage().data_ptr() for t in sd.values() if t.numel()})
-    offsets = {off for off, _ in data}
+def _storage_ptrs(obj, out: set[int]) -> set[int]:
+    """Addresses of every non-empty storage of the tensors in ``obj`` (dicts, lists, tuples and
+    ``argparse.Namespace`` walked: what a training script saves next to its state dicts)."""
+    if torch.is_tensor(obj):
+        if obj.untyped_storage().nbytes():
+            out.add(obj.untyped_storage().data_ptr())
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _storage_ptrs(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _storage_ptrs(v, out)
+    elif isinstance(obj, argparse.Namespace):
+        _storage_ptrs(vars(obj), out)
+    return out
+
+
+def _mapping_base(obj, sd: dict[str, torch.Tensor], data: list[tuple[int, int]]) -> int:
+    """The address at which the file is mapped. When every storage of the file is found in ``obj``
+    the sorted storage addresses and record offsets pair up one to one; otherwise the base must be
+    the only one that puts every storage of ``sd`` on a record. Matching ``sd`` alone is ambiguous
+    when the file holds another state dict of the same layout (``{"model": sd, "ema": sd_ema}``:
+    shifted by one dict, either fits), so that case is refused here rather than guessed."""
+    offsets = sorted(off for off, size in data if size)
+    every = sorted(_storage_ptrs(obj, set()))
+    if every and len(every) == len(offsets):
+        base = every[0] - offsets[0]
+        if all(p - base == off for p, off in zip(every, offsets)):
+            return base
+    ptrs = sorted(_storage_ptrs(sd, set()))
     if not ptrs:
         return 0
-    for off, _ in data:  # the lowest storage sits on some record; try each
-        base = ptrs[0] - off
-        if all((p - base) in offsets for p in ptrs):
-            return base
-    raise CheckpointFormatError("storages do not map onto the zip records (not a plain torch.save "
-                                "file)")
+    on_record = set(offsets)
+    bases = [ptrs[0] - off for off in offsets  # the lowest storage sits on some record; try each
+             if all((p - ptrs[0] + off) in on_record for p in ptrs)]
+    if len(bases) != 1:
+        raise CheckpointFormatError("storages do not map onto the zip records in one way (not a "
+                                    "plain torch.save file)")
+    return bases[0]
 
 
 class InMemoryReader(CheckpointReader):
@@ -326,18 +362,68 @@ class InMemoryReader(CheckpointReader):
         self._sd = {}
 
 
-def open_checkpoint(path: str | Path) -> CheckpointReader:
+def _open(path: str) -> CheckpointReader:
     """A reader for ``path``: ``.safetensors``, a zip ``.pt`` (streamed), or a legacy ``.pt``
     (loaded whole: torch cannot map that format). Raises ``CheckpointFormatError`` or what torch /
-    the OS raise for unreadable files (``dice_ds.preflight.open_checkpoint`` words them)."""
-    path = str(path)
+    the OS raise for unreadable files (``open_checkpoint`` words them)."""
     if path.endswith(".safetensors"):
         return SafetensorsReader(path)
     if zipfile.is_zipfile(path):
         obj = torch_load(path, mmap=True)
         sd = unwrap_state_dict(obj, path)
         try:
-            return TorchZipReader(path, sd)
+            return TorchZipReader(path, obj, sd)
         except CheckpointFormatError:
             return InMemoryReader({k: v.clone() for k, v in sd.items()}, path)
     return InMemoryReader(unwrap_state_dict(torch_load(path, mmap=False), path), path)
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first sentence`` of an exception, for a one-line ConfigError."""
+    text = str(e).strip().splitlines()
+    first = text[0].split(". ")[0].rstrip(".")[:160] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """The streaming reader of checkpoint ``path`` (names, dtypes and shapes now, bytes at load
+    time), with every failure to open it turned into one ConfigError line naming ``--ckpt``.
+    ``reader.meta_state_dict()`` is what ``dice_ds/weights/check.py`` reads."""
+    path = str(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"--ckpt {path}: is a directory; pass the checkpoint file (.pt or "
+                          ".safetensors)")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--ckpt {path}: no such file; pass the path of a DiT-MoE .pt or "
+                          ".safetensors checkpoint")
+    if os.path.getsize(path) == 0:
+        raise ConfigError(f"--ckpt {path}: is empty (0 bytes); the file was not written completely")
+    kind = "safetensors" if path.endswith(".safetensors") else "torch (.pt)"
+    try:
+        reader = _open(path)
+    except CheckpointFormatError as e:
+        if str(e).startswith("--ckpt"):
+            raise ConfigError(str(e)) from None
+        raise ConfigError(f"--ckpt {path}: cannot be read as a {kind} checkpoint ({e}); the file "
+                          "is truncated, corrupt or not a checkpoint") from None
+    except pickle.UnpicklingError:
+        # torch's weights-only unpickler explains itself over many lines
+        raise ConfigError(f"--ckpt {path}: cannot be read as a {kind} checkpoint with "
+                          "weights_only=True (not a pickle of tensors: corrupt, or another "
+                          "format); re-save its state dict as .safetensors or a dict of tensors"
+                          ) from None
+    except Exception as e:  # noqa: BLE001 - torch/zip/json raise many types for bad files
+        raise ConfigError(f"--ckpt {path}: cannot be read as a {kind} checkpoint "
+                          f"({first_line(e)}); the file is truncated, corrupt or not a "
+                          "checkpoint") from None
+    if not reader.infos:
+        reader.close()
+        raise ConfigError(f"--ckpt {path}: holds no tensors")
+    return reader
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of checkpoint ``path``, read whole through :func:`open_checkpoint` (tools and
+    tests that need a state dict in memory; a run streams with the reader itself)."""
+    with open_checkpoint(path) as reader:
+        return {key: reader.read(key) for key in reader.keys()}

@@ -3,7 +3,7 @@
 Owns ``write_random_checkpoint(cfg, path, ...)``, the ``dice-ds make-checkpoint`` command (``main``:
 flags -> ``ModelConfig``, output and free-space checks, one-line errors, exit 2) and what it is made
 of: ``released_shapes(cfg)`` (the released name -> shape table, the keys of
-``dice_ds.preflight.expected_keys``), ``random_tensor(cfg, key, shape, seed)`` (the value of one
+``dice_ds/weights/check.py``'s ``expected_keys``), ``random_tensor(cfg, key, shape, seed)`` (the value of one
 tensor, a function of the seed and the key name alone) and the two file formats, both written here
 byte by byte rather than through ``safetensors.torch.save_file`` / ``torch.save`` (which need the
 whole state dict in memory):
@@ -38,12 +38,15 @@ import struct
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from dice_ds.config import ModelConfig
-from dice_ds.preflight import expected_keys
+from dice_ds.config import ConfigError, ModelConfig, get_flavor
+from dice_ds.models.layers import sincos_pos_embed_2d
+from dice_ds.weights.check import expected_keys
 
 STD = 0.02
 """Standard deviation of every random weight and bias (norm weights: 1 + N(0, STD))."""
@@ -114,8 +117,6 @@ def random_tensor(cfg: ModelConfig, key: str, shape: tuple[int, ...], seed: int)
     """The fp32 value of ``key``: the sin-cos table for ``pos_embed``, 1 + N(0, STD) for the
     q/k norm weights, N(0, STD) for everything else (weights and biases)."""
     if key == "pos_embed":
-        from dice_ds.models.layers import sincos_pos_embed_2d
-
         grid = cfg.input_size // cfg.patch_size
         return sincos_pos_embed_2d(cfg.hidden_size, grid).reshape(shape).contiguous()
     gen = torch.Generator().manual_seed(key_seed(seed, key))
@@ -144,7 +145,6 @@ def _generated(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], dtype: torc
     """(key, tensor in ``dtype``) in ``shapes`` order. The next tensor is generated on a worker
     thread while the caller writes this one (both release the GIL), so at most two tensors exist
     at a time."""
-    from concurrent.futures import ThreadPoolExecutor
 
     def make(key):
         return random_tensor(cfg, key, shapes[key], seed).to(dtype)
@@ -280,8 +280,6 @@ def write_random_checkpoint(cfg: ModelConfig, path: str | os.PathLike,
     Returns {"path", "bytes", "seconds", "num_tensors", "params"}. Raises ValueError for an
     unknown suffix or dtype; the file appears only when complete (``<path>.tmp``, then rename).
     """
-    from tqdm import tqdm
-
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise ValueError(f"checkpoint path {path}: use one of {', '.join(SUFFIXES)}")
@@ -344,8 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The ``ModelConfig`` the flags ask for; ``ConfigError`` naming the flag otherwise."""
-    from dice_ds.config import ConfigError, get_flavor
-
     cfg = get_flavor(args.model)
     if args.depth is not None:
         if args.depth < 1:
@@ -368,8 +364,6 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
 def check_output(out: Path, overwrite: bool, need: int) -> None:
     """``ConfigError`` if ``--out`` has a bad suffix, exists (without ``--overwrite``), lies in a
     missing directory, or its file system has less than ``need`` bytes free."""
-    from dice_ds.config import ConfigError
-
     if out.suffix not in SUFFIXES:
         raise ConfigError(f"--out {out}: unknown suffix {out.suffix or '(none)'!r}; name the "
                           "file .safetensors, .pt or .pth")
@@ -389,8 +383,6 @@ def check_output(out: Path, overwrite: bool, need: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dice_ds.config import ConfigError
-
     args = build_parser().parse_args(argv)
     dtype, out = _DTYPES[args.dtype], Path(args.out)
     try:

@@ -2,7 +2,7 @@
 
 The test process writes a released-format checkpoint (``{"ema": sd}``, keys
 ``blocks.b.moe.experts.e.{gate,up,down}_proj.weight``) from a full single-process model; two gloo
-ranks read it and load it into an EP=2 model with ``dice_ds.checkpoint.load_into_model``. Each rank
+ranks stream it into an EP=2 model with ``dice_ds.weights.load.load_into_model``. Each rank
 must hold exactly E/2 experts per layer (megatron's contiguous placement: EP rank r holds
 [r·E/2, (r+1)·E/2)), equal to the checkpoint's tensors, hold fewer parameter bytes than the full
 model by exactly E/2 experts' worth, and its sync-EP forward must equal the full model loaded from
@@ -15,18 +15,20 @@ from distributed import run_ranks
 
 
 def _load_on_rank(rank, world, path, impl):
-    from dice_ds.checkpoint import load_into_model, read_state_dict
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model, init_weights
     from dice_ds.models.experts import expert_weight_views, is_routed_expert_param
     from dice_ds.parallel.groups import build_model_groups, local_model_groups
+    from dice_ds.weights.load import load_into_model
+    from dice_ds.weights.read import open_checkpoint, read_state_dict
 
     cfg = get_flavor("debug").replace(experts_impl=impl)
-    sd = read_state_dict(path)
+    sd = read_state_dict(path)  # the values to compare with
     model = init_weights(build_model(cfg, build_model_groups(world)), "random", seed=99)
-    result = load_into_model(model, sd)
     full = build_model(cfg, local_model_groups())
-    load_into_model(full, sd)
+    with open_checkpoint(path) as reader:  # as a run loads: this rank's tensors only
+        result = load_into_model(model, reader)
+        load_into_model(full, reader)
     per_expert_equal = []
     for b, moe in enumerate(model.moe_layers()):
         for i, (w1, w2) in enumerate(expert_weight_views(moe.experts)):
@@ -54,9 +56,9 @@ def _load_on_rank(rank, world, path, impl):
 
 @pytest.mark.parametrize("impl", ["sequential", "grouped"])  # ModelConfig.experts_impl
 def test_ep2_ranks_load_only_their_experts(tmp_path, impl):
-    from dice_ds.checkpoint import save_checkpoint
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model, init_weights
+    from dice_ds.weights.save import save_checkpoint
 
     cfg = get_flavor("debug")
     path = save_checkpoint(init_weights(build_model(cfg), "random", seed=5), tmp_path / "ckpt.pt")

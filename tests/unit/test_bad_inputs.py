@@ -36,7 +36,7 @@ def make_fixtures(d) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from dice_ds.checkpoint import read_state_dict
+    from dice_ds.weights.read import read_state_dict
 
     shutil.copy(os.path.join(ROOT, "configs", "ds", "debug_dp.json"), d / "dp.json")
     shutil.copy(SHIPPED, d / "digits.pt")

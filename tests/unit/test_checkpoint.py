@@ -1,4 +1,5 @@
-"""dice_ds.checkpoint: error messages, EP trimming (no process groups), layouts, round trips."""
+"""dice_ds.weights: error messages, the key map and per-EP-rank loads (no process groups), layouts,
+round trips. State dicts built here reach the loader through the one reader (``InMemoryReader``)."""
 import argparse
 import re
 
@@ -7,18 +8,13 @@ import torch
 
 from oracle_dit_moe import ORACLE_SIZES, OracleDiTMoE, randomize_, sincos_table
 
-from dice_ds.checkpoint import (
-    CheckpointMismatchError,
-    config_for_checkpoint,
-    export_released_state_dict,
-    inspect_checkpoint,
-    load_into_model,
-    read_state_dict,
-    trim_experts,
-)
 from dice_ds.config import ConfigError, get_flavor
-from dice_ds.keymap import released_to_mcore
 from dice_ds.models import build_model, init_weights
+from dice_ds.weights.check import config_for_checkpoint, inspect_checkpoint
+from dice_ds.weights.keymap import released_sources
+from dice_ds.weights.load import CheckpointMismatchError, load_into_model
+from dice_ds.weights.read import InMemoryReader, open_checkpoint
+from dice_ds.weights.save import export_released_state_dict
 
 DEBUG = get_flavor("debug").replace(experts_impl="sequential")  # the per-expert key layout
 
@@ -96,13 +92,13 @@ def test_flash_head_count_mismatch():
 
 def test_missing_file_and_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="--ckpt .*nope.pt: no such file"):
-        read_state_dict(tmp_path / "nope.pt")
+        open_checkpoint(tmp_path / "nope.pt")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ConfigError, match="not a state dict"):
-        read_state_dict(tmp_path / "list.pt")
+        open_checkpoint(tmp_path / "list.pt")
     torch.save({"ema": {"w": torch.ones(1)}, "obj": _Opaque()}, tmp_path / "pickled.pt")
     with pytest.raises(ConfigError, match="weights_only=True"):
-        read_state_dict(tmp_path / "pickled.pt")
+        open_checkpoint(tmp_path / "pickled.pt")
     with pytest.raises(ConfigError, match="not a DiT-MoE state dict"):
         inspect_checkpoint({"w": torch.ones(1)})
 
@@ -114,45 +110,82 @@ class _Opaque:
 def test_training_checkpoint_with_args_namespace(tmp_path, released):
     torch.save({"model": {}, "ema": released, "args": argparse.Namespace(model="DiT-S/2")},
                tmp_path / "train.pt")
-    assert read_state_dict(tmp_path / "train.pt").keys() == released.keys()
+    with open_checkpoint(tmp_path / "train.pt") as reader:
+        assert set(reader.keys()) == set(released)
+        assert torch.equal(reader.read("pos_embed"), released["pos_embed"])
 
 
-# ----------------------------------------------------------------------------- EP trimming
-@pytest.mark.parametrize("n_experts,world", [(8, 4), (4, 2), (8, 8), (8, 1)])
-def test_trim_keeps_each_ranks_contiguous_experts(released_e8, n_experts, world):
-    sd = released_e8 if n_experts == 8 else {
-        k: v for k, v in released_e8.items() if not re.search(r"\.experts\.[4-7]\.", k)}
-    per = n_experts // world
-    kept_all = set()
-    for r in range(world):
-        local = range(r * per, (r + 1) * per)
-        kept, dropped = trim_experts(sd, local)
-        experts = {k for k in kept if ".experts." in k and "shared" not in k}
-        assert dropped == len(experts) * (world - 1)  # the reference's own consistency check
-        kept_all |= experts
-        mapped = released_to_mcore(kept, local_experts=local)
-        for i, e in enumerate(local):
-            fc1 = mapped[f"blocks.1.moe.experts.local_experts.{i}.linear_fc1.weight"]
-            assert torch.equal(fc1, torch.cat([sd[f"blocks.1.moe.experts.{e}.gate_proj.weight"],
-                                               sd[f"blocks.1.moe.experts.{e}.up_proj.weight"]]))
-        assert f"blocks.0.moe.experts.local_experts.{per}.linear_fc1.weight" not in mapped
-    assert kept_all == {k for k in sd if ".experts." in k and "shared" not in k}
-
-
-def test_strided_placement_in_keymap(released_e8):
-    """The reference places experts round-robin; an explicit id list maps them in local order."""
-    mapped = released_to_mcore(released_e8, local_experts=[1, 5])
-    assert torch.equal(mapped["blocks.0.moe.experts.local_experts.1.linear_fc2.weight"],
-                       released_e8["blocks.0.moe.experts.5.down_proj.weight"])
-    assert "blocks.0.moe.experts.local_experts.2.linear_fc2.weight" not in mapped
-
-
+# ----------------------------------------------------------------------------- key map, EP ranks
 def _shard(model, ids):
     """Narrow every MoE layer to experts ``ids`` the way an EP rank holds them (no groups needed)."""
     for moe in model.moe_layers():
         moe.experts.local_experts = torch.nn.ModuleList(moe.experts.local_experts[: len(ids)])
         moe.local_expert_indices = list(ids)
     return model
+
+
+@pytest.mark.parametrize("local", [[4, 5, 6, 7], [1, 5]])  # EP rank 1 of 2 at E=8; round-robin
+def test_released_sources_name_each_local_expert(local):
+    f, d = 256, 64
+    for i, e in enumerate(local):
+        assert released_sources(f"blocks.1.moe.experts.local_experts.{i}.linear_fc1.weight",
+                                (2 * f, d), local) == [
+            (f"blocks.1.moe.experts.{e}.gate_proj.weight", None, (0, f)),
+            (f"blocks.1.moe.experts.{e}.up_proj.weight", None, (f, 2 * f))]
+        assert released_sources(f"blocks.1.moe.experts.local_experts.{i}.linear_fc2.weight",
+                                (d, f), local) == [(f"blocks.1.moe.experts.{e}.down_proj.weight",
+                                                    None, None)]
+    assert released_sources("blocks.0.moe.experts.fc2_weight", (len(local), d, f), local) == [
+        (f"blocks.0.moe.experts.{e}.down_proj.weight", i, None) for i, e in enumerate(local)]
+    assert released_sources("blocks.0.moe.experts.fc1_weight", (len(local), 2 * f, d), local)[2:4] \
+        == [(f"blocks.0.moe.experts.{local[1]}.gate_proj.weight", 1, (0, f)),
+            (f"blocks.0.moe.experts.{local[1]}.up_proj.weight", 1, (f, 2 * f))]
+    assert released_sources("blocks.0.moe.router.weight", (8, d), local) == [
+        ("blocks.0.moe.gate.weight", None, None)]
+    assert released_sources("blocks.0.moe.shared_experts.linear_fc1.weight", (256, d), local) == [
+        ("blocks.0.moe.shared_experts.gate_proj.weight", None, (0, 128)),
+        ("blocks.0.moe.shared_experts.up_proj.weight", None, (128, 256))]
+    assert released_sources("blocks.0.attn.qkv.weight", (192, d), local) == [
+        ("blocks.0.attn.qkv.weight", None, None)]
+
+
+@pytest.mark.parametrize("n_experts,world", [(8, 4), (4, 2), (8, 8), (8, 1)])
+def test_each_ep_rank_loads_its_contiguous_experts(released_e8, n_experts, world):
+    sd = released_e8 if n_experts == 8 else {
+        k: v for k, v in released_e8.items() if not re.search(r"\.experts\.[4-7]\.", k)}
+    if n_experts == 4:
+        sd = {k: (v[:4] if k.endswith("moe.gate.weight") else v) for k, v in sd.items()}
+    per = n_experts // world
+    loaded = set()
+    for r in range(world):
+        local = list(range(r * per, (r + 1) * per))
+        model = _shard(build_model(DEBUG.replace(num_experts=n_experts)), local)
+        result = load_into_model(model, sd)
+        assert result.local_experts == tuple(local)
+        # the reference's own consistency check: every other rank's expert tensors are dropped
+        assert result.dropped_expert_keys == 3 * DEBUG.depth * per * (world - 1)
+        for b in range(DEBUG.depth):
+            experts = model.blocks[b].moe.experts.local_experts
+            assert len(experts) == per
+            for i, e in enumerate(local):
+                pre = f"blocks.{b}.moe.experts.{e}."
+                assert torch.equal(experts[i].linear_fc1.weight, torch.cat(
+                    [sd[pre + "gate_proj.weight"], sd[pre + "up_proj.weight"]]))
+                assert torch.equal(experts[i].linear_fc2.weight, sd[pre + "down_proj.weight"])
+                loaded.add((b, e))
+    assert loaded == {(b, e) for b in range(DEBUG.depth) for e in range(n_experts)}
+
+
+def test_strided_placement(released_e8):
+    """The reference places experts round-robin; an explicit id list loads them in local order."""
+    model = _shard(build_model(DEBUG.replace(num_experts=8)), [1, 5])
+    assert load_into_model(model, InMemoryReader(released_e8)).dropped_expert_keys == 6 * 2 * 3
+    experts = model.blocks[0].moe.experts.local_experts
+    assert len(experts) == 2
+    assert torch.equal(experts[1].linear_fc2.weight,
+                       released_e8["blocks.0.moe.experts.5.down_proj.weight"])
+    assert torch.equal(experts[0].linear_fc2.weight,
+                       released_e8["blocks.0.moe.experts.1.down_proj.weight"])
 
 
 def test_load_into_ep_shard_keeps_only_its_experts(released):

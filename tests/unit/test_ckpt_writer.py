@@ -7,16 +7,13 @@ import zipfile
 import pytest
 import torch
 
-from dice_ds.checkpoint import (
-    export_released_state_dict,
-    inspect_checkpoint,
-    load_into_model,
-    read_state_dict,
-)
 from dice_ds.cli import main as cli_main
 from dice_ds.config import get_flavor
 from dice_ds.models import build_model
-from dice_ds.preflight import check_complete, expected_keys, read_checkpoint
+from dice_ds.weights.check import check_complete, expected_keys, inspect_checkpoint
+from dice_ds.weights.load import load_into_model
+from dice_ds.weights.read import open_checkpoint, read_state_dict
+from dice_ds.weights.save import export_released_state_dict
 from dice_ds.weights.write import (
     random_tensor,
     released_shapes,
@@ -120,7 +117,7 @@ def test_round_trip(tmp_path, name, dtype, suffix):
     facts = inspect_checkpoint(sd)
     assert (facts["depth"], facts["num_experts"], facts["attn_layout"]) == (
         cfg.depth, cfg.num_experts, cfg.attn_layout)
-    with read_checkpoint(str(path)) as reader:  # the streaming reader a run uses
+    with open_checkpoint(path) as reader:  # the streaming reader a run uses
         check_complete(reader.meta_state_dict(), cfg, str(path))
         assert torch.equal(reader.read("blocks.0.moe.gate.weight"), want["blocks.0.moe.gate.weight"])
 
@@ -145,9 +142,9 @@ def test_loads_into_built_model(tmp_path, name, suffix):
     path = tmp_path / f"m{suffix}"
     write_random_checkpoint(cfg, path, progress=False)
     model = build_model(cfg)
-    sd = read_state_dict(path)
-    load_into_model(model, sd)
-    _assert_equal(export_released_state_dict(model), sd)
+    with open_checkpoint(path) as reader:
+        load_into_model(model, reader)
+    _assert_equal(export_released_state_dict(model), _expected(cfg, torch.float32))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -8,12 +8,13 @@ experts module is then called the way megatron's ``MoELayer`` and ``dice_ds/moe/
 import pytest
 import torch
 
-from dice_ds.checkpoint import (export_released_state_dict, load_into_model, read_state_dict,
-                               save_checkpoint)
 from dice_ds.config import ConfigError, get_flavor
-from dice_ds.keymap import mcore_to_released, released_to_mcore
 from dice_ds.models import build_model, init_weights
 from dice_ds.models.experts import expert_weight_views
+from dice_ds.weights.keymap import mcore_to_released
+from dice_ds.weights.load import CheckpointMismatchError, load_into_model
+from dice_ds.weights.read import read_state_dict
+from dice_ds.weights.save import export_released_state_dict, save_checkpoint
 
 DEBUG = get_flavor("debug").replace(experts_impl="sequential")  # _pair adds the grouped twin
 S2_WIDTH = DEBUG.replace(depth=1, hidden_size=384, num_heads=6, num_experts=8)
@@ -157,16 +158,20 @@ def test_grouped_ep_shard_loads_only_its_experts():
 def test_keymap_grouped_layout():
     seq, _ = _pair(DEBUG, seed=7)
     released = export_released_state_dict(seq)
-    mapped = released_to_mcore(released, local_experts=[3, 1], experts_layout="grouped")
-    fc2 = mapped["blocks.0.moe.experts.fc2_weight"]
+    model = _shard(build_model(DEBUG.replace(experts_impl="grouped")), [3, 1])
+    load_into_model(model, released)
+    fc2 = model.blocks[0].moe.experts.fc2_weight
     assert fc2.shape == (2, 64, 256)
     assert torch.equal(fc2[0], released["blocks.0.moe.experts.3.down_proj.weight"])
-    back = mcore_to_released(mapped, expert_ids=[3, 1])
+    back = mcore_to_released(model.state_dict(), expert_ids=[3, 1])
+    assert {k for k in back if ".moe.experts." in k} == {
+        f"blocks.{b}.moe.experts.{e}.{p}.weight" for b in range(DEBUG.depth) for e in (3, 1)
+        for p in ("gate_proj", "up_proj", "down_proj")}
     assert all(torch.equal(back[k], released[k]) for k in back)
     for part in ("gate_proj", "up_proj", "down_proj"):  # expert 1 of block 1 absent altogether
         del released[f"blocks.1.moe.experts.1.{part}.weight"]
-    with pytest.raises(KeyError, match=r"blocks.1.moe.experts: missing expert\(s\) \[1\]"):
-        released_to_mcore(released, local_experts=[0, 1], experts_layout="grouped")
+    with pytest.raises(CheckpointMismatchError, match=r"3 missing: blocks.1.moe.experts.1.down_proj"):
+        load_into_model(_shard(build_model(DEBUG.replace(experts_impl="grouped")), [0, 1]), released)
 
 
 def test_experts_impl_is_validated():

@@ -212,10 +212,10 @@ def test_main_exits_2_with_one_line_on_bad_input(capsys, tmp_path):
 
 
 def test_expert_count_disagreeing_with_the_checkpoint_is_a_config_error(tmp_path, capsys):
-    from dice_ds.checkpoint import save_checkpoint
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model, init_weights
     from dice_ds.sample import main, prepare
+    from dice_ds.weights.save import save_checkpoint
 
     ckpt = tmp_path / "debug.pt"
     save_checkpoint(init_weights(build_model(get_flavor("debug")), "random", seed=0), ckpt)

@@ -1,8 +1,9 @@
 """dice_ds's DiT-MoE against the independent oracle (tests/oracle_dit_moe.py), through the loader.
 
 The oracle's state dict uses the released key names, so every test here also exercises
-``dice_ds.checkpoint`` and ``dice_ds.keymap`` on the path a real checkpoint takes.
+``dice_ds.weights`` (reader, key map, checks, load) on the path a real checkpoint takes.
 """
+import re
 from dataclasses import replace
 
 import pytest
@@ -10,17 +11,13 @@ import torch
 
 from oracle_dit_moe import ORACLE_SIZES, OracleDiTMoE, oracle_inputs, randomize_, sincos_table
 
-from dice_ds.checkpoint import (
-    config_for_checkpoint,
-    export_released_state_dict,
-    inspect_checkpoint,
-    load_into_model,
-    read_state_dict,
-    save_checkpoint,
-)
 from dice_ds.config import get_flavor
-from dice_ds.keymap import released_to_mcore
 from dice_ds.models import build_model
+from dice_ds.weights.check import config_for_checkpoint, inspect_checkpoint
+from dice_ds.weights.keymap import released_sources
+from dice_ds.weights.load import load_into_model
+from dice_ds.weights.read import read_state_dict
+from dice_ds.weights.save import export_released_state_dict, save_checkpoint
 
 ATOL = 1e-5  # fp32; observed max diffs are ~1e-6 (op order differs: SDPA, megatron's prob placement)
 
@@ -139,10 +136,40 @@ def _meta_ours(cfg):
         return DiTMoE(cfg, pg)
 
 
+def _narrowed(shapes, per):
+    """The key shapes of an EP shard holding ``per`` experts per layer, from the whole model's."""
+    out = {}
+    for key, shape in shapes.items():
+        if m := re.search(r"\.local_experts\.(\d+)\.", key):
+            if int(m.group(1)) < per:
+                out[key] = shape
+        elif key.endswith(("moe.experts.fc1_weight", "moe.experts.fc2_weight")):
+            out[key] = (per, *shape[1:])
+        else:
+            out[key] = shape
+    return out
+
+
+def _filled_by(shapes, local):
+    """Released key -> the shape of the model region it fills, through the one key map; no
+    released key may fill two regions."""
+    filled = {}
+    for key, shape in shapes.items():
+        for rkey, index, rows in released_sources(key, shape, local):
+            region = shape[1:] if index is not None else shape
+            if rows is not None:
+                region = (rows[1] - rows[0], *region[1:])
+            assert rkey not in filled, f"{rkey} fills two model regions"
+            filled[rkey] = tuple(region)
+    return filled
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name,count", [("DiT-S/2", 420), ("DiT-XL/2", 1076), ("DiT-G/2", 2492)])
 def test_real_key_table(name, count, impl):
-    """At the real sizes (meta device) every released key maps onto a model key of equal shape."""
+    """At the real sizes (meta device; timm E=8, flash E=8 and flash E=16) every model tensor is
+    filled exactly by released tensors of equal shape, for the whole model and for each EP rank's
+    shard (EP 2 and 4: contiguous experts), and nothing else of the checkpoint is read."""
     with torch.device("meta"):
         released = OracleDiTMoE(ORACLE_SIZES[name]).state_dict()
     assert len(released) == count
@@ -152,8 +179,16 @@ def test_real_key_table(name, count, impl):
     facts = inspect_checkpoint(released)
     assert facts["attn_layout"] == flavor.attn_layout and facts["learn_sigma"]
     assert facts["num_experts"] == ORACLE_SIZES[name].experts and facts["input_size"] == 32
-    mapped = {k: tuple(v.shape) for k, v in released_to_mcore(released, experts_layout=impl).items()}
     ours = {k: tuple(v.shape) for k, v in _meta_ours(cfg.replace(experts_impl=impl)).state_dict().items()
             if not k.endswith("._extra_state")}
-    assert sorted(set(mapped) - set(ours)) == [] and sorted(set(ours) - set(mapped)) == []
-    assert {k: s for k, s in mapped.items() if ours[k] != s} == {}
+    shapes = {k: tuple(v.shape) for k, v in released.items()}
+    e = cfg.num_experts
+    assert _filled_by(ours, range(e)) == shapes
+    for world in (2, 4):
+        per = e // world
+        for r in range(world):
+            local = range(r * per, (r + 1) * per)
+            want = {k: s for k, s in shapes.items()
+                    if not (m := re.match(r"^blocks\.\d+\.moe\.experts\.(\d+)\.", k))
+                    or int(m.group(1)) in local}
+            assert _filled_by(_narrowed(ours, per), local) == want

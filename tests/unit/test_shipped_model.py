@@ -15,14 +15,16 @@ MODEL = ASSETS / "digits_dit_moe.pt"
 
 @pytest.fixture(scope="module")
 def model():
-    from dice_ds.checkpoint import config_for_checkpoint, load_into_model, read_state_dict
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model
+    from dice_ds.weights.check import config_for_checkpoint
+    from dice_ds.weights.load import load_into_model
+    from dice_ds.weights.read import open_checkpoint
 
-    sd = read_state_dict(MODEL)
-    cfg = config_for_checkpoint(get_flavor("digits"), sd)
-    m = build_model(cfg)
-    load_into_model(m, sd)
+    with open_checkpoint(MODEL) as reader:  # as a run reads it: shapes first, then the tensors
+        cfg = config_for_checkpoint(get_flavor("digits"), reader.meta_state_dict())
+        m = build_model(cfg)
+        load_into_model(m, reader)
     return m.eval()
 
 
@@ -40,10 +42,12 @@ def test_checkpoint_is_small_and_in_released_format():
 
 
 def test_checkpoint_facts_match_the_flavor():
-    from dice_ds.checkpoint import inspect_checkpoint, read_state_dict
     from dice_ds.config import get_flavor
+    from dice_ds.weights.check import inspect_checkpoint
+    from dice_ds.weights.read import open_checkpoint
 
-    facts = inspect_checkpoint(read_state_dict(MODEL))
+    with open_checkpoint(MODEL) as reader:
+        facts = inspect_checkpoint(reader.meta_state_dict())
     cfg = get_flavor("digits")
     assert (facts["num_experts"], facts["depth"], facts["in_channels"], facts["num_classes"],
             facts["input_size"], facts["attn_layout"], facts["learn_sigma"]) == (

@@ -2,21 +2,24 @@
 
 Every layout that loaded before must load to the same bytes: released and dice_ds key layouts
 (sequential and grouped experts, whole models and EP shards), E = 4/8/16, timm and flash attention,
-the three ``.pt`` forms (raw dict, ``{"ema": sd}``, ``{"model": sd}``), torch's legacy non-zip
-``.pt`` and ``.safetensors``, into fp32 and bf16 models holding every expert or a shard. The
-reference is the former path: ``released_to_mcore`` over the trimmed dict, then
-``load_state_dict`` (kept here, in the test, as the oracle).
+the ``.pt`` forms (raw dict, ``{"ema": sd}``, ``{"model": sd}``, a training file holding both, of
+which the EMA weights load), torch's legacy non-zip ``.pt`` and ``.safetensors``, into fp32 and
+bf16 models holding every expert or a shard. The reference is the whole-dict path the loader
+replaced: the model's state dict assembled here from the released tensors by the key table written
+out in ``_expected`` (independent of ``dice_ds/weights/keymap.py``), then ``load_state_dict``.
 """
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from dice_ds.checkpoint import export_released_state_dict, load_into_model, trim_experts
 from dice_ds.config import get_flavor
-from dice_ds.keymap import is_dice_layout, mcore_to_released, released_to_mcore
 from dice_ds.models import build_model, init_weights
-from dice_ds.weights.load import local_expert_ids, time_plain_read
+from dice_ds.weights.keymap import is_dice_layout, mcore_to_released
+from dice_ds.weights.load import load_into_model, local_expert_ids, time_plain_read
 from dice_ds.weights.read import open_checkpoint
+from dice_ds.weights.save import export_released_state_dict
 
 FLAVORS = {
     "debug-e4-timm": get_flavor("debug"),
@@ -47,8 +50,39 @@ def _model(cfg, impl, dtype, ids=None, seed=None):
     return _narrow(m, ids) if ids is not None else m
 
 
+def _expected(model, released):
+    """The model's tensors from a released state dict: the key table of the released DiT-MoE code,
+    written out (router = gate; an expert's fc1 = cat(gate_proj, up_proj), fc2 = down_proj; grouped
+    layers stack this rank's experts in local order; shared experts alike; the rest by name)."""
+    local = local_expert_ids(model)
+
+    def fc(prefix, which):
+        if which == "2":
+            return released[f"{prefix}.down_proj.weight"]
+        return torch.cat([released[f"{prefix}.gate_proj.weight"], released[f"{prefix}.up_proj.weight"]])
+
+    out = {}
+    for key in model.state_dict():
+        if key.endswith("._extra_state"):
+            continue
+        if m := re.match(r"^blocks\.(\d+)\.moe\.router\.weight$", key):
+            out[key] = released[f"blocks.{m.group(1)}.moe.gate.weight"]
+        elif m := re.match(r"^blocks\.(\d+)\.moe\.experts\.fc([12])_weight$", key):
+            out[key] = torch.stack([fc(f"blocks.{m.group(1)}.moe.experts.{e}", m.group(2))
+                                    for e in local])
+        elif m := re.match(r"^blocks\.(\d+)\.moe\.experts\.local_experts\.(\d+)\.linear_fc([12])"
+                           r"\.weight$", key):
+            out[key] = fc(f"blocks.{m.group(1)}.moe.experts.{local[int(m.group(2))]}", m.group(3))
+        elif m := re.match(r"^blocks\.(\d+)\.moe\.shared_experts\.linear_fc([12])\.weight$", key):
+            out[key] = fc(f"blocks.{m.group(1)}.moe.shared_experts", m.group(2))
+        else:
+            out[key] = released[key]
+    return out
+
+
 def _old_load(model, sd):
-    """The whole-dict loader this package replaced (the oracle)."""
+    """The whole-dict loader this package replaced (the oracle): a dice_ds-layout ``sd`` is renamed
+    to released keys first (a shard's own state dict holds its experts in local order)."""
     local = local_expert_ids(model)
     sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     if is_dice_layout(sd):
@@ -57,9 +91,7 @@ def _old_load(model, sd):
                 len({k.split(".")[5] for k in sd if ".local_experts." in k and k.startswith("blocks.0.")}))
         shard = len(local) < model.cfg.num_experts and held == len(local)
         sd = mcore_to_released(sd, expert_ids=local if shard else None)
-    trimmed, _ = trim_experts(sd, local)
-    mapped = released_to_mcore(trimmed, local_experts=local, experts_layout=model.cfg.experts_impl)
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    missing, unexpected = model.load_state_dict(_expected(model, sd), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing)
 
 
@@ -77,12 +109,14 @@ def _write(sd, path, form):
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     elif form == "legacy":
         torch.save({"ema": sd}, path, _use_new_zipfile_serialization=False)
+    elif form == "training":  # the EMA weights next to the trained ones, of the same layout
+        torch.save({"model": {k: v + 1 for k, v in sd.items()}, "ema": sd, "opt": {}}, path)
     else:
         torch.save({"raw": sd, "ema": {"ema": sd}, "model": {"model": sd, "opt": {}}}[form], path)
     return path
 
 
-FORMS = ("raw", "ema", "model", "legacy", "safetensors")
+FORMS = ("raw", "ema", "model", "training", "legacy", "safetensors")
 
 
 @pytest.mark.parametrize("flavor", sorted(FLAVORS))

@@ -1,0 +1,47 @@
+"""A built model's weights out, in the released DiT-MoE layout (what ``dice_ds/weights/read.py``
+reads back and the reference code loads).
+
+Owns ``export_released_state_dict(model)`` (the model's tensors under released names, through
+``dice_ds/weights/keymap.py``'s ``mcore_to_released``) and ``save_checkpoint(model, path)``
+(``{"ema": sd}`` for ``.pt``/``.pth``, flat for ``.safetensors``): how ``scripts/train_digits.py``
+wrote the shipped digits model and how tests write small checkpoints. Random checkpoints at real
+size, without a model, are ``dice_ds/weights/write.py``.
+
+Invariants: the model must hold every expert (an EP shard is refused, not half-written); parts of
+stacked or fused tensors are cloned, so an export shares no storage between keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dice_ds.config import ConfigError
+from dice_ds.weights.keymap import mcore_to_released
+from dice_ds.weights.load import local_expert_ids
+
+
+def export_released_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under released DiT-MoE keys (the model must hold every expert)."""
+    local = local_expert_ids(model)
+    if local != tuple(range(model.cfg.num_experts)):
+        raise ValueError(f"export needs a model holding all {model.cfg.num_experts} experts; this "
+                         f"one holds {list(local)} (gather the EP shards first)")
+    sd = mcore_to_released(model.state_dict(), expert_ids=local)
+    return {k: (v if dtype is None else v.to(dtype)).detach().contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(model, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the model in released format: ``{"ema": sd}`` for ``.pt``/``.pth``, flat for
+    ``.safetensors``."""
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".pt", ".pth"):
+        raise ConfigError(f"checkpoint path {path}: use a .pt or .safetensors extension")
+    sd = export_released_state_dict(model, dtype)
+    if path.suffix == ".safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save({"ema": sd}, path)
+    return path
