@@ -9,8 +9,9 @@ or the parallel runtime sees:
   Engine/Apex fallbacks, DeepSpeed's accelerator detection, deprecations inside torch/megatron/
   DeepSpeed/diffusers); ``--verbose`` keeps them. Installed by ``dice_ds.sample.main`` only, never
   by library code, which may use ``quieter_third_party`` (the same warning filters, for one block).
-- ``StepTracker`` and ``PeerFailure``: which sampling step a rank is in, and the one-line error a
-  rank prints when a collective fails because a peer died or timed out (the rank then exits 1).
+- ``PeerFailure`` and ``is_peer_failure``: the one-line error a rank prints when a collective
+  fails because a peer died or timed out (the rank then exits 1; the step it names is the
+  pipeline's, ``dice_ds.pipeline.denoise.LoopPosition``).
 - ``Progress``: rank 0's single progress bar (samples/s, ETA); ``summary_line``: the end-of-run line.
 """
 
@@ -20,7 +21,6 @@ import contextlib
 import logging
 import os
 import re
-import time
 import warnings
 
 
@@ -182,32 +182,3 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 class PeerFailure(RuntimeError):
     """A rank's collective failed because of a peer; ``str()`` is the one line the rank prints."""
-
-
-class StepTracker:
-    """Counts the model forwards of the current batch (one per sampling step, CFG included)."""
-
-    def __init__(self, model, num_steps: int):
-        self.num_steps = num_steps
-        self.step = 0
-        self.started = time.monotonic()
-        self._handle = model.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        self.step += 1
-        self.started = time.monotonic()
-
-    def new_batch(self) -> None:
-        self.step = 0
-        self.started = time.monotonic()
-
-    def failure(self, rank: int, batch: int, exc: BaseException, timeout_s: float) -> PeerFailure:
-        waited = time.monotonic() - self.started
-        where = f"step {self.step}/{self.num_steps}" if self.step else "before step 1"
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        return PeerFailure(f"rank {rank}: {where} of batch {batch}: peer failed/timed out after "
-                           f"{waited:.1f} s (collective timeout {timeout_s:g} s; "
-                           f"{type(exc).__name__}: {first})")
-
-    def remove(self) -> None:
-        self._handle.remove()

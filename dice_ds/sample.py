@@ -40,6 +40,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
+import numpy as np
+
 from dice_ds.config import ConfigError
 from dice_ds.options import (
     RunOptions,
@@ -115,46 +117,58 @@ def _batch_samples(b: int, total: int, world: int, n: int) -> int:
 def _sample_loop(prep: Prepared, pipe, out, rank: int, world: int) -> dict:
     """Run the batches still to do, one pipeline call each; returns this rank's timings.
 
-    A collective that fails because a peer died or timed out becomes a ``PeerFailure`` naming this
-    rank, the step and the batch.
+    The pipeline samples and decodes (``output_type='pil'``: the bytes written; 'latent' with
+    ``--vae none``). A collective that fails because a peer died or timed out becomes a
+    ``PeerFailure`` naming this rank, the step the pipeline's loop was in and the batch.
     """
     from dice_ds.outputs import batch_indices
     from dice_ds.parallel.groups import group_timeout
-    from dice_ds.runenv import Progress, StepTracker, is_peer_failure
+    from dice_ds.runenv import Progress, is_peer_failure
 
     opts = prep.opts
     steps = steps_of(opts)
     todo = _todo_batches(out, prep, rank, world)
     n, total = opts.per_proc_batch_size, opts.num_fid_samples
     progress = Progress(sum(_batch_samples(b, total, world, n) for b in todo), enabled=rank == 0)
-    tracker = StepTracker(pipe.model, steps)
+    output_type = "latent" if pipe.decoder is None else "pil"
     seconds, cpu = [], []
     try:
         for b in todo:
-            tracker.new_batch()
             try:  # this rank's own samples: indices b·n·W + i·W + rank, in i order
                 result = pipe(batch_size=n * world, first_index=b * n * world,
                               seed=opts.global_seed, num_inference_steps=steps,
-                              guidance_scale=opts.cfg_scale, output_type="latent",
+                              guidance_scale=opts.cfg_scale, output_type=output_type,
                               output_ranks="local", reset_stats=False)
             except Exception as e:
                 if world > 1 and is_peer_failure(e):
-                    raise tracker.failure(rank, b, e, group_timeout().total_seconds()) from e
+                    raise _peer_failure(pipe.position, rank, b, e,
+                                        group_timeout().total_seconds()) from e
                 raise
             seconds += result.stats["sub_batch_seconds"]
             cpu += result.stats["sub_batch_cpu_seconds"]
             keep = _written(batch_indices(b, rank, world, n), total, opts.trim_samples)
-            x = result.images[:len(keep)]  # the kept indices are a prefix of this rank's samples
+            rows = result.images[:len(keep)]  # the kept indices are a prefix of this rank's samples
             if pipe.decoder is None:
-                out.write_latents(keep, x.numpy())
+                out.write_latents(keep, rows.numpy())
             elif keep:
-                out.write_images(keep, pipe.decoder.decode(x.to(pipe.device)))
+                out.write_images(keep, [np.asarray(img) for img in rows])
             progress.update(_batch_samples(b, total, world, n))
     finally:
         progress.close()
-        tracker.remove()
     return {"batch_seconds": seconds, "batch_cpu_seconds": cpu, "batches_run": len(todo),
             "samples_run": sum(_batch_samples(b, total, world, n) for b in todo)}
+
+
+def _peer_failure(position, rank: int, batch: int, exc: BaseException, timeout_s: float):
+    """The one line a rank prints when a collective failed because of a peer: where the
+    pipeline's loop was (``LoopPosition``), since when, and the collective's error."""
+    from dice_ds.runenv import PeerFailure
+
+    waited = time.monotonic() - position.started
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return PeerFailure(f"rank {rank}: {position.describe()} of batch {batch}: peer failed/timed "
+                       f"out after {waited:.1f} s (collective timeout {timeout_s:g} s; "
+                       f"{type(exc).__name__}: {first})")
 
 
 RUN_JSON_LEAD = ("mode", "model", "sampling_seconds", "images_per_second", "num_samples",

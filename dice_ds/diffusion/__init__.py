@@ -1,26 +1,35 @@
-"""Samplers for DiT-MoE and the per-sample random draws that feed them.
+"""Samplers for DiT-MoE as step rules, and the per-sample random draws that feed them.
 
 Owns: the initial conditions of a sample (noise and class label) as a pure function of
-(global seed, global sample index), and the shared model-call helper used by every sampler
-(``predict``: one merged classifier-free-guidance forward, or a plain forward at scale 1).
+(global seed, global sample index), the ``StepRule`` protocol and ``step_rule`` (a sampler name and
+a step count -> its rule), and the shared model-call helper of the loop (``predict``: one merged
+classifier-free-guidance forward, or a plain forward at scale 1). The denoising loop that runs a
+rule (and drives the parallel runtime) is the pipeline's: dice_ds/pipeline/denoise.py.
 
 Invariants:
 - Sample ``index`` draws its label, its initial noise and (DDPM) every later noise tensor from its own
   ``torch.Generator`` seeded with ``sample_seed(global_seed, index)``. Which rank or which batch holds
   the sample therefore never changes what it receives, so a W-rank run and a 1-rank run with the same
   global seed produce the same image for every index (spec §2.1; DiT's rank-seeded batches do not).
-- Samplers never count steps inside a forward: they pass the step index i (counting down S..1) to the
-  EP runtime with ``runtime.begin_step(i, S)`` before every model call (spec pitfall 6).
+- A step rule is a pure description: its steps i (counting down S..1) with the timestep fed to
+  the model, which steps draw one noise tensor per sample (``draws_noise``; the loop draws it from
+  the sample's generator), and the update x <- f(i, x, model output, noise). Rules never see a
+  runtime; the loop passes i to ``runtime.begin_step(i)`` before every model call (pitfall 6).
 
-Samplers: ``rf.sample_rf`` (rectified flow, Euler), ``gaussian.sample_ddpm`` and
-``gaussian.sample_ddim`` (eta 0). ``SAMPLERS`` maps the CLI name to the function.
+Rules: ``rf.RectifiedFlow`` (rectified flow, Euler), ``gaussian.Gaussian`` (DDPM, and DDIM with
+eta 0); ``step_rule(name, S)`` maps the CLI name to the rule.
 
 Shape legend: N batch, C latent channels, H/W latent side.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+from dice_ds.diffusion.gaussian import Gaussian
+from dice_ds.diffusion.rf import RectifiedFlow
 
 _SEED_STRIDE = 0x9E3779B1  # odd, so index -> seed is a bijection mod 2^32 for every global seed
 
@@ -100,19 +109,36 @@ def predict(model, z_NCHW: torch.Tensor, t_N: torch.Tensor, y_N: torch.Tensor, c
     return out.float()
 
 
-def begin_step(runtime, i: int, num_steps: int) -> None:
-    if runtime is not None:
-        runtime.begin_step(i, num_steps)
+class StepRule(Protocol):
+    """One sampler's denoising steps for a step count (``step_rule``)."""
+
+    num_steps: int
+    name: str
+    guided_channels: int | None
+    """Channels guidance applies to (None: all)."""
+
+    def timesteps(self) -> list[tuple[int, float]]:
+        """(i, timestep fed to the model) in sampling order, i = S..1."""
+
+    def draws_noise(self, step: int) -> bool:
+        """Whether step i's update takes one standard-normal draw per sample."""
+
+    def update(self, step: int, x: torch.Tensor, out: torch.Tensor, noise) -> torch.Tensor:
+        """x after step i, from the model output (fp32) and the step's noise (or None)."""
 
 
-def _samplers():
-    from dice_ds.diffusion.gaussian import sample_ddim, sample_ddpm
-    from dice_ds.diffusion.rf import sample_rf
-
-    return {"rf": sample_rf, "ddpm": sample_ddpm, "ddim": sample_ddim}
+SAMPLER_NAMES = ("rf", "ddpm", "ddim")
 
 
-def get_sampler(name: str):
-    """The sampler function for a CLI name: 'rf', 'ddpm' or 'ddim'."""
-    return _samplers()[name]
+def step_rule(name: str, num_steps: int) -> StepRule:
+    """The step rule of CLI sampler ``name`` ('rf', 'ddpm' or 'ddim') for ``num_steps`` steps."""
+    if name == "rf":
+        return RectifiedFlow(num_steps)
+    if name in ("ddpm", "ddim"):
+        return Gaussian(num_steps, stochastic=name == "ddpm")
+    raise ValueError(f"sampler={name!r}: use one of {SAMPLER_NAMES}")
 
+
+def noise_draws(rule: StepRule) -> int:
+    """How many noise tensors per sample the rule's steps draw (after the initial noise)."""
+    return sum(rule.draws_noise(i) for i, _ in rule.timesteps())

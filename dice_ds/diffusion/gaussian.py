@@ -1,6 +1,7 @@
-"""Gaussian diffusion samplers for the S/B checkpoints: DDPM and DDIM (eta 0) (spec §1.4).
+"""Gaussian diffusion step rules for the S/B checkpoints: DDPM and DDIM (eta 0) (spec §1.4).
 
-Owns the noise schedule (``spaced_schedule``), one reverse step of each sampler and the loops.
+Owns the noise schedule (``spaced_schedule``), one reverse step of each sampler and the step rules
+``Gaussian`` (``DDPM``, ``DDIM``) that the pipeline's loop (dice_ds/pipeline/denoise.py) runs.
 
 Schedule: linear betas from 1e-4 to 0.02 over 1000 training steps, in float64. Respacing to S steps
 keeps the training timesteps ``round(k · 999 / (S − 1))`` for k = 0..S−1 (Python's round, the
@@ -16,8 +17,10 @@ One difference from DiT, documented: DiT carries a doubled batch whose unconditi
 its own, so its 4th channel drifts from the conditional half; here the unconditional branch is always
 evaluated on the conditional state (one merged forward on [z; z]).
 
-Both samplers call ``runtime.begin_step(i, S)`` with i = k + 1 counting down S..1, the same schedule
-as the RF sampler, so selective-sync schedules work for both (pitfall 6).
+Respaced index k is step i = k + 1, counting down S..1 as for the RF rule, so the loop's
+``runtime.begin_step(i)`` drives selective-sync schedules alike for every sampler (pitfall 6).
+DDPM declares one noise draw per sample on every step but the last (k > 0; ``draws_noise``): the
+loop draws it from the sample's generator, continuing the stream of its initial noise.
 
 Shape legend: N batch, C latent channels, H/W latent side.
 """
@@ -25,10 +28,9 @@ Shape legend: N batch, C latent channels, H/W latent side.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
-
-from dice_ds.diffusion import begin_step, per_sample_randn, predict
 
 TRAIN_STEPS = 1000
 GUIDED_CHANNELS = 3
@@ -132,44 +134,33 @@ def ddim_step(sched: Schedule, k: int, x: torch.Tensor, out: torch.Tensor) -> to
     return acp_prev ** 0.5 * x0 + (1.0 - acp_prev) ** 0.5 * eps
 
 
-def _loop(model, z_NCHW, y_N, num_steps, cfg_scale, runtime, step_fn) -> torch.Tensor:
-    sched = spaced_schedule(num_steps)
-    if runtime is not None:
-        runtime.reset()
-    x = z_NCHW.float()
-    for k in range(num_steps - 1, -1, -1):
-        t_N = torch.full((x.shape[0],), float(sched.timesteps[k]), device=x.device)
-        begin_step(runtime, k + 1, num_steps)
-        out = predict(model, x, t_N, y_N, cfg_scale, guided_channels=GUIDED_CHANNELS)
-        x = step_fn(sched, k, x, out)
-    if runtime is not None:
-        runtime.finish()
-    return x
+@dataclass(frozen=True)
+class Gaussian:
+    """A step rule of S respaced steps (``dice_ds.diffusion.StepRule``): ancestral DDPM, or
+    deterministic DDIM (eta 0) with ``stochastic=False``."""
 
+    num_steps: int
+    stochastic: bool = True
+    guided_channels = GUIDED_CHANNELS
 
-@torch.no_grad()
-def sample_ddpm(model, z_NCHW: torch.Tensor, y_N: torch.Tensor, num_steps: int,
-                cfg_scale: float = 1.0, runtime=None, generators=None) -> torch.Tensor:
-    """Ancestral DDPM from noise ``z``; returns fp32 [N, C, H, W].
+    @property
+    def name(self) -> str:
+        return "ddpm" if self.stochastic else "ddim"
 
-    ``generators`` (one per sample, required) supply each step's noise, continuing the stream that
-    drew the sample's initial noise, so the result does not depend on batch composition.
-    """
-    if generators is None or len(generators) != z_NCHW.shape[0]:
-        raise ValueError("sample_ddpm needs one torch.Generator per sample")
-    shape = tuple(z_NCHW.shape[1:])
+    @cached_property
+    def spaced(self) -> Schedule:
+        return spaced_schedule(self.num_steps)
 
-    def step(sched, k, x, out):
-        noise = per_sample_randn(generators, shape, x.device) if k > 0 else None
-        return ddpm_step(sched, k, x, out, noise)
+    def timesteps(self) -> list[tuple[int, float]]:
+        """(i, training timestep) for i = S..1 (respaced index k = i - 1)."""
+        kept = self.spaced.timesteps
+        return [(k + 1, float(kept[k])) for k in range(self.num_steps - 1, -1, -1)]
 
-    return _loop(model, z_NCHW, y_N, num_steps, cfg_scale, runtime, step)
+    def draws_noise(self, step: int) -> bool:
+        """DDPM adds noise on every step but the last (k = 0); DDIM never."""
+        return self.stochastic and step > 1
 
-
-@torch.no_grad()
-def sample_ddim(model, z_NCHW: torch.Tensor, y_N: torch.Tensor, num_steps: int,
-                cfg_scale: float = 1.0, runtime=None, generators=None) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from noise ``z``; returns fp32 [N, C, H, W]."""
-    del generators
-    return _loop(model, z_NCHW, y_N, num_steps, cfg_scale, runtime,
-                 lambda sched, k, x, out: ddim_step(sched, k, x, out))
+    def update(self, step: int, x: torch.Tensor, out: torch.Tensor, noise) -> torch.Tensor:
+        if self.stochastic:
+            return ddpm_step(self.spaced, step - 1, x, out, noise)
+        return ddim_step(self.spaced, step - 1, x, out)

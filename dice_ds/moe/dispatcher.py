@@ -2,13 +2,14 @@
 communication replaced (docs/spec.md §2.2.2, §2.2.3, §2.8; docs/design.md "Exchange schedule").
 
 Owns ``PackedAlltoAllTokenDispatcher`` (every EP layer: a dispatch is one message of tokens + probs),
-``DisplacedAlltoAllTokenDispatcher`` / ``InterweavedAlltoAllTokenDispatcher`` (async layers), the
+``StaleAlltoAllTokenDispatcher`` (async layers, both stale modes), the
 ``CombineOutbox`` that orders stale combines behind dispatches, and the two helpers that move an
 ``ExchangeRecord`` in and out of megatron's per-call attributes (``capture_record`` /
 ``install_record``).
 
-What the stale dispatchers override, and only when the runtime marks the call stale
-(``begin_call(stale=True)``; otherwise a call is megatron's phases with the packed dispatch):
+What the stale dispatchers override, and only when the runtime hands over a stale call
+(``begin_call(call)`` with the schedule's ``Call``; otherwise a call is megatron's phases with the
+packed dispatch):
 
 - ``preprocess``: the count exchange. megatron all-gathers the per-expert counts and needs them on
   the host before the payload all-to-all (pitfall 8). Here an async ``all_to_all_single`` of the
@@ -22,12 +23,11 @@ What the stale dispatchers override, and only when the runtime marks the call st
   computed (with the source record) to the outbox, waits on this layer's own combine exchange and
   puts ITS record in place for megatron's ``combine_postprocess`` (pitfall 13).
 
-The two modes differ in two facts only: where the expert input comes from (displaced: this layer's
-dispatch of the previous step; interweaved: the ring predecessor's dispatch of this step, so the
-runtime computes the predecessor's experts) and when this layer's own combine is taken (displaced:
-before launching the new one -> 2 steps stale; interweaved: the one its ring successor launched
-last step -> 1 step stale; with a ring of one layer the just-deferred combine is posted and waited
-at once).
+The two stale modes differ in two facts only, and both are the schedule's answers
+(``dice_ds.schedule.Schedule.call``), never decided here: where the expert input comes from (the
+``source_state`` the runtime hands over: this layer's for displaced, the ring predecessor's for
+interweaved) and which combine is returned (``Call.own_work``: the held one, taken before this
+call's combine is posted, or, for a ring of one, the one this call posts and then waits on).
 
 gloo: ``all_to_all_single`` with list splits and ``async_op=True`` only (docs/megatron-cpu.md §4).
 Payload dtype casts are the runtime's; this module sends what it is given. Router probs keep fp32:
@@ -47,6 +47,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from dice_ds.moe.payload import CountsExchange, pack_rows, unpack_rows
 from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, ExchangeRecord, LayerState, RecordExtras
+from dice_ds.schedule import Call
 
 
 def _as_numpy(splits) -> Optional[np.ndarray]:
@@ -162,10 +163,6 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
        later.
     """
 
-    take_own_combine_first: bool = True
-    """Take this layer's own combine before launching the source's (False only matters when the
-    source is this layer itself: then the just-launched combine is the one returned)."""
-
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, *,
                  layer: int, state: LayerState, source_state: LayerState, ledger: CommLedger,
                  timer: PhaseTimer, on_store: Callable[[], None], counts_group=None,
@@ -182,6 +179,7 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
         self.outbox = outbox if outbox is not None else CombineOutbox()
         self.stale = False
         self.step: Optional[int] = None
+        self.call: Optional[Call] = None
         self.extras = RecordExtras()
         self.experts_weighted = True
         self.installed: Optional[ExchangeRecord] = None
@@ -189,12 +187,16 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
         self._counts: Optional[CountsExchange] = None
         self._pending: Optional[_PendingDispatch] = None
 
-    def begin_call(self, *, stale: bool, step: Optional[int], experts_weighted: bool = True,
+    def begin_call(self, call: Call, *, experts_weighted: bool = True,
                    extras: RecordExtras = RecordExtras()) -> None:
-        """Set by the runtime before each layer call (the step is an argument, never counted)."""
+        """Set by the runtime before each layer call: the schedule's answer for it
+        (``Schedule.call``: stale or not, the step, whether it returns its own work)."""
         if self._pending is not None or self._counts is not None:
             raise RuntimeError(f"layer {self.layer}: previous stale call did not finish")
-        self.stale, self.step, self.experts_weighted = stale, step, experts_weighted
+        if call.layer != self.layer:
+            raise ValueError(f"layer {self.layer}: handed the schedule's call of layer {call.layer}")
+        self.call, self.stale, self.step = call, call.stale, call.step
+        self.experts_weighted = experts_weighted
         self.extras = extras
         self.installed = self.returned = None
 
@@ -255,9 +257,10 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
             return super().token_combine(hidden_states)
         if self._pending is not None:
             self._launch_own_dispatch()
-        # taking a slot only moves the exchange out of the held state; its wait comes last
-        take_first = self.take_own_combine_first or self.source_state is not self.state
-        own = self.state.take("combine") if take_first else None
+        # taking a slot only moves the exchange out of the held state; its wait comes last.
+        # The schedule says which combine is returned: the held one, or (a ring of one) the one
+        # this call is about to post
+        own = None if self.call.own_work else self.state.take("combine")
         computed, weighted, step = self.installed, self.experts_weighted, self.step
 
         def post_combine():
@@ -322,23 +325,3 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
 def _unpacked(buf_RX: torch.Tensor, probs_dtype: torch.dtype):
     tokens_RD, probs_R = unpack_rows(buf_RX)
     return tokens_RD, probs_R.to(probs_dtype)
-
-
-class DisplacedAlltoAllTokenDispatcher(StaleAlltoAllTokenDispatcher):
-    """Displaced EP: compute last step's received tokens; return the combine launched last step
-    (2 steps stale; 1 right after a sync step)."""
-
-    take_own_combine_first = True
-
-
-class InterweavedAlltoAllTokenDispatcher(StaleAlltoAllTokenDispatcher):
-    """Interweaved EP: compute the ring predecessor's tokens of this step; own outputs come back
-    one step later (1 step stale at every async layer)."""
-
-    take_own_combine_first = False
-    """What a sync call leaves for these dispatchers' next stale call (the ring tail's dispatch,
-    the other layers' combines) is the schedule's ``keeps_after_sync`` (dice_ds/schedule.py)."""
-
-
-DISPATCHERS = {"displaced": DisplacedAlltoAllTokenDispatcher,
-               "interweaved": InterweavedAlltoAllTokenDispatcher}

@@ -215,7 +215,7 @@ class LayerState:
             raise RuntimeError(
                 f"layer {self.layer}: no {kind} exchange to consume; an async step must follow a "
                 "sync step of the same batch (the first step of a batch is always sync: call "
-                "runtime.begin_step(i, S) before every forward, starting at i = S)")
+                "runtime.begin_step(i) before every forward of a batch, starting at i = S)")
         setattr(self, kind, None)
         return exchange
 

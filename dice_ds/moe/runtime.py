@@ -13,10 +13,13 @@ Who holds what:
 - the runtime holds references to every layer, so an interweaved layer computes its ring
   predecessor's experts; the seeded 'rand' skip generator; the timer and the comm ledger.
 
-Contract with the sampler: ``reset()`` at the start of each batch, ``begin_step(i, S)`` before EVERY
-model forward (i counts down S..1; the runtime never counts steps), ``finish()`` at batch end,
-``stats()`` afterwards. Schedule entries of ``stats()`` describe the last batch; traffic, cache and
-phase counters accumulate until ``reset_stats()``.
+Contract with the pipeline's loop (``dice_ds.lifecycle``): ``with runtime.batch(schedule):`` around
+each batch (resets at entry; at exit finishes, or on an exception aborts, every exchange in flight),
+``begin_step(i)`` before EVERY model forward (i counts down S..1; the runtime never counts steps),
+``stats()`` afterwards. The schedule is the call's (``dice_ds.schedule.Schedule``, built by the
+pipeline): the runtime never builds one, it asks it what each (step, layer) call computes and
+returns. Schedule entries of ``stats()`` describe the last batch; traffic, cache and phase
+counters accumulate until ``reset_stats()``.
 
 Invariants:
 - a sync call runs megatron's own phases (its all-to-all dispatcher), so sync EP output equals
@@ -24,11 +27,11 @@ Invariants:
   before anything is cleared (pitfall 9), then async layers refill the exchanges the next async
   step reads, with the fresh data and no handle;
 - conditional communication: a layer skips one slot per token on every step ``is_skip_step`` names
-  once it has launched a full exchange since ``reset()`` (the skipped slots are filled from its
+  once it has launched a full exchange in the batch (the skipped slots are filled from its
   slot cache, which needs one); the skipped (token, expert) entries are removed from the routing
   map before megatron's preprocess, so they are neither permuted, sent nor computed. The 'rand'
-  mask is redrawn for every skipping (step, layer) from the runtime's generator, reseeded by
-  ``reset()`` (pitfall 10).
+  mask is redrawn for every skipping (step, layer) from the runtime's generator, reseeded at the
+  start of every batch (pitfall 10).
 
 Shape legend: S = T tokens of one call (N·T_img), D hidden, E experts, R permuted rows, 2 slots.
 """
@@ -41,13 +44,14 @@ from typing import Optional
 
 import torch
 
+from dice_ds.lifecycle import BatchLifecycle
 from dice_ds.models.dit_moe import DTYPES
 from dice_ds.moe import importance
-from dice_ds.moe.dispatcher import (DISPATCHERS, CombineOutbox, PackedAlltoAllTokenDispatcher,
+from dice_ds.moe.dispatcher import (CombineOutbox, PackedAlltoAllTokenDispatcher,
                                     StaleAlltoAllTokenDispatcher, capture_record)
 from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, LayerState, RecordExtras, SlotCache
-from dice_ds.schedule import Schedule
+from dice_ds.schedule import Layout, Schedule
 
 """Tokens and expert outputs are cast to the payload dtype for the all-to-all and back after it;
 router probs always travel in fp32 (a [R] vector: 1/D of the token bytes, and the expert weights
@@ -63,7 +67,7 @@ class _Routing:
     skipped_slot_T: Optional[torch.Tensor] = None
 
 
-class DiceRuntime:
+class DiceRuntime(BatchLifecycle):
     """Runs the MoE layers of one model under a ``ParallelPlan`` (see ``parallelize_dit_moe``)."""
 
     def __init__(self, layers, plan, groups, device: torch.device | str = "cpu"):
@@ -75,11 +79,12 @@ class DiceRuntime:
         self.stale_enabled = plan.async_enabled
         self.skip_enabled = plan.skip_period > 1 and self.ep_size > 1
         self.current_weights = plan.stale_output_weights == "current"
-        # the layer structure (async layers, ring) does not depend on the step count; the full
-        # schedule is rebuilt by begin_step for each S
-        self.schedule = Schedule.build(plan, 1, self.depth)
-        self.async_layers = self.schedule.async_layers
-        self.ring = {l: self.schedule.ring_source(l) for l in self.async_layers}
+        # the layer structure (async layers, ring: step-independent) picks the dispatchers; each
+        # batch's schedule comes from the pipeline and must have this layout
+        self.layout = Layout.of(plan, self.depth)
+        self.async_layers = self.layout.async_layers
+        self.ring = {l: self.layout.ring[l] for l in self.async_layers}
+        self.schedule: Optional[Schedule] = None
         self.states = {l: LayerState(l) for l in self.layers}
         self.timer = PhaseTimer(device)
         self.ledger = CommLedger()
@@ -99,7 +104,6 @@ class DiceRuntime:
     def _clear_run(self) -> None:
         self._rand.manual_seed(self.plan.skip_seed)
         self._step: Optional[int] = None
-        self._num_steps: Optional[int] = None
         self._step_sync = True
         self._called: set = set()
         self._skip_log: dict = defaultdict(list)
@@ -110,7 +114,7 @@ class DiceRuntime:
             old = layer.token_dispatcher
             if l in self.async_layers:
                 self._megatron_dispatchers[l] = old
-                layer.token_dispatcher = DISPATCHERS[self.plan.mode](
+                layer.token_dispatcher = StaleAlltoAllTokenDispatcher(
                     old.num_local_experts, old.local_expert_indices, layer.config,
                     make_pg_collection(), layer=l, state=self.states[l],
                     source_state=self.states[self.ring[l]], ledger=self.ledger, timer=self.timer,
@@ -126,15 +130,25 @@ class DiceRuntime:
 
     def detach(self) -> None:
         """Undo ``install``: drain, restore megatron's dispatchers, detach from the layers."""
-        self.finish()
+        self._finish()
         for l, disp in self._megatron_dispatchers.items():
             self.layers[l].token_dispatcher = disp
         self._megatron_dispatchers.clear()
         for layer in self.layers.values():
             layer.runtime = None
 
-    def reset(self) -> None:
-        """Start of a batch: wait on every in-flight handle, clear all state, reseed 'rand'."""
+    def _start(self, schedule: Schedule) -> None:
+        """Start of a batch under ``schedule``: clear all state, reseed 'rand'."""
+        if schedule.depth != self.depth or schedule.layout != self.layout:
+            raise ValueError(f"DiceRuntime: the batch's schedule (depth {schedule.depth}, "
+                             f"{schedule.layout}) is not this runtime's plan (depth {self.depth}, "
+                             f"{self.layout}): build it with Schedule.build(plan, steps, depth)")
+        self._abort()
+        self.schedule = schedule
+
+    def _abort(self) -> None:
+        """Wait on every in-flight handle (every rank posted the same collectives, also after an
+        exception mid-forward: ``abort_call``) and clear all state."""
         for layer in self.layers.values():
             if isinstance(layer.token_dispatcher, StaleAlltoAllTokenDispatcher):
                 layer.token_dispatcher.abort_call()
@@ -147,13 +161,12 @@ class DiceRuntime:
         self.timer.reset()
         self.ledger.reset()
 
-    def begin_step(self, step: int, num_steps: int) -> None:
-        """Before EVERY model forward: step i counts down from S (= num_steps) to 1."""
-        if num_steps < 1 or not 1 <= step <= num_steps:
-            raise ValueError(f"begin_step({step}, {num_steps}): need 1 <= step <= num_steps")
-        if num_steps != self._num_steps:
-            self._num_steps = num_steps
-            self.schedule = Schedule.build(self.plan, num_steps, self.depth)
+    def begin_step(self, step: int) -> None:
+        """Before EVERY model forward of a batch: step i counts down from S to 1."""
+        if self.schedule is None or not self.in_batch:
+            raise RuntimeError("DiceRuntime: begin_step outside `with runtime.batch(schedule)`")
+        if not 1 <= step <= self.schedule.num_steps:
+            raise ValueError(f"begin_step({step}): need 1 <= step <= {self.schedule.num_steps}")
         self._step = step
         self._step_sync = self.schedule.ep_sync_step(step)
         self._called.clear()
@@ -163,7 +176,7 @@ class DiceRuntime:
                 for st in self.states.values():
                     st.drain()
 
-    def finish(self) -> None:
+    def _finish(self) -> None:
         """End of a batch: wait on everything in flight and free every held buffer."""
         with self.timer.phase("drain"):
             self.outbox.flush()
@@ -190,7 +203,7 @@ class DiceRuntime:
         l = layer.moe_index
         if self.stale_enabled or self.skip_enabled:
             if self._step is None:
-                raise RuntimeError("DiceRuntime: call begin_step(i, S) before every model forward")
+                raise RuntimeError("DiceRuntime: call begin_step(i) before every model forward")
             if l in self._called and self.stale_enabled:
                 raise RuntimeError(f"MoE layer {l} called twice in step {self._step}: call "
                                    "begin_step before every model forward")
@@ -251,16 +264,12 @@ class DiceRuntime:
                          prob_bytes=0 if probs is None else probs.numel() * probs.element_size(),
                          remote_rows=rows - int(splits[me]), row_bytes=row_bytes)
 
-    def _refills(self, l: int) -> tuple[bool, bool]:
-        """(dispatch, combine) exchanges a sync call of layer l leaves for the next async step."""
-        return self.schedule.keeps_after_sync(l)
-
     def _sync_forward(self, layer, h_S1D: torch.Tensor) -> torch.Tensor:
         """megatron's phases, plus records for the exchanges the next async step reads."""
         l, disp, act = layer.moe_index, layer.token_dispatcher, h_S1D.dtype
         self.outbox.flush()  # deferred stale combines go before this call's collectives
         if isinstance(disp, StaleAlltoAllTokenDispatcher):
-            disp.begin_call(stale=False, step=self._step)
+            disp.begin_call(self.schedule.call(self._step, l))
         with self.timer.phase("shared"):
             shared = layer.shared_experts_compute(h_S1D)
         probs_TE, rmap_TE, routing = self._route(layer, h_S1D)
@@ -271,7 +280,7 @@ class DiceRuntime:
         with self.timer.phase("dispatch"):
             recv_RD, recv_probs = layer.dispatch(tokens_RD, probs_R)
         self._count_sync(disp, l, tokens_RD, probs_R, "dispatch")
-        keep_dispatch, keep_combine = self._refills(l)
+        keep_dispatch, keep_combine = self.schedule.keeps_after_sync(l)
         record = None
         if self.ep_size > 1 and (keep_dispatch or keep_combine or extras.row_slot_R is not None):
             record = capture_record(disp, step=self._step, layer=l, extras=extras)
@@ -293,8 +302,9 @@ class DiceRuntime:
     def _stale_forward(self, layer, h_S1D: torch.Tensor) -> torch.Tensor:
         """One async call: this step's tokens go out, a stale exchange is computed and returned."""
         l, disp, act = layer.moe_index, layer.token_dispatcher, h_S1D.dtype
-        source = self.layers[self.ring[l]]
-        disp.begin_call(stale=True, step=self._step, experts_weighted=not self.current_weights)
+        call = self.schedule.call(self._step, l)
+        source = self.layers[call.computes[1]]  # whose experts run: the schedule's answer
+        disp.begin_call(call, experts_weighted=not self.current_weights)
         probs_TE, rmap_TE, routing = self._route(layer, h_S1D)
         with self.timer.phase("preprocess"):
             tokens_RD, probs_R = layer.preprocess(h_S1D, probs_TE, rmap_TE)  # posts the counts
@@ -353,8 +363,8 @@ class DiceRuntime:
         return {
             "ep_size": self.ep_size,
             "mode": self.plan.mode,
-            "sync_steps": sorted(self.schedule.ep_sync_steps),
-            "schedule": self.schedule.to_json(),
+            "sync_steps": sorted(self.schedule.ep_sync_steps) if self.schedule else [],
+            "schedule": self.schedule.to_json() if self.schedule else None,
             "async_layers": list(self.async_layers),
             "ring": {str(l): p for l, p in self.ring.items()} if self.plan.mode == "interweaved"
             else {},

@@ -15,9 +15,10 @@ K/V per attention layer and step (``Schedule.sp_sync_step``):
   with this rank's own chunk replaced by its fresh K/V; then the fresh K/V are enqueued for the
   next step's bucketed async all-gather.
 
-Lifecycle (``dice_ds.lifecycle.StepRuntime``): ``reset()`` at a batch start (drains and frees
-every buffer), ``begin_step(i, S)`` before every forward (the step index comes from the sampler),
-``finish()``, ``stats()``.
+Lifecycle (``dice_ds.lifecycle``): ``with runtime.batch(schedule):`` around a batch (its start and
+its end, normal or not, drain and free every buffer; the schedule is the call's, built by the
+pipeline, never here), ``begin_step(i)`` before every forward (the step index comes from the
+pipeline's loop), ``stats()``.
 
 Shape legend: N batch (CFG included), T tokens, t = T/W, D hidden, H heads, K head dim, W SP size.
 """
@@ -28,11 +29,12 @@ from typing import Optional
 
 import torch
 
+from dice_ds.lifecycle import BatchLifecycle
 from dice_ds.parallel.sp_comm import KVCommManager, SPLedger, gather_chunks
 from dice_ds.schedule import Schedule
 
 
-class SequenceParallelRuntime:
+class SequenceParallelRuntime(BatchLifecycle):
     """Runs a DiT-MoE's token sharding and attention K/V exchange under a ``ParallelPlan``."""
 
     def __init__(self, model, plan, group):
@@ -62,31 +64,41 @@ class SequenceParallelRuntime:
         return self
 
     def detach(self) -> None:
-        self.finish()
+        self._finish()
         self.model.sp_runtime = None
         for block in self.model.blocks:
             block.attn.runtime = None
             del block.attn.sp_index
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def reset(self) -> None:
+    def _start(self, schedule: Schedule) -> None:
         """Start of a batch: wait on every handle and free every K/V buffer."""
-        if self.manager is not None:
-            self.manager.reset()
-        self._step = None
+        if schedule.depth != self.depth or schedule.sp_size != self.world \
+                or schedule.sp_async != (self.manager is not None):
+            raise ValueError(f"SequenceParallelRuntime: the batch's schedule (depth "
+                             f"{schedule.depth}, sp_size {schedule.sp_size}, sp_async "
+                             f"{schedule.sp_async}) is not this runtime's plan: build it with "
+                             "Schedule.build(plan, steps, depth)")
+        self._finish()
+        self.schedule = schedule
 
-    def begin_step(self, step: int, num_steps: int) -> None:
-        if self.schedule is None or self.schedule.num_steps != num_steps:
-            self.schedule = Schedule.build(self.plan, num_steps, self.depth)
+    def begin_step(self, step: int) -> None:
+        if self.schedule is None or not self.in_batch:
+            raise RuntimeError("SequenceParallelRuntime: begin_step outside "
+                               "`with runtime.batch(schedule)`")
         self._sync = self.schedule.sp_sync_step(step)
         self._step = step
         if self.manager is not None and self.schedule.sp_clears_cache(step):
             self.manager.drain()  # sync step: nothing may still be in flight (pitfall 9)
 
-    def finish(self) -> None:
+    def _finish(self) -> None:
         if self.manager is not None:
             self.manager.reset()
         self._step = None
+
+    _abort = _finish
+    """every rank posts the same all-gathers in the same order, so waiting on them all after a
+    failure on every rank alike cannot hang (``KVCommManager.reset``)"""
 
     def inflight_handles(self) -> int:
         return self.manager.inflight_handles() if self.manager is not None else 0
@@ -120,7 +132,7 @@ class SequenceParallelRuntime:
     def attention_kv(self, attn, k_NHtK: torch.Tensor, v_NHtK: torch.Tensor):
         """Full-length K and V [N, H, T, K] for this rank's queries (module docstring)."""
         if self._step is None:
-            raise RuntimeError("SequenceParallelRuntime: call begin_step(i, S) before every model "
+            raise RuntimeError("SequenceParallelRuntime: call begin_step(i) before every model "
                                "forward")
         l = attn.sp_index
         kv = torch.stack([k_NHtK, v_NHtK])                 # [2, N, H, t, K]

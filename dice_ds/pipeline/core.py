@@ -6,11 +6,16 @@ ranks). What a call's arguments mean and where its randomness comes from: ``dice
 the output types: ``dice_ds.pipeline.output``; which rank samples and owns which position:
 ``dice_ds.parallel.sp_batches``.
 
+A call builds its schedule once (``dice_ds.schedule.Schedule``: it knows the step count) and its
+step rule (``dice_ds.diffusion.step_rule``), and runs every sub-batch through the denoising loop
+(``dice_ds.pipeline.denoise``) with that schedule handed to the runtime.
+
 Invariants: every ConfigError of the settings is raised before a process group starts; the model
-and the runtime are built once and reused by every call (the sampler resets the runtime at the
-start and end of every sub-batch, so nothing stale crosses calls); a call is collective (every
-rank calls it with the same arguments, checked by one all-gather); torch's global RNG is never
-used or seeded.
+and the runtime are built once and reused by every call (each sub-batch is one
+``runtime.batch(schedule)``, which resets at entry and finishes, or on an exception aborts, every
+exchange at exit, so nothing stale or in flight crosses sub-batches or calls); a call is
+collective (every rank calls it with the same arguments, checked by one all-gather); torch's
+global RNG is never used or seeded.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 import torch
 
 from dice_ds.config import ConfigError
+from dice_ds.diffusion import noise_draws, step_rule
 from dice_ds.pipeline.call import (
     OUTPUT_RANKS,
     agree,
@@ -29,6 +35,7 @@ from dice_ds.pipeline.call import (
     draw_generators,
     replay,
 )
+from dice_ds.pipeline.denoise import LoopPosition, denoise
 from dice_ds.pipeline.output import (
     DiTMoEPipelineOutput,
     deliver,
@@ -45,6 +52,7 @@ from dice_ds.pipeline.prepare import (
     pipeline_options,
     prepare_spec,
 )
+from dice_ds.schedule import Schedule
 
 
 class DiTMoEPipeline:
@@ -130,7 +138,6 @@ class DiTMoEPipeline:
         return cls(opts, output_ranks=output_ranks, world_size=world_size)
 
     def _build(self) -> None:
-        from dice_ds.diffusion import get_sampler
         from dice_ds.options import sampler_of
         from dice_ds.parallel.groups import build_model_groups
         from dice_ds.pipeline.build import build_model_and_runtime, time_first_step
@@ -146,7 +153,8 @@ class DiTMoEPipeline:
         self.decoder = build_decoder(opts.vae, opts.vae_path, spec.device,
                                      spec.model_cfg.in_channels)
         self.sampler_name = sampler_of(opts)
-        self.sampler = get_sampler(self.sampler_name)
+        self.position = LoopPosition()
+        """The step the denoising loop is in (what a rank reports when a collective fails)."""
 
     @property
     def device(self) -> str:
@@ -202,6 +210,8 @@ class DiTMoEPipeline:
         from dice_ds.parallel.sp_batches import call_sub_batches
 
         cfg, device = self.spec.model_cfg, self.spec.device
+        rule = step_rule(self.sampler_name, call.steps)
+        schedule = Schedule.build(self.spec.plan, call.steps, cfg.depth)  # one per call
         own, rows, seconds, cpu, computed = [], [], [], [], set()
         for positions, mine in call_sub_batches(self.spec.plan, self._padded(call.batch_size),
                                                 self.rank, self.world_size):
@@ -209,8 +219,9 @@ class DiTMoEPipeline:
                                     cfg.num_classes)
             _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            x = self.sampler(self.model, z.to(device), y.to(device), call.steps, call.guidance,
-                             runtime=self.runtime, generators=gens)
+            x = denoise(rule, self.model, z.to(device), y.to(device), call.guidance,
+                        runtime=self.runtime, schedule=schedule, generators=gens,
+                        position=self.position)
             _sync(device)
             seconds.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
@@ -218,9 +229,8 @@ class DiTMoEPipeline:
             kept = [j for j in positions[mine] if j < call.batch_size]  # fillers come last
             own += kept
             rows.append(x[mine][:len(kept)])
-        draws = call.steps - 1 if self.sampler_name == "ddpm" else 0
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-        replay(call, computed, draws, shape)
+        replay(call, computed, noise_draws(rule), shape)
         return own, (torch.cat(rows) if own else None), seconds, cpu
 
     def _stats(self, call, seconds: list[float], cpu: list[float]) -> dict:

@@ -10,8 +10,9 @@ and layer, k slots, h hidden, F expert FFN, F_s shared FFN, b payload bytes, c p
 - activations: the largest transient of one layer call: the MoE layer's permuted rows and SwiGLU
   intermediates (N k (2h + 2F)) plus the residual stream, modulated input, attention projections
   and shared expert (N (6h + 2 F_s)), at act bytes;
-- displaced EP: per async layer the held dispatch (N k rows of h + c) and combine (N k x h);
-- interweaved EP: per async layer the held combine, plus the ring tail's dispatch;
+- stale EP: every exchange the schedule says a layer holds (``Schedule.holds``), a dispatch as
+  N k rows of h + c, a combine as N k x h (displaced: both per async layer; interweaved: every
+  async layer's combine plus the ring tail's dispatch);
 - conditional communication: per layer (every layer skips) the slot cache N x 2 x h x act;
 - displaced SP: every layer's K/V of the whole sequence (receive, 2 N_sp h per layer with
   N_sp = N x sp) plus this rank's send copy (2 N h), as in docs/design.md.
@@ -50,12 +51,8 @@ def memory(w: Workload, sched: Schedule, ep: int, sp: int, payload: str | None) 
     b = DTYPE_BYTES[payload or w.dtype]
     cols = 4 // b
     disp, comb = n * k * (h + cols) * b, n * k * h * b
-    a = len(sched.async_layers)
-    stale = 0.0
-    if a and sched.ep_mode == "displaced":
-        stale = a * (disp + comb)
-    elif a and sched.ep_mode == "interweaved":
-        stale = a * comb + disp
+    held = [sched.holds(l) for l in range(sched.depth)]  # the schedule's answer, per layer
+    stale = float(sum(x.dispatch * disp + x.combine * comb for x in held))
     skip = n * 2 * h * act * L if sched.skip_steps else 0.0
     kv = (L * 2 * n * sp * h * act + L * 2 * n * h * act) if sched.sp_async else 0.0
     experts = L * (c.num_experts // max(ep, 1)) * 3 * h * c.expert_ffn_size * act

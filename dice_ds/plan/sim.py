@@ -21,7 +21,8 @@ What each call costs, as implemented (``dice_ds/moe/dispatcher.py``, ``runtime.p
   predecessor's dispatch of this step, the ring head's the tail's of the previous step); the
   combine it produces goes into the outbox; then the call waits for the combine it consumes
   (displaced: computed one step ago from tokens two steps old; interweaved: of its own previous
-  step's tokens);
+  step's tokens). Whose tokens a call computes and which combine it consumes are the schedule's
+  answers (``Schedule.call``), not derived here;
 - a sync step drains (every rank waits until every link is idle); so does the end of the batch;
 - conditional communication: a skipping call sends half the rows and computes half the expert rows;
 - SP: sync SP gathers each layer's K/V blocking; displaced SP posts one gather per bucket of
@@ -292,13 +293,14 @@ def _sync(R: _Ranks, costs, msgs, comb, load, skip) -> None:
 
 
 def _stale(R: _Ranks, sched, costs, msgs, disp, comb, load, i, l, skip) -> None:
-    n, S = R.n, sched.num_steps
-    interweaved = sched.ep_mode == "interweaved"
-    src_layer = sched.ring_source(l) if interweaved else l
-    src_step = i + 1 if (not interweaved or src_layer >= l) else i
-    need = (i + 1, l) if interweaved else (i + 2, l)
-    src_skip = 0.5 if src_step <= S and sched.skips(src_step, src_layer) else 1.0
-    src_load = load(src_step, src_layer) if src_step <= S else [1.0] * n
+    n = R.n
+    call = sched.call(i, l)  # the schedule's answers: whose tokens run here, whose come back
+    src_step, src_layer = call.computes
+    # the combine consumed: keyed by the tokens it carries; none to wait on when a sync call kept
+    # it (its exchange already completed) or when it is this call's own (posted just below)
+    need = None if sched.ep_sync_step(call.computed_at) else (call.returns, l)
+    src_skip = 0.5 if sched.skips(src_step, src_layer) else 1.0
+    src_load = load(src_step, src_layer)
     here = load(i, l)
     posted = [False] * n
     post_t = []
@@ -329,9 +331,9 @@ def _stale(R: _Ranks, sched, costs, msgs, disp, comb, load, i, l, skip) -> None:
             post(r)
         R.outbox[r].append(((src_step, src_layer), msgs.combine * src_skip * src_load[r]))
     for r in range(n):
-        if any(key == need for key, _ in R.outbox[r]):
+        if need is not None and any(key == need for key, _ in R.outbox[r]):
             R.flush(r, R.t[r], comb)
-    arrive = max(comb.get(need, [0.0]))
+    arrive = max(comb.get(need, [0.0])) if need is not None else 0.0
     for r in range(n):
         R.wait(r, arrive, "wait combine")
         R.work(r, costs.post)

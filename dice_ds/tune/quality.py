@@ -4,8 +4,9 @@ Owns ``deviation(sched, table)`` and ``PsnrFit``. The deviation D sums, over eve
 call, the relative error the schedule substitutes there, read from the sensitivity table
 (``dice_ds.tune.sensitivity``):
 
-- a stale call: ``stale[k][l][i]`` with k = 1 for interweaved and for displaced right after a sync
-  step, k = 2 for displaced otherwise (the staleness of docs/design.md);
+- a stale call: ``stale[k][l][i]`` with k the age of the outputs it returns, the schedule's answer
+  (``Schedule.call(i, l).age``: 1 for interweaved and for displaced right after a sync step, 2 for
+  displaced otherwise; docs/design.md);
 - a skipping call ('low' strategy): its low slot's output comes from the layer's last exchange
   that sent every slot, ``age`` steps ago (1 with P = 2, up to P - 1 with period P): it adds
   ``low_share[l] * (err(age) - err(k))``, err(k) = ``stale[k][l][i]`` (k > 2: linear from k = 2),
@@ -40,13 +41,11 @@ def deviation(sched: Schedule, table: dict) -> float:
         raise ValueError(f"sensitivity table has {table['steps']} steps, the schedule {S}")
     total, last_full = 0.0, S
     for i in range(S, 0, -1):
-        after_sync = i + 1 <= S and sched.ep_sync_step(i + 1)
         age = last_full - i          # steps since the last exchange that sent every slot
         for l in range(sched.depth):
-            k = 0
-            if sched.ep_stale(i, l):
-                k = 1 if sched.ep_mode == "interweaved" or after_sync else 2
-                total += stale[str(k)][l][i]
+            k = sched.call(i, l).age  # the schedule's answer: 0 for a sync call
+            if k:
+                total += _err(stale, l, i, k)
             if sched.skips(i, l):
                 total += share[l] * max(0.0, _err(stale, l, i, age) - (
                     _err(stale, l, i, k) if k else 0.0))

@@ -52,7 +52,7 @@ def reference_parts(ref, h: dict) -> dict:
 
 def expected_source(plan_kw: dict, num_steps: int, depth: int, i: int, layer: int) -> int:
     """The step whose tokens produced layer ``layer``'s routed output at step ``i`` (spec §2.2)."""
-    from dice_ds.moe.policy import async_layer_indices, sync_steps
+    from dice_ds.schedule import async_layer_indices, sync_steps
 
     sync = sync_steps(num_steps, plan_kw.get("warmup", 0), plan_kw.get("cooldown", 0),
                       plan_kw.get("strided", 0))

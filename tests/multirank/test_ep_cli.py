@@ -9,7 +9,7 @@ Two spawned runs in all:
    setting: interweaved + selective sync + conditional communication (P = 2, low).
 
 Each run.json must carry ep_size, the realised sync steps / async layers / ring / skip steps (equal to
-``dice_ds.moe.policy.describe_schedule`` for the same plan), cache peak bytes, all-to-all bytes,
+``dice_ds.schedule.Schedule`` for the same plan), cache peak bytes, all-to-all bytes,
 rows per (step, layer) and the phase breakdown; the numbers must agree with the mode: no cache for
 sync EP, interweaved <= 55 % of displaced's cache, half the dispatch rows on skip steps.
 """
@@ -51,19 +51,19 @@ def _cli_runs(rank, world, out_dir, modes):
 
 def _expected_schedule(flags):
     from dice_ds.config import get_flavor
-    from dice_ds.moe.policy import describe_schedule
     from dice_ds.options import build_plan, parse_options
+    from dice_ds.schedule import Schedule
 
     cfg = get_flavor("debug")
     plan = build_plan(parse_options(COMMON + flags), world_size=2, num_experts=cfg.num_experts,
                       depth=cfg.depth)
-    return describe_schedule(plan, STEPS, cfg.depth)
+    return Schedule.build(plan, STEPS, cfg.depth).to_json()
 
 
 def _check_run(info, flags, out_dir):
     want = _expected_schedule(flags)
     assert info["ep_size"] == 2 and info["world_size"] == 2 and info["num_steps"] == STEPS
-    assert sorted(info["sync_steps"]) == sorted(want["sync_steps"])
+    assert sorted(info["sync_steps"]) == sorted(want["ep_sync_steps"])
     assert info["async_layers"] == want["async_layers"] and info["ring"] == want["ring"]
     skips = {str(layer): want["skip_steps"] for layer in range(want["depth"])} if want["skip_steps"] else {}
     assert info["skip_steps"] == skips

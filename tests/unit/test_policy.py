@@ -1,11 +1,11 @@
-"""Table tests of the DICE schedules in dice_ds.moe.policy (spec §2.2.3, §2.3, §2.4, §2.5)."""
+"""Table tests of the DICE schedule rules in dice_ds.schedule (spec §2.2.3, §2.3, §2.4, §2.5)."""
 import json
 
 import pytest
 
-from dice_ds.moe.policy import (async_layer_indices, describe_schedule, is_skip_step,
-                                layer_is_async, ring_predecessor, step_skips, sync_steps)
 from dice_ds.parallel.plan import ParallelPlan
+from dice_ds.schedule import (Schedule, async_layer_indices, is_skip_step, ring_predecessor,
+                              step_skips, sync_steps)
 
 # spec §2.3 (S = 50), with dice_ds's cool-down fix in row 4 (pitfall 4)
 SYNC_TABLE = [
@@ -81,16 +81,20 @@ def test_ring_predecessor_explicit_and_errors():
         ring_predecessor(2, (1, 4, 6))
 
 
-def test_layer_is_async():
+def test_ep_stale():
     plan = ParallelPlan(ep_size=2, mode="interweaved", async_layers="shallow", warmup=1, cooldown=2)
     S, L = 10, 4
-    table = {(i, layer): layer_is_async(i, S, layer, plan, L) for i in range(1, S + 1) for layer in range(L)}
+
+    def stale(p, i, layer):
+        return Schedule.build(p, S, L).ep_stale(i, layer)
+
+    table = {(i, layer): stale(plan, i, layer) for i in range(1, S + 1) for layer in range(L)}
     assert {k for k, v in table.items() if v} == {(i, layer) for i in range(3, 9) for layer in (0, 1)}
-    assert not any(layer_is_async(i, S, 0, plan.replace(mode="sync"), L) for i in range(1, S + 1))
-    assert not any(layer_is_async(i, S, 0, plan.replace(ep_size=1), L) for i in range(1, S + 1))
+    assert not any(stale(plan.replace(mode="sync"), i, 0) for i in range(1, S + 1))
+    assert not any(stale(plan.replace(ep_size=1), i, 0) for i in range(1, S + 1))
     displaced = plan.replace(mode="displaced", async_layers="interleaved", warmup=0, cooldown=0)
-    assert [layer for layer in range(L) if layer_is_async(5, S, layer, displaced, L)] == [0, 2]
-    assert not layer_is_async(S, S, 0, displaced, L)  # the first step is always sync
+    assert [layer for layer in range(L) if stale(displaced, 5, layer)] == [0, 2]
+    assert not stale(displaced, S, 0)  # the first step is always sync
 
 
 def test_is_skip_step():
@@ -112,16 +116,17 @@ def test_step_skips_every_named_step_but_the_first():
     assert [i for i in range(9, 0, -1) if step_skips(i, 9, plan.replace(skip_period=3))] == [8, 7, 5, 4, 2, 1]
 
 
-def test_describe_schedule_is_json_and_consistent():
+def test_schedule_json_is_consistent():
     plan = ParallelPlan(ep_size=2, mode="interweaved", async_layers="shallow", strided=5,
                         skip_period=2, skip_strategy="low")
-    d = describe_schedule(plan, num_steps=10, depth=8)
-    json.dumps(d)
-    assert d["sync_steps"] == [10, 5]
-    assert d["async_layers"] == [0, 1, 2, 3] and d["sync_layers"] == [4, 5, 6, 7]
+    d = Schedule.build(plan, num_steps=10, depth=8).to_json()
+    assert json.loads(json.dumps(d)) == d
+    assert d["ep_sync_steps"] == [10, 5]
+    assert d["async_layers"] == [0, 1, 2, 3]
     assert d["ring"] == {"0": 3, "1": 0, "2": 1, "3": 2}
     assert d["skip_steps"] == [9, 7, 5, 3, 1]
-    displaced = describe_schedule(plan.replace(mode="displaced"), 10, 8)
+    displaced = Schedule.build(plan.replace(mode="displaced"), 10, 8).to_json()
     assert displaced["ring"] == {} and displaced["async_layers"] == [0, 1, 2, 3]
-    sync = describe_schedule(plan.replace(mode="sync", skip_period=1), 4, 8)
-    assert sync["sync_steps"] == [4, 3, 2, 1] and sync["async_layers"] == [] and sync["skip_steps"] == []
+    sync = Schedule.build(plan.replace(mode="sync", skip_period=1), 4, 8).to_json()
+    assert sync["ep_sync_steps"] == [4, 3, 2, 1] and sync["async_layers"] == []
+    assert sync["skip_steps"] == []

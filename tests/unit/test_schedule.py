@@ -1,13 +1,29 @@
-"""dice_ds.schedule.Schedule against the policy tables (tests/unit/test_policy.py) and the
-table of exchanges kept after a sync step."""
+"""dice_ds.schedule.Schedule against its rules (tables in tests/unit/test_policy.py), what a call
+computes and returns and what a layer holds, the batch lifecycle of a runtime stack, and the one
+decider: a changed rule changes the dispatchers' input, the plan's simulation and memory column
+and the tuner's quality model alike."""
 import json
 
 import pytest
 
-from dice_ds.lifecycle import RuntimeStack, StepRuntime
-from dice_ds.moe import policy
+from dice_ds import schedule as schedule_mod
+from dice_ds.config import ModelConfig
+from dice_ds.lifecycle import BatchLifecycle, RuntimeStack, StepRuntime
 from dice_ds.parallel.plan import ParallelPlan
-from dice_ds.schedule import Schedule
+from dice_ds.plan.costs import LayerCosts, Workload, messages
+from dice_ds.plan.memory import memory
+from dice_ds.plan.presets import Link
+from dice_ds.plan.sim import simulate
+from dice_ds.schedule import (
+    Call,
+    Held,
+    Schedule,
+    async_layer_indices,
+    ring_predecessor,
+    step_skips,
+    sync_steps,
+)
+from dice_ds.tune import quality
 
 PLANS = [
     ParallelPlan(),
@@ -24,28 +40,26 @@ PLANS = [
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=range(len(PLANS)))
-def test_schedule_equals_the_policy_functions(plan):
+def test_schedule_equals_its_rules(plan):
     S, L = 10, 8
     sched = Schedule.build(plan, S, L)
+    stale_mode = plan.async_enabled
+    sync = sync_steps(S, plan.warmup, plan.cooldown, plan.strided)
+    async_layers = async_layer_indices(plan.async_layers, L) if stale_mode else ()
     for i in range(S, 0, -1):
-        assert sched.ep_sync_step(i) == (i in policy.sync_steps(S, plan.warmup, plan.cooldown,
-                                                                 plan.strided)
-                                         or not plan.async_enabled)
+        assert sched.ep_sync_step(i) == (i in sync or not stale_mode)
         for l in range(L):
-            assert sched.ep_stale(i, l) == policy.layer_is_async(i, S, l, plan, L), (i, l)
-            assert sched.skips(i, l) == policy.step_skips(i, S, plan)
-    async_layers = policy.async_layer_indices(plan.async_layers, L) if plan.async_enabled else ()
+            assert sched.ep_stale(i, l) == (stale_mode and i not in sync and l in async_layers)
+            assert sched.skips(i, l) == step_skips(i, S, plan)
     for l in range(L):
         if plan.mode == "interweaved" and l in async_layers:
-            assert sched.ring_source(l) == policy.ring_predecessor(l, async_layers)
+            assert sched.ring_source(l) == ring_predecessor(l, async_layers)
         else:
             assert sched.ring_source(l) == l
     d = sched.to_json()
     assert json.loads(json.dumps(d)) == d
-    legacy = policy.describe_schedule(plan, S, L)
-    assert d["ep_sync_steps"] == legacy["sync_steps"]
-    assert d["async_layers"] == legacy["async_layers"] and d["ring"] == legacy["ring"]
-    assert d["skip_steps"] == legacy["skip_steps"]
+    assert d["ep_sync_steps"] == sorted(sched.ep_sync_steps, reverse=True)
+    assert d["async_layers"] == list(async_layers)
 
 
 def test_keeps_after_sync_table():
@@ -67,6 +81,50 @@ def test_keeps_after_sync_table():
     assert Schedule.build(ParallelPlan(ep_size=2), 6, 8).keeps == ((False, False),) * 8
 
 
+def _calls(sched, step):
+    return [(c.computes, c.returns, c.computed_at, c.own_work)
+            for c in (sched.call(step, l) for l in range(sched.depth))]
+
+
+def test_call_table_displaced():
+    """Displaced computes its own previous-step dispatch; returns outputs 2 steps old, 1 right
+    after a sync step (the combine the sync call kept)."""
+    sched = Schedule.build(ParallelPlan(ep_size=2, mode="displaced", async_layers=(0,),
+                                        strided=4), 8, 2)          # sync steps 8, 4
+    assert sched.call(8, 0) == Call(8, 0, False, (8, 0), 8, 8, True)
+    assert _calls(sched, 7)[0] == ((8, 0), 8, 8, False) and sched.call(7, 0).age == 1
+    assert _calls(sched, 6)[0] == ((7, 0), 8, 7, False) and sched.call(6, 0).age == 2
+    assert sched.call(6, 1).age == 0 and not sched.call(6, 1).stale   # a sync layer
+    assert [sched.call(i, 0).age for i in range(8, 0, -1)] == [0, 1, 2, 2, 0, 1, 2, 2]
+
+
+def test_call_table_interweaved():
+    """Interweaved computes the ring predecessor's tokens (the head the tail's of the previous
+    step); every stale call returns its own tokens of the previous step, computed by its ring
+    successor (the tail's by the head, in the same step)."""
+    sched = Schedule.build(ParallelPlan(ep_size=2, mode="interweaved", async_layers="all",
+                                        strided=4), 8, 3)
+    assert _calls(sched, 7) == [((8, 2), 8, 8, False), ((7, 0), 8, 8, False),
+                                ((7, 1), 8, 7, False)]      # right after the sync step 8
+    assert _calls(sched, 6) == [((7, 2), 7, 7, False), ((6, 0), 7, 7, False),
+                                ((6, 1), 7, 6, False)]
+    assert {sched.call(i, l).age for i in (7, 6, 5, 3) for l in range(3)} == {1}
+    one = Schedule.build(ParallelPlan(ep_size=2, mode="interweaved", async_layers=(1,)), 4, 3)
+    assert one.call(3, 1) == Call(3, 1, True, (4, 1), 4, 3, True)   # a ring of one: own work
+    assert one.call(2, 1).own_work and one.call(2, 1).computes == (3, 1)
+
+
+def test_holds_table():
+    disp = Schedule.build(ParallelPlan(ep_size=2, mode="displaced", async_layers="shallow"), 6, 4)
+    assert [disp.holds(l) for l in range(4)] == [Held(1, 1), Held(1, 1), Held(), Held()]
+    iw = Schedule.build(ParallelPlan(ep_size=2, mode="interweaved", async_layers="all"), 6, 4)
+    assert [iw.holds(l) for l in range(4)] == [Held(0, 1)] * 3 + [Held(1, 1)]
+    one = Schedule.build(ParallelPlan(ep_size=2, mode="interweaved", async_layers=(2,)), 6, 4)
+    assert one.holds(2) == Held(1, 0)
+    assert Schedule.build(ParallelPlan(ep_size=2, mode="displaced"), 1, 4).holds(0) == Held()
+    assert Schedule.build(ParallelPlan(ep_size=2), 6, 4).holds(0) == Held()
+
+
 def test_sp_sync_steps_and_cache_clears():
     S = 6
     sync_sp = Schedule.build(ParallelPlan(sp_size=2), S, 2)
@@ -82,6 +140,8 @@ def test_sp_sync_steps_and_cache_clears():
         df.sp_sync_step(0)
     with pytest.raises(ValueError, match="layer"):
         df.ep_stale(3, 2)
+    with pytest.raises(ValueError, match="layer"):
+        df.call(3, 2)
 
 
 def test_schedule_is_frozen():
@@ -90,18 +150,79 @@ def test_schedule_is_frozen():
         sched.num_steps = 5
 
 
-class _Recorder:
+# -- the one decider: change a rule, everything that reads the schedule follows ----------------------
+CFG = ModelConfig("t", depth=2, hidden_size=8, num_heads=2, num_experts=4, input_size=4)
+STEPS = 6
+WORK = Workload(CFG, images_per_rank=1, cfg_guidance=True, steps=STEPS, dtype="fp32")
+COSTS = LayerCosts(attn=1.0, router=0.5, shared=0.5, experts=2.0, post=0.0)
+LINK = Link("slow", 20.0, 0.1)
+TABLE = {"steps": STEPS,
+         "stale": {"1": [[1.0] * (STEPS + 1)] * 2, "2": [[10.0] * (STEPS + 1)] * 2},
+         "low_share": [0.5, 0.5]}
+
+
+def _readers(plan):
+    """What each reader of the schedule makes of ``plan``'s schedule."""
+    sched = Schedule.build(plan, STEPS, CFG.depth)
+    return {
+        "dispatcher": [(sched.call(i, l).own_work, sched.call(i, l).computes)
+                       for i in range(STEPS, 0, -1) for l in sched.async_layers],
+        "sim": simulate(sched, COSTS, messages(WORK, ep=2), LINK, ranks=2).seconds,
+        "memory": memory(WORK, sched, 2, 1, None)["stale_cache"],
+        "quality": quality.deviation(sched, TABLE),
+    }
+
+
+def _one_step_displaced(mode, after_sync):
+    return 1
+
+
+def _all_sync(num_steps, warmup=0, cooldown=0, strided=0):
+    return frozenset(range(1, num_steps + 1))
+
+
+@pytest.mark.parametrize("rule,new", [("stale_output_age", _one_step_displaced),
+                                      ("sync_steps", _all_sync)])
+def test_every_reader_follows_a_changed_rule(monkeypatch, rule, new):
+    plan = ParallelPlan(ep_size=2, mode="displaced", async_layers="all")
+    before = _readers(plan)
+    monkeypatch.setattr(schedule_mod, rule, new)
+    after = _readers(plan)
+    sched = Schedule.build(plan, STEPS, CFG.depth)
+    if rule == "stale_output_age":
+        # displaced returning 1-step outputs: past the first async step every stale call waits on
+        # the combine it just posted (own work: the dispatcher posts, then waits), so the plan
+        # predicts other waits and the tuner one step of staleness per call
+        assert all(sched.call(i, 0).own_work for i in range(STEPS - 2, 0, -1))
+        assert quality.deviation(sched, TABLE) == (STEPS - 1) * 2 * 1.0
+        for reader in ("dispatcher", "sim", "quality"):
+            assert after[reader] != before[reader], reader
+        # what is held at most is unchanged: the first async step still returns the combine the
+        # sync call kept; the memory column reads exactly what the schedule holds
+        assert sched.holds(0) == Held(1, 1) and after["memory"] == before["memory"]
+    else:  # every step sync: nothing stale, nothing held, sync EP's quality
+        for reader in before:
+            assert after[reader] != before[reader], reader
+        assert after["memory"] == 0.0 and after["quality"] == 0.0
+        assert sched.holds(0) == Held()
+
+
+# -- batch lifecycle ------------------------------------------------------------------------------------
+class _Recorder(BatchLifecycle):
     def __init__(self, name, log):
         self.name, self.log = name, log
 
-    def reset(self):
-        self.log.append((self.name, "reset"))
+    def _start(self, schedule):
+        self.log.append((self.name, "start", schedule.num_steps))
 
-    def begin_step(self, i, S):
+    def begin_step(self, i):
         self.log.append((self.name, i))
 
-    def finish(self):
+    def _finish(self):
         self.log.append((self.name, "finish"))
+
+    def _abort(self):
+        self.log.append((self.name, "abort"))
 
     def stats(self):
         return {f"{self.name}_calls": len(self.log)}
@@ -112,12 +233,25 @@ def test_runtime_stack_drives_each_runtime_in_order():
     a, b = _Recorder("a", log), _Recorder("b", log)
     stack = RuntimeStack(a, b)
     assert isinstance(a, StepRuntime) and isinstance(stack, StepRuntime)
-    stack.reset()
-    stack.begin_step(2, 2)
-    stack.finish()
-    assert log == [("a", "reset"), ("b", "reset"), ("a", 2), ("b", 2), ("a", "finish"),
-                   ("b", "finish")]
+    sched = Schedule.build(ParallelPlan(), 2, 2)
+    with stack.batch(sched):
+        assert a.in_batch and b.in_batch
+        stack.begin_step(2)
+    assert log == [("a", "start", 2), ("b", "start", 2), ("a", 2), ("b", 2), ("b", "finish"),
+                   ("a", "finish")]
+    assert not a.in_batch
     assert set(stack.stats()) == {"a_calls", "b_calls"}
     assert stack[_Recorder] is a
     with pytest.raises(KeyError, match="same stats keys"):
         RuntimeStack(a, _Recorder("a", log)).stats()
+
+
+def test_batch_aborts_on_an_exception():
+    log = []
+    stack = RuntimeStack(_Recorder("a", log), _Recorder("b", log))
+    with pytest.raises(ZeroDivisionError):
+        with stack.batch(Schedule.build(ParallelPlan(), 2, 2)):
+            stack.begin_step(2)
+            1 / 0
+    assert log[-2:] == [("b", "abort"), ("a", "abort")]
+    assert ("a", "finish") not in log
