@@ -280,7 +280,7 @@ class DiceRuntime(BatchLifecycle):
         with self.timer.phase("dispatch"):
             recv_RD, recv_probs = layer.dispatch(tokens_RD, probs_R)
         self._count_sync(disp, l, tokens_RD, probs_R, "dispatch")
-        keep_dispatch, keep_combine = self.schedule.keeps_after_sync(l)
+        keep_dispatch, keep_combine = self.layout.keeps[l]  # what the next async step reads
         record = None
         if self.ep_size > 1 and (keep_dispatch or keep_combine or extras.row_slot_R is not None):
             record = capture_record(disp, step=self._step, layer=l, extras=extras)

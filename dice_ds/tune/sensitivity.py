@@ -30,9 +30,10 @@ def measure(ckpt: str, model_name: str = "digits", num_samples: int = 64, steps:
 
     from dice_ds.config import get_flavor
     from dice_ds.diffusion import draw_conditions
-    from dice_ds.diffusion.rf import sample_rf
+    from dice_ds.diffusion import step_rule
     from dice_ds.models import build_model
     from dice_ds.models.moe import dit_moe_layer_class
+    from dice_ds.pipeline.denoise import denoise
     from dice_ds.weights.check import config_for_checkpoint
     from dice_ds.weights.load import load_into_model
     from dice_ds.weights.read import open_checkpoint
@@ -64,7 +65,7 @@ def measure(ckpt: str, model_name: str = "digits", num_samples: int = 64, steps:
     z, y, _ = draw_conditions(seed, list(range(num_samples)), cfg.in_channels, cfg.input_size,
                               cfg.num_classes)
     with torch.no_grad():
-        sample_rf(model, z, y, num_steps=steps, cfg_scale=cfg_scale)
+        denoise(step_rule("rf", steps), model, z, y, cfg_scale)
     for h in hooks:
         h.remove()
     L = cfg.depth

@@ -15,12 +15,14 @@ pytestmark = [pytest.mark.gpu,
 @pytest.mark.parametrize("flavor,side", [("debug", 8), ("DiT-XL/2", 32)])
 def test_bf16_rf_sampling_on_cuda_is_finite(flavor, side):
     from dice_ds.config import get_flavor
-    from dice_ds.diffusion.rf import sample_rf
+    from dice_ds.diffusion import step_rule
     from dice_ds.models import build_model, init_weights
     from dice_ds.parallel.apply import parallelize_dit_moe
     from dice_ds.parallel.groups import local_model_groups
     from dice_ds.parallel.plan import ParallelPlan
     from dice_ds.patches.megatron_cpu import patches_applied
+    from dice_ds.pipeline.denoise import denoise
+    from dice_ds.schedule import Schedule
 
     cfg = get_flavor(flavor).replace(input_size=side)
     model = build_model(cfg, params_dtype=torch.bfloat16, device="cuda")
@@ -30,6 +32,7 @@ def test_bf16_rf_sampling_on_cuda_is_finite(flavor, side):
     g = torch.Generator(device="cuda").manual_seed(0)
     z = torch.randn(1, cfg.in_channels, side, side, device="cuda", generator=g)
     y = torch.tensor([1], device="cuda")
-    out = sample_rf(model, z, y, num_steps=2, cfg_scale=1.5, runtime=runtime)
+    out = denoise(step_rule("rf", 2), model, z, y, 1.5, runtime=runtime,
+                  schedule=Schedule.build(ParallelPlan(), 2, cfg.depth))
     assert out.is_cuda and torch.isfinite(out).all()
     assert runtime.stats()["phase_seconds"]

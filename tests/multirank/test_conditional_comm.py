@@ -68,19 +68,20 @@ def _expected_outputs(kw: dict, parts: dict, layer: int) -> dict:
 def _run(model, groups, kw: dict, h: dict, seed: int = 0, repeat: int = 1):
     from dice_ds.parallel.apply import parallelize_dit_moe
     from dice_ds.parallel.plan import ParallelPlan
+    from dice_ds.schedule import Schedule
 
     plan_kw = {k: v for k, v in kw.items() if k != "steps"}
     rt = parallelize_dit_moe(model, ParallelPlan(ep_size=2, skip_seed=seed, **plan_kw), groups)
     runs = []
+    sched = Schedule.build(rt.plan, kw["steps"], DEPTH)
     for _ in range(repeat):
-        rt.reset()
         rt.reset_stats()  # traffic counters accumulate across batches until reset_stats()
         outs = {}
-        for i in range(kw["steps"], 0, -1):
-            rt.begin_step(i, kw["steps"])
-            for l in range(DEPTH):
-                outs[i, l] = model.blocks[l].moe(h[i, l]).reshape(-1, h[i, l].shape[-1])
-        rt.finish()
+        with rt.batch(sched):
+            for i in range(kw["steps"], 0, -1):
+                rt.begin_step(i)
+                for l in range(DEPTH):
+                    outs[i, l] = model.blocks[l].moe(h[i, l]).reshape(-1, h[i, l].shape[-1])
         runs.append(outs)
     stats = rt.stats()
     rt.detach()

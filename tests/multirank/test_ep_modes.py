@@ -48,17 +48,18 @@ def _batch(cfg, rank: int):
 @torch.no_grad()
 def euler_sample(model, runtime, z, y, num_steps: int = S, cfg_scale: float = 1.5):
     """Rectified-flow Euler: t = i/S, z <- z - v/S; returns (z, per-step in-flight handle counts)."""
-    runtime.reset()
+    from dice_ds.schedule import Schedule
+
     inflight = {}
     c = model.cfg.in_channels
-    for i in range(num_steps, 0, -1):
-        runtime.begin_step(i, num_steps)
-        after_begin = runtime.inflight_handles()
-        t = torch.full((z.shape[0],), i / num_steps, device=z.device)  # CPU here, CUDA in tests/gpu
-        v = model.forward_with_cfg(z, t, y, cfg_scale)
-        z = z - v[:, :c] / num_steps
-        inflight[i] = (after_begin, runtime.inflight_handles())
-    runtime.finish()
+    with runtime.batch(Schedule.build(runtime.plan, num_steps, runtime.depth)):
+        for i in range(num_steps, 0, -1):
+            runtime.begin_step(i)
+            after_begin = runtime.inflight_handles()
+            t = torch.full((z.shape[0],), i / num_steps, device=z.device)  # CUDA in tests/gpu
+            v = model.forward_with_cfg(z, t, y, cfg_scale)
+            z = z - v[:, :c] / num_steps
+            inflight[i] = (after_begin, runtime.inflight_handles())
     return z, inflight
 
 
@@ -90,10 +91,12 @@ def _modes_ranks(rank, world):
 
 
 def _sample_after_aborted_call(model, groups, z, y):
-    """An exception inside a stale call (every rank alike), then ``reset()``: the next batch runs
-    normally and gives the same images as an undisturbed run."""
+    """An exception inside a stale call (every rank alike) leaves the batch context, which aborts
+    its exchanges: nothing is in flight after it, and the next batch runs normally and gives the
+    same images as an undisturbed run."""
     from dice_ds.parallel.apply import parallelize_dit_moe
     from dice_ds.parallel.plan import ParallelPlan
+    from dice_ds.schedule import Schedule
 
     rt = parallelize_dit_moe(model, ParallelPlan(ep_size=2, **MODES["displaced"]), groups)
     experts = model.blocks[1].moe.experts
@@ -103,19 +106,20 @@ def _sample_after_aborted_call(model, groups, z, y):
         raise KeyboardInterrupt("interrupted inside a stale call")
 
     experts.forward = failing
-    rt.reset()
-    with torch.no_grad():
-        rt.begin_step(S, S)
-        experts.forward = real_forward  # the sync step runs; the next (async) one is interrupted
-        model.forward_with_cfg(z, torch.full((z.shape[0],), 1.0), y, 1.5)
-        experts.forward = failing
-        rt.begin_step(S - 1, S)
-        try:
+    try:
+        with torch.no_grad(), rt.batch(Schedule.build(rt.plan, S, rt.depth)):
+            rt.begin_step(S)
+            experts.forward = real_forward  # the sync step runs; the next (async) one fails
             model.forward_with_cfg(z, torch.full((z.shape[0],), 1.0), y, 1.5)
-        except KeyboardInterrupt:
-            pass
+            experts.forward = failing
+            rt.begin_step(S - 1)
+            model.forward_with_cfg(z, torch.full((z.shape[0],), 1.0), y, 1.5)
+    except KeyboardInterrupt:
+        pass
     experts.forward = real_forward
-    z_out, _ = euler_sample(model, rt, z, y)  # starts with rt.reset()
+    if rt.inflight_handles() or rt.held_bytes():
+        raise AssertionError("the aborted batch left exchanges behind")
+    z_out, _ = euler_sample(model, rt, z, y)
     rt.detach()
     return z_out
 
@@ -131,8 +135,7 @@ def _runtime_sync_equals_megatron(cfg, groups, z, y) -> bool:
     t = torch.full((z.shape[0],), 0.5)
     plain = model.forward_with_cfg(z, t, y, 1.5)
     rt = parallelize_dit_moe(model, ParallelPlan(ep_size=2), groups)
-    rt.begin_step(1, 1)
-    ours = model.forward_with_cfg(z, t, y, 1.5)
+    ours = model.forward_with_cfg(z, t, y, 1.5)  # sync EP needs no batch context
     return torch.equal(plain, ours) and rt.stats()["a2a_rows_sent"] > 0
 
 

@@ -78,20 +78,20 @@ def _sabotage_combine_metadata(layer) -> None:
 @torch.no_grad()
 def _run_plan(model, groups, plan, h, parts, sabotage: bool = False) -> dict:
     from dice_ds.parallel.apply import parallelize_dit_moe
+    from dice_ds.schedule import Schedule
 
     rt = parallelize_dit_moe(model, plan, groups)
     if sabotage:
         _sabotage_combine_metadata(model.blocks[1].moe)
-    rt.reset()
     found, inflight = {}, {}
-    for i in range(S, 0, -1):
-        rt.begin_step(i, S)
-        for l in range(DEPTH):
-            out = model.blocks[l].moe(h[i, l])
-            found[i, l] = _identify(out.view(-1, out.shape[-1]), parts, i, l,
-                                    plan.stale_output_weights == "current")
-        inflight[i] = rt.inflight_handles()
-    rt.finish()
+    with rt.batch(Schedule.build(plan, S, DEPTH)):
+        for i in range(S, 0, -1):
+            rt.begin_step(i)
+            for l in range(DEPTH):
+                out = model.blocks[l].moe(h[i, l])
+                found[i, l] = _identify(out.view(-1, out.shape[-1]), parts, i, l,
+                                        plan.stale_output_weights == "current")
+            inflight[i] = rt.inflight_handles()
     result = {"found": found, "inflight": inflight, "after_finish": rt.inflight_handles(),
               "stats": rt.stats()}
     rt.detach()

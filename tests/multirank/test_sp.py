@@ -35,6 +35,23 @@ def _build(cfg, plan_kw, world):  # SP size: world / EP size
     return model, rt
 
 
+def _schedule(rt, steps, depth):
+    """The batch schedule of ``rt``'s plan (an SP runtime, or a stack ending with one)."""
+    from dice_ds.schedule import Schedule
+
+    plan = rt.plan if hasattr(rt, "plan") else rt.runtimes[-1].plan
+    return Schedule.build(plan, steps, depth)
+
+
+def _rf(model, rt, z, y, steps, cfg_scale):
+    """RF through the pipeline's loop (with ``rt`` under its schedule, or single-process)."""
+    from dice_ds.diffusion import step_rule
+    from dice_ds.pipeline.denoise import denoise
+
+    sched = _schedule(rt, steps, len(model.blocks)) if rt is not None else None
+    return denoise(step_rule("rf", steps), model, z, y, cfg_scale, runtime=rt, schedule=sched)
+
+
 def _global_batch(cfg, n=3):
     g = torch.Generator().manual_seed(1234)  # the same on every rank: the SP group's global batch
     x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
@@ -44,7 +61,6 @@ def _global_batch(cfg, n=3):
 @torch.no_grad()
 def _sync_sp_vs_single(rank, world, plan_kw):
     from dice_ds.config import get_flavor
-    from dice_ds.diffusion.rf import sample_rf
     from dice_ds.models import build_model, init_weights
     from dice_ds.parallel.groups import local_model_groups
 
@@ -52,15 +68,15 @@ def _sync_sp_vs_single(rank, world, plan_kw):
     ref = init_weights(build_model(cfg, local_model_groups()), "random", seed=SEED)
     model, rt = _build(cfg, plan_kw, world)
     x, t, y = _global_batch(cfg)
-    rt.reset()
-    rt.begin_step(1, 1)
-    out = model(x, t, y)
-    rt.begin_step(1, 1)
-    cfg_out = model.forward_with_cfg(x, t, y, 1.5)
-    rt.finish()
+    with rt.batch(_schedule(rt, 1, cfg.depth)):
+        rt.begin_step(1)
+        out = model(x, t, y)
+    with rt.batch(_schedule(rt, 1, cfg.depth)):
+        rt.begin_step(1)
+        cfg_out = model.forward_with_cfg(x, t, y, 1.5)
     ref_out, ref_cfg = ref(x, t, y), ref.forward_with_cfg(x, t, y, 1.5)
-    z = sample_rf(model, x, y, 3, 1.5, runtime=rt)
-    z_ref = sample_rf(ref, x, y, 3, 1.5)
+    z = _rf(model, rt, x, y, 3, 1.5)
+    z_ref = _rf(ref, None, x, y, 3, 1.5)
     return {"forward": (out - ref_out).abs().max().item(),
             "cfg": (cfg_out - ref_cfg).abs().max().item(),
             "rf3": (z - z_ref).abs().max().item(),
@@ -129,17 +145,16 @@ def _displaced_ranks(rank, world, warmup, bucket_layers):
     t = cfg.num_tokens // world
     found, inflight, held = {}, {}, {}
     for b in (0, 1):
-        rt.reset()
-        held[b, "reset"] = sp.held_bytes()
-        for i in range(S, 0, -1):
-            rt.begin_step(i, S)
-            for l in range(DEPTH):
-                attn = model.blocks[l].attn
-                out = attn(h[b, i, l][:, rank * t:(rank + 1) * t])
-                found[b, i, l] = _identify(attn, out, h, b, i, l, rank, world)
-            inflight[b, i] = rt.inflight_handles()
-            held[b, i] = sp.held_bytes()
-    rt.finish()
+        with rt.batch(_schedule(rt, S, DEPTH)):
+            held[b, "reset"] = sp.held_bytes()
+            for i in range(S, 0, -1):
+                rt.begin_step(i)
+                for l in range(DEPTH):
+                    attn = model.blocks[l].attn
+                    out = attn(h[b, i, l][:, rank * t:(rank + 1) * t])
+                    found[b, i, l] = _identify(attn, out, h, b, i, l, rank, world)
+                inflight[b, i] = rt.inflight_handles()
+                held[b, i] = sp.held_bytes()
     return {"found": found, "inflight": inflight, "held": held, "stats": rt.stats(),
             "after_finish": (rt.inflight_handles(), sp.held_bytes())}
 
@@ -184,7 +199,6 @@ def _sampled_vs_single(rank, world, plan_kw, n):
     same indices with a single-process model."""
     from dice_ds.config import get_flavor
     from dice_ds.diffusion import draw_conditions
-    from dice_ds.diffusion.rf import sample_rf
     from dice_ds.models import build_model, init_weights
     from dice_ds.parallel.groups import local_model_groups
     from dice_ds.parallel.sp_batches import sp_batches
@@ -195,11 +209,11 @@ def _sampled_vs_single(rank, world, plan_kw, n):
     written, err = [], 0.0
     for indices, mine in sp_batches(rt.runtimes[1].plan, 0, rank, world, n):
         z, y, _ = draw_conditions(7, indices, cfg.in_channels, cfg.input_size, cfg.num_classes)
-        x = sample_rf(model, z, y, 3, 1.5, runtime=rt)[mine]
+        x = _rf(model, rt, z, y, 3, 1.5)[mine]
         if len(x):
             z_own, y_own, _ = draw_conditions(7, indices[mine], cfg.in_channels, cfg.input_size,
                                               cfg.num_classes)
-            err = max(err, (x - sample_rf(ref, z_own, y_own, 3, 1.5)).abs().max().item())
+            err = max(err, (x - _rf(ref, None, z_own, y_own, 3, 1.5)).abs().max().item())
             written += indices[mine]
     return {"written": written, "err": err, "stats": rt.stats()}
 

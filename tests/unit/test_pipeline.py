@@ -78,12 +78,16 @@ def digits():
 
 
 def test_seed_draws_the_cli_samples_and_generators_latents_follow_the_documented_rules(digits):
-    from dice_ds.diffusion import draw_conditions, get_sampler, sample_generators
+    from dice_ds.diffusion import draw_conditions, sample_generators, step_rule
+    from dice_ds.pipeline.denoise import denoise
+    from dice_ds.schedule import Schedule
 
     kw = dict(num_inference_steps=3, output_type="latent")
     out = digits(batch_size=4, seed=7, first_index=5, **kw)
     z, y, gens = draw_conditions(7, [5, 6, 7, 8], 1, 16, 10)
-    ref = get_sampler("rf")(digits.model, z, y, 3, 1.5, runtime=digits.runtime, generators=gens)
+    sched = Schedule.build(digits.spec.plan, 3, digits.spec.model_cfg.depth)
+    ref = denoise(step_rule("rf", 3), digits.model, z, y, 1.5, runtime=digits.runtime,
+                  schedule=sched, generators=gens)
     assert torch.equal(out.images, ref) and out.indices == [0, 1, 2, 3]
     same = digits(generator=sample_generators(7, [5, 6, 7, 8]), **kw)  # a list: label, noise
     assert torch.equal(same.images, ref)

@@ -154,6 +154,7 @@ def test_runtime_dp_equals_megatron_and_validates(debug_model):
     from dice_ds.parallel.apply import parallelize_dit_moe
     from dice_ds.parallel.groups import local_model_groups
     from dice_ds.parallel.plan import ParallelPlan
+    from dice_ds.schedule import Schedule
 
     g = torch.Generator().manual_seed(1)
     x, t, y = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g), torch.tensor([3, 9])
@@ -165,8 +166,14 @@ def test_runtime_dp_equals_megatron_and_validates(debug_model):
     with pytest.raises(ConfigError, match="already has a runtime"):
         parallelize_dit_moe(debug_model, ParallelPlan(), groups)
     assert torch.equal(debug_model.forward_with_cfg(x, t, y, 1.5), plain)
-    with pytest.raises(ValueError, match="begin_step"):
-        rt.begin_step(0, 5)
+    with pytest.raises(RuntimeError, match="outside"):
+        rt.begin_step(5)
+    with rt.batch(Schedule.build(ParallelPlan(), 5, rt.depth)):
+        with pytest.raises(ValueError, match="begin_step"):
+            rt.begin_step(0)
+    with pytest.raises(ValueError, match="not this runtime's plan"):
+        with rt.batch(Schedule.build(ParallelPlan(), 5, rt.depth + 1)):
+            pass
     stats = rt.stats()
     assert stats["a2a_rows_sent"] == 0 and stats["phase_seconds"]["experts"] > 0
     rt.detach()

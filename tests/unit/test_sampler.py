@@ -1,35 +1,51 @@
-"""Samplers: RF Euler, DDPM and DDIM step schedules, closed-form/oracle results, runtime calls, seeding."""
+"""Step rules run by the pipeline's loop: RF Euler, DDPM and DDIM step schedules, closed-form/oracle
+results, the loop's runtime calls (also on an exception), noise draws, seeding."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from dice_ds.diffusion import draw_conditions, labels_for, predict, sample_seed
-from dice_ds.diffusion.gaussian import (
-    ddpm_mean_logvar,
-    sample_ddim,
-    sample_ddpm,
-    spaced_schedule,
-    spaced_timesteps,
+from dice_ds.diffusion import (
+    draw_conditions,
+    labels_for,
+    noise_draws,
+    predict,
+    sample_seed,
+    step_rule,
 )
-from dice_ds.diffusion.rf import rf_times, sample_rf
+from dice_ds.diffusion.gaussian import ddpm_mean_logvar, spaced_schedule, spaced_timesteps
+from dice_ds.diffusion.rf import rf_times
+from dice_ds.lifecycle import BatchLifecycle
+from dice_ds.parallel.plan import ParallelPlan
+from dice_ds.pipeline.denoise import LoopPosition, denoise
+from dice_ds.schedule import Schedule
 
 
-class Recorder:
-    """Stand-in EP runtime that records the calls the sampler makes."""
+class Recorder(BatchLifecycle):
+    """Stand-in runtime that records the calls the loop makes."""
 
     def __init__(self):
         self.calls = []
 
-    def reset(self):
-        self.calls.append("reset")
+    def _start(self, schedule):
+        self.calls.append(("start", schedule.num_steps))
 
-    def begin_step(self, i, num_steps):
-        self.calls.append((i, num_steps))
+    def begin_step(self, i):
+        self.calls.append(i)
 
-    def finish(self):
+    def _finish(self):
         self.calls.append("finish")
+
+    def _abort(self):
+        self.calls.append("abort")
+
+
+def sample(name, model, z, y, steps, cfg_scale=1.0, runtime=None, generators=None):
+    """The pipeline's loop on one batch, with the schedule of a plain plan when a runtime runs."""
+    sched = Schedule.build(ParallelPlan(), steps, 1) if runtime is not None else None
+    return denoise(step_rule(name, steps), model, z, y, cfg_scale, runtime=runtime,
+                   schedule=sched, generators=generators)
 
 
 class LinearVelocity(nn.Module):
@@ -78,20 +94,20 @@ def test_rf_times_count_down_and_honour_any_step_count():
 def test_rf_euler_matches_closed_form(steps):
     model, rt = LinearVelocity(a=0.5), Recorder()
     z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    out = sample_rf(model, z, torch.zeros(3, dtype=torch.long), steps, cfg_scale=1.0, runtime=rt)
+    out = sample("rf", model, z, torch.zeros(3, dtype=torch.long), steps, runtime=rt)
     torch.testing.assert_close(out, z * (1 - 0.5 / steps) ** steps, rtol=1e-5, atol=1e-6)
     assert [float(t[0]) for t in model.ts] == pytest.approx([i / steps for i in range(steps, 0, -1)])
-    assert rt.calls == ["reset"] + [(i, steps) for i in range(steps, 0, -1)] + ["finish"]
+    assert rt.calls == [("start", steps)] + list(range(steps, 0, -1)) + ["finish"]
     assert model.cfg_calls == []  # scale 1: plain forward, no doubled batch
 
 
 def test_cfg_goes_through_one_merged_forward_with_the_right_channels():
     model = LinearVelocity()
     z, y = torch.randn(2, 4, 4, 4), torch.zeros(2, dtype=torch.long)
-    sample_rf(model, z, y, 3, cfg_scale=1.5)
+    sample("rf", model, z, y, 3, cfg_scale=1.5)
     assert model.cfg_calls == [(1.5, None)] * 3  # RF guides all 4 channels
     model = LinearVelocity()
-    sample_ddim(model, z, y, 3, cfg_scale=4.0)
+    sample("ddim", model, z, y, 3, cfg_scale=4.0)
     assert model.cfg_calls == [(4.0, 3)] * 3  # DDPM/DDIM: the first 3 channels (DiT)
 
 
@@ -101,7 +117,7 @@ def test_rf_on_the_debug_model_equals_a_hand_written_euler_loop():
 
     model = init_weights(build_model(get_flavor("debug")), "random", seed=1)
     z, y, _ = draw_conditions(5, [0, 1], 4, 8, 1000)
-    out = sample_rf(model, z, y, 3, cfg_scale=2.0)
+    out = sample("rf", model, z, y, 3, cfg_scale=2.0)
     ref = z.clone()
     with torch.no_grad():
         for i in (3, 2, 1):
@@ -142,15 +158,15 @@ def test_learned_range_variance_interpolates_between_the_two_bounds():
         torch.testing.assert_close(log_var, torch.full_like(x, expected))
 
 
-@pytest.mark.parametrize("sampler", [sample_ddpm, sample_ddim])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_gaussian_samplers_recover_x0_from_an_oracle(sampler):
     x0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
     model, rt = OracleEps(x0, v=0.3), Recorder()
     z, y, gens = draw_conditions(0, [0, 1], 4, 4, 1000)
-    out = sampler(model, z, y, 5, cfg_scale=1.0, runtime=rt, generators=gens)
+    out = sample(sampler, model, z, y, 5, runtime=rt, generators=gens)
     torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-4)
     assert model.ts == [999, 749, 500, 250, 0]
-    assert rt.calls == ["reset"] + [(i, 5) for i in (5, 4, 3, 2, 1)] + ["finish"]
+    assert rt.calls == [("start", 5), 5, 4, 3, 2, 1, "finish"]
 
 
 def test_ddpm_noise_depends_on_the_sample_not_the_batch():
@@ -162,12 +178,39 @@ def test_ddpm_noise_depends_on_the_sample_not_the_batch():
             return torch.cat([out[:, :4] * 0.5, out[:, 4:]], dim=1)
 
     z, y, gens = draw_conditions(3, [10, 11, 12], 4, 4, 1000)
-    batch = sample_ddpm(Noisy(x0, v=1.0), z, y, 8, generators=gens)
+    batch = sample("ddpm", Noisy(x0, v=1.0), z, y, 8, generators=gens)
     z1, y1, g1 = draw_conditions(3, [11], 4, 4, 1000)
-    alone = sample_ddpm(Noisy(x0, v=1.0), z1, y1, 8, generators=g1)
+    alone = sample("ddpm", Noisy(x0, v=1.0), z1, y1, 8, generators=g1)
     assert torch.equal(batch[1:2], alone)
-    with pytest.raises(ValueError):
-        sample_ddpm(Noisy(x0), z, y, 8)
+    with pytest.raises(ValueError, match="draws noise"):
+        sample("ddpm", Noisy(x0), z, y, 8)
+
+
+def test_rules_declare_their_noise_draws():
+    assert [noise_draws(step_rule(n, 7)) for n in ("rf", "ddpm", "ddim")] == [0, 6, 0]
+    ddpm = step_rule("ddpm", 4)
+    assert [i for i, _ in ddpm.timesteps() if ddpm.draws_noise(i)] == [4, 3, 2]
+    with pytest.raises(ValueError, match="sampler"):
+        step_rule("euler", 4)
+
+
+def test_the_loop_aborts_the_batch_on_an_exception_and_reports_its_step():
+    class Failing(LinearVelocity):
+        def forward(self, x, t, y):
+            if len(self.ts) == 2:
+                raise RuntimeError("injected")
+            return super().forward(x, t, y)
+
+    rt, position = Recorder(), LoopPosition()
+    z, y = torch.randn(1, 4, 2, 2), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="injected"):
+        denoise(step_rule("rf", 5), Failing(), z, y, runtime=rt,
+                schedule=Schedule.build(ParallelPlan(), 5, 1), position=position)
+    assert rt.calls == [("start", 5), 5, 4, 3, "abort"] and not rt.in_batch
+    assert position.describe() == "step 3/5"
+    with pytest.raises(ValueError, match="schedule of 5 steps"):
+        denoise(step_rule("rf", 5), LinearVelocity(), z, y, runtime=rt,
+                schedule=Schedule.build(ParallelPlan(), 4, 1))
 
 
 def test_initial_conditions_are_a_function_of_seed_and_index():

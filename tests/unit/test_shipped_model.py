@@ -58,11 +58,12 @@ def test_checkpoint_facts_match_the_flavor():
 def test_two_step_samples_classify_above_chance(model):
     from dice_ds.data import from_uint8, to_uint8
     from dice_ds.diffusion import draw_conditions
-    from dice_ds.diffusion.rf import sample_rf
+    from dice_ds.diffusion import step_rule
     from dice_ds.eval.classifier import classify
+    from dice_ds.pipeline.denoise import denoise
 
     z, y, _ = draw_conditions(0, list(range(40)), 1, 16, 10)
-    x = sample_rf(model, z, y, num_steps=2, cfg_scale=1.5)
+    x = denoise(step_rule("rf", 2), model, z, y, 1.5)
     _, pred = classify(load_classifier(), from_uint8(to_uint8(x)))
     acc = (pred == y).float().mean().item()
     assert acc > 0.5, f"2-step class accuracy {acc:.2f} is not above chance (0.1)"
