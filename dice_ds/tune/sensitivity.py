@@ -29,8 +29,7 @@ def measure(ckpt: str, model_name: str = "digits", num_samples: int = 64, steps:
     import torch
 
     from dice_ds.config import get_flavor
-    from dice_ds.diffusion import draw_conditions
-    from dice_ds.diffusion import step_rule
+    from dice_ds.diffusion import draw_conditions, step_rule
     from dice_ds.models import build_model
     from dice_ds.models.moe import dit_moe_layer_class
     from dice_ds.pipeline.denoise import denoise

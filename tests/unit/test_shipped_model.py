@@ -57,8 +57,7 @@ def test_checkpoint_facts_match_the_flavor():
 
 def test_two_step_samples_classify_above_chance(model):
     from dice_ds.data import from_uint8, to_uint8
-    from dice_ds.diffusion import draw_conditions
-    from dice_ds.diffusion import step_rule
+    from dice_ds.diffusion import draw_conditions, step_rule
     from dice_ds.eval.classifier import classify
     from dice_ds.pipeline.denoise import denoise
 
