@@ -88,6 +88,9 @@ class RuntimeStack:
     def inflight_handles(self) -> int:
         return sum(rt.inflight_handles() for rt in self.runtimes)
 
+    def held_bytes(self) -> int:
+        return sum(rt.held_bytes() for rt in self.runtimes)
+
     def stats(self) -> dict:
         merged: dict = {}
         for rt in self.runtimes:
