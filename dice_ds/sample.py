@@ -42,7 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import dice_ds
 from dice_ds.config import ConfigError
+from dice_ds.diffusion import labels_for
 from dice_ds.options import (
     RunOptions,
     auto_sample_dir,
@@ -53,7 +55,26 @@ from dice_ds.options import (
     sampler_of,
     steps_of,
 )
-from dice_ds.pipeline.prepare import PipelineSpec, prepare_spec
+from dice_ds.outputs import (
+    SampleDir,
+    batch_indices,
+    dir_sha256,
+    file_sha256,
+    num_batches,
+    run_fingerprint,
+)
+from dice_ds.parallel.groups import group_timeout
+from dice_ds.pipeline import DiTMoEPipeline
+from dice_ds.pipeline.output import exchange_totals, rank_exchange
+from dice_ds.pipeline.prepare import PipelineSpec, connect, prepare_spec
+from dice_ds.runenv import (
+    PeerFailure,
+    Progress,
+    configure_threads,
+    is_peer_failure,
+    quiet_third_party,
+    summary_line,
+)
 from dice_ds.startup import StartupLog, seconds_since_process_start
 
 
@@ -85,8 +106,6 @@ def _todo_batches(out, prep: Prepared, rank: int, world: int) -> list[int]:
     """Batches that some rank still has to write (agreed by an all-reduce MIN over the world)."""
     import torch
     import torch.distributed as dist
-
-    from dice_ds.outputs import batch_indices, num_batches
 
     opts = prep.opts
     n, total = opts.per_proc_batch_size, opts.num_fid_samples
@@ -121,10 +140,6 @@ def _sample_loop(prep: Prepared, pipe, out, rank: int, world: int) -> dict:
     ``--vae none``). A collective that fails because a peer died or timed out becomes a
     ``PeerFailure`` naming this rank, the step the pipeline's loop was in and the batch.
     """
-    from dice_ds.outputs import batch_indices
-    from dice_ds.parallel.groups import group_timeout
-    from dice_ds.runenv import Progress, is_peer_failure
-
     opts = prep.opts
     steps = steps_of(opts)
     todo = _todo_batches(out, prep, rank, world)
@@ -162,7 +177,6 @@ def _sample_loop(prep: Prepared, pipe, out, rank: int, world: int) -> dict:
 def _peer_failure(position, rank: int, batch: int, exc: BaseException, timeout_s: float):
     """The one line a rank prints when a collective failed because of a peer: where the
     pipeline's loop was (``LoopPosition``), since when, and the collective's error."""
-    from dice_ds.runenv import PeerFailure
 
     waited = time.monotonic() - position.started
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -193,8 +207,6 @@ def _git_commit() -> str | None:
 
 def _fingerprint(prep: Prepared, ckpt_sha256: str | None, vae_sha256: str | None) -> dict:
     """What determines this run's images (``dice_ds.outputs`` docstring)."""
-    from dice_ds.outputs import run_fingerprint
-
     opts, cfg, plan = prep.opts, prep.model_cfg, prep.plan
     settings = {
         "model": opts.model, "checkpoint_sha256": ckpt_sha256,
@@ -216,8 +228,6 @@ def _claim_sample_dir(prep: Prepared, out, rank: int) -> dict:
     """Rank 0 hashes the weights, checks the directory's fingerprint (refuses a mix of runs, or
     moves the old samples aside with --force-new) and tells every rank; returns the fingerprint."""
     import torch.distributed as dist
-
-    from dice_ds.outputs import dir_sha256, file_sha256
 
     opts = prep.opts
     result = [None]
@@ -249,10 +259,8 @@ def _peak_memory_bytes(device: str) -> int:
 
 
 def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> dict:
-    import dice_ds
 
     opts, plan = prep.opts, prep.plan
-    from dice_ds.pipeline.output import exchange_totals, rank_exchange
 
     info = dict(per_rank[0].get("runtime") or {})  # runtime.stats() of rank 0, then ours on top
     seconds = max(sum(r["batch_seconds"]) for r in per_rank)
@@ -295,9 +303,6 @@ def _finish(prep: Prepared, out, rank: int, world: int, mine: dict) -> dict | No
     """Gather per-rank measurements; rank 0 assembles npz, grid and run.json."""
     import torch.distributed as dist
 
-    from dice_ds.diffusion import labels_for
-    from dice_ds.outputs import num_batches
-
     per_rank = [None] * world
     dist.all_gather_object(per_rank, mine)
     if rank != 0:
@@ -326,11 +331,6 @@ def run(prep: Prepared) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from dice_ds.outputs import SampleDir
-    from dice_ds.pipeline import DiTMoEPipeline
-    from dice_ds.pipeline.prepare import connect
-    from dice_ds.runenv import summary_line
-
     opts = prep.opts
     start_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rank, world = connect(prep)  # the default group (phase process_groups)
@@ -358,8 +358,6 @@ def run(prep: Prepared) -> dict | None:
 
 def _fail(e: BaseException) -> None:
     """End this rank at once (never wait in a collective): 2 for bad input, 1 otherwise."""
-    from dice_ds.runenv import PeerFailure, is_peer_failure
-
     rank = env_rank()
     if isinstance(e, ConfigError):  # found after the process group started (e.g. the sample dir)
         code, text = 2, f"dice-ds sample: error: {e}" if rank == 0 else None
@@ -389,8 +387,6 @@ def main(argv: list[str] | None = None) -> int:
     The one place the program starts: sizes the thread pool (before torch is imported) and filters
     third-party noise (``dice_ds.runenv``; ``--verbose`` keeps it).
     """
-    from dice_ds.runenv import configure_threads, quiet_third_party
-
     before_main = seconds_since_process_start()
     try:
         opts = parse_options(argv)

@@ -35,6 +35,7 @@ import torch
 
 from dice_ds.config import ConfigError
 from dice_ds.diffusion import draw_from, sample_generators
+from dice_ds.options import DDPM_TRAIN_STEPS, steps_of
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 OUTPUT_RANKS = ("rank0", "all", "local")
@@ -168,8 +169,6 @@ def _guidance(value) -> float:
 
 
 def _steps(value, sampler: str) -> int:
-    from dice_ds.options import DDPM_TRAIN_STEPS
-
     high = _SEED_MAX if sampler == "rf" else DDPM_TRAIN_STEPS
     return _int("num_inference_steps", value, 1, high)
 
@@ -177,8 +176,6 @@ def _steps(value, sampler: str) -> int:
 def check_call(pipe, class_labels, batch_size, num_inference_steps, guidance_scale, generator,
                seed, latents, first_index, output_type, output_ranks) -> CallArgs:
     """The normalised arguments (``pipe``'s defaults filled in); raises one ConfigError line."""
-    from dice_ds.options import steps_of
-
     opts, cfg = pipe.spec.opts, pipe.spec.model_cfg
     if output_type not in OUTPUT_TYPES:
         raise ConfigError(f"output_type={output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")

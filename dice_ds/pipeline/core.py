@@ -27,6 +27,8 @@ import torch
 
 from dice_ds.config import ConfigError
 from dice_ds.diffusion import noise_draws, step_rule
+from dice_ds.options import mode_name, sampler_of
+from dice_ds.parallel.sp_batches import call_sub_batches
 from dice_ds.pipeline.call import (
     OUTPUT_RANKS,
     agree,
@@ -52,7 +54,9 @@ from dice_ds.pipeline.prepare import (
     pipeline_options,
     prepare_spec,
 )
+from dice_ds.runenv import quieter_third_party
 from dice_ds.schedule import Schedule
+from dice_ds.vae import build_decoder
 
 
 class DiTMoEPipeline:
@@ -138,11 +142,8 @@ class DiTMoEPipeline:
         return cls(opts, output_ranks=output_ranks, world_size=world_size)
 
     def _build(self) -> None:
-        from dice_ds.options import sampler_of
         from dice_ds.parallel.groups import build_model_groups
         from dice_ds.pipeline.build import build_model_and_runtime, time_first_step
-        from dice_ds.runenv import quieter_third_party
-        from dice_ds.vae import build_decoder
 
         spec, opts = self.spec, self.spec.opts
         with quieter_third_party(opts.verbose):  # megatron's import-time fallback notes
@@ -173,8 +174,6 @@ class DiTMoEPipeline:
                                  output_ranks or self.output_ranks)
         if reset_stats and self.runtime is not None:
             self.runtime.reset_stats()
-        from dice_ds.runenv import quieter_third_party
-
         with quieter_third_party(self.spec.opts.verbose):
             positions, x, seconds, cpu = self._sample(call)
             rows = encode(x, call.output_type, self.decoder) if positions else None
@@ -207,8 +206,6 @@ class DiTMoEPipeline:
     def _sample(self, call):
         """This rank's sub-batches: (its own positions < B, their sampled rows, seconds per
         sub-batch, this process's CPU seconds per sub-batch: every thread, gloo's too)."""
-        from dice_ds.parallel.sp_batches import call_sub_batches
-
         cfg, device = self.spec.model_cfg, self.spec.device
         rule = step_rule(self.sampler_name, call.steps)
         schedule = Schedule.build(self.spec.plan, call.steps, cfg.depth)  # one per call
@@ -235,8 +232,6 @@ class DiTMoEPipeline:
 
     def _stats(self, call, seconds: list[float], cpu: list[float]) -> dict:
         """The call's measurements (class docstring); collective unless ``local`` or W = 1."""
-        from dice_ds.options import mode_name
-
         rt = self.runtime.stats() if self.runtime is not None else None
         mine = (sum(seconds), *rank_exchange(rt))
         parts = [mine]
