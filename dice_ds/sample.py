@@ -378,7 +378,8 @@ def _fail(e: BaseException) -> None:
 def import_heavy_modules() -> None:
     """Import what every run needs (torch, megatron-core's MoE layer) in one timed place."""
     import torch  # noqa: F401
-    from megatron.core.transformer.moe import moe_layer  # noqa: F401
+
+    import dice_ds.mcore.layer  # noqa: F401  (megatron, behind its boundary dice_ds/mcore)
 
 
 def main(argv: list[str] | None = None) -> int:

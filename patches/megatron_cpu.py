@@ -1,12 +1,16 @@
 """megatron-core 0.16.1 on a CPU-only torch: the only monkeypatches dice_ds applies.
 
-Upstream: megatron-core **0.16.1** exactly (checked by :func:`apply_megatron_cpu_patches`; any other
-version raises, because every patched attribute below was read from that release's source).
+Upstream: megatron-core **0.16.1** exactly, the version dice_ds is pinned to
+(``dice_ds.mcore.MEGATRON_CORE_VERSION``): every patched attribute below was read from that
+release's source. ``dice_ds.mcore.prepare`` checks the installed version and then calls
+:func:`apply_megatron_cpu_patches`.
 
-Applied by one explicit call, :func:`apply_megatron_cpu_patches`, which entry points
-(``dice_ds.models.build_model``, the CLI, tests) make before building a layer. Importing this module
-changes nothing. On a machine where ``torch.cuda.is_available()`` the call is a no-op: a CUDA run uses
-megatron-core unmodified with NCCL.
+Applied by one explicit call at the entry points, through ``dice_ds.mcore.prepare(device)``: the
+pipeline build (``dice_ds.pipeline.core``, hence the CLI), scripts, and the tests' fixtures
+(tests/conftest.py, tests/distributed.py); never by a model constructor (``build_model`` only asserts
+that it happened). Importing this module changes nothing and imports no megatron. On a machine where
+``torch.cuda.is_available()`` the call is a no-op: a CUDA run uses megatron-core unmodified with
+NCCL.
 
 | # | upstream site (0.16.1) | problem without CUDA | why not a subclass | remove when |
 |---|---|---|---|---|
@@ -18,11 +22,7 @@ megatron-core unmodified with NCCL.
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import torch
-
-MEGATRON_CORE_VERSION = "0.16.1"
 
 _applied = False
 
@@ -45,32 +45,15 @@ def _cpu_current_device():
     return "cpu"
 
 
-def check_megatron_version() -> str:
-    """Return the installed megatron-core version; raise if it is not the pinned one."""
-    try:
-        version = importlib.metadata.version("megatron-core")
-    except importlib.metadata.PackageNotFoundError as e:  # pragma: no cover - install error
-        raise RuntimeError(
-            f"megatron-core is not installed; dice_ds needs megatron-core=={MEGATRON_CORE_VERSION} "
-            "(pip install -e . installs it)"
-        ) from e
-    if version != MEGATRON_CORE_VERSION:
-        raise RuntimeError(
-            f"dice_ds is pinned to megatron-core=={MEGATRON_CORE_VERSION} (its dispatcher API changes "
-            f"between minor versions) but {version} is installed; "
-            f"run: pip install megatron-core=={MEGATRON_CORE_VERSION}"
-        )
-    return version
-
-
 def apply_megatron_cpu_patches() -> bool:
-    """Apply patches 1-4 once, only on a torch without CUDA. Returns True if they are in force."""
+    """Apply patches 1-4 once, only on a torch without CUDA. Returns True if they are in force.
+
+    The caller has checked the megatron-core version (``dice_ds.mcore.prepare`` does)."""
     global _applied
     if torch.cuda.is_available():
         return False
     if _applied:
         return True
-    check_megatron_version()
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NoStream()  # 1
@@ -85,4 +68,5 @@ def apply_megatron_cpu_patches() -> bool:
 
 
 def patches_applied() -> bool:
+    """True once :func:`apply_megatron_cpu_patches` has patched this process."""
     return _applied

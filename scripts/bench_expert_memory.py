@@ -42,18 +42,21 @@ def _count(model) -> dict:
             "dense_bytes": dense_bytes, "local_experts": local}
 
 
-def _rank_main(rank: int, world: int, store: str, jobs: list, dtype: str, backend: str, results) -> None:
+def _rank_main(rank: int, world: int, store: str, jobs: list, dtype: str, results) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)
     from dice_ds.config import get_flavor
     from dice_ds.models import DTYPES, build_model
-    from dice_ds.parallel.groups import build_model_groups, init_distributed
+    from dice_ds import mcore
+    from dice_ds.parallel.dims import ParallelDims
+    from dice_ds.parallel.groups import build_groups, init_distributed
 
     try:
         init_distributed("cpu", init_method=f"file://{store}", rank=rank, world_size=world)
-        groups = build_model_groups(world, group_backend=backend)
+        mcore.prepare("cpu")
+        groups = build_groups(ParallelDims(world, world))
         for name, meta in jobs:
             device = "meta" if meta else "cpu"
             ctx = torch.device("meta") if meta else contextlib.nullcontext()
@@ -68,13 +71,13 @@ def _rank_main(rank: int, world: int, store: str, jobs: list, dtype: str, backen
             torch.distributed.destroy_process_group()
 
 
-def measure(ep_size: int, jobs: list, dtype: str, backend: str) -> dict:
+def measure(ep_size: int, jobs: list, dtype: str) -> dict:
     """{model: [per-rank counts]} for one EP size (world = ep_size)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_rank_main, args=(r, ep_size, store, jobs, dtype, backend, results))
+        procs = [ctx.Process(target=_rank_main, args=(r, ep_size, store, jobs, dtype, results))
                  for r in range(ep_size)]
         for p in procs:
             p.start()
@@ -130,14 +133,13 @@ def main(argv=None) -> int:
     ap.add_argument("--meta", default="DiT-XL/2,DiT-G/2", help="flavors built on the meta device")
     ap.add_argument("--ep", default="1,2,4", help="EP sizes (each starts that many ranks)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    ap.add_argument("--group-backend", default="torch", choices=("torch", "deepspeed"))
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     meta = set(args.meta.split(","))
     ep_sizes = sorted(int(e) for e in args.ep.split(","))
     jobs = [(m, m in meta) for m in models]
-    per_ep = {e: measure(e, jobs, args.dtype, args.group_backend) for e in ep_sizes}
+    per_ep = {e: measure(e, jobs, args.dtype) for e in ep_sizes}
     rows = _rows(per_ep, models, ep_sizes, args.dtype)
     _print(rows)
     if args.json:

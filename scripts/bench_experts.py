@@ -208,6 +208,11 @@ def main(argv=None) -> dict:
         args.widths, args.sizes, args.tokens, args.warmup, args.repeats = "debug", "debug", 64, 1, 2
     if args.repeats < 1 or args.threads < 1 or args.tokens < 1:
         p.error("--repeats, --threads and --tokens must be >= 1")
+    from dice_ds import mcore
+    from dice_ds.parallel.groups import init_distributed
+
+    mcore.prepare("cpu")  # an entry point: megatron's CPU patches, a 1-rank world
+    init_distributed("cpu")
     widths = [w for w in args.widths.split(",") if w]
     sizes = [s for s in args.sizes.split(",") if s]
     bad = [w for w in widths if w not in WIDTHS] + [s for s in sizes if s not in MODEL_BATCH]

@@ -251,7 +251,8 @@ def _ep_case(case: dict, modes: list[str], rank: int, dev: str) -> dict:
     from dice_ds.models import build_model, init_weights
     from dice_ds.modes import by_key
     from dice_ds.parallel.apply import parallelize_dit_moe
-    from dice_ds.parallel.groups import build_model_groups, local_model_groups
+    from dice_ds.parallel.dims import ParallelDims
+    from dice_ds.parallel.groups import build_groups, local_model_groups
     from dice_ds.parallel.plan import ParallelPlan
     from dice_ds.plan.costs import Workload
     from dice_ds.plan.predict import build_plan
@@ -270,7 +271,7 @@ def _ep_case(case: dict, modes: list[str], rank: int, dev: str) -> dict:
         z, _ = euler_sample(dp, parallelize_dit_moe(dp, ParallelPlan(), groups1), z0, y, steps)
         res["dp"] = z.float().cpu().numpy()
         del dp
-    groups = build_model_groups(2, group_backend="torch")
+    groups = build_groups(ParallelDims(2, 2))
     model = init_weights(build_model(cfg, groups, params_dtype=dtype, device=dev), "random",
                          seed=21, std=case["std"])
     for i, key in enumerate(["sync", "sync", *modes]):  # the first sync run warms up, unrecorded
@@ -497,10 +498,14 @@ def _plan(cfg, batch: int, flavor_cfg) -> dict:
 
 @torch.no_grad()
 def step_time(p: dict) -> tuple[str, str, dict]:
+    from dice_ds import mcore
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model
+    from dice_ds.parallel.groups import init_distributed
 
     dev = _device()
+    mcore.prepare(dev)  # an entry point: version check (CPU patches without CUDA), a 1-rank world
+    init_distributed(dev)
     dtype = torch.bfloat16
     flavor = get_flavor(p["model"])
     cfg = flavor.replace(**p.get("replace", {}))

@@ -11,7 +11,7 @@ whose distribution is missing or older there, then copies the working tree's ``d
     python scripts/gpu_wheels.py fetch [--dest .whl] [--max-mib 40]    # here (network)
     python3 scripts/gpu_wheels.py install --dest .whl --target /tmp/site  # there (offline)
 
-Not shipped: deepspeed (the check builds its groups with ``group_backend='torch'``), diffusers
+Not shipped: deepspeed (dice_ds builds its groups with ``torch.distributed.new_group``), diffusers
 (``--vae none``), pillow (no images are written), transformer-engine (hundreds of MB; the check
 uses it only when the machine already has it).
 """

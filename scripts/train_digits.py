@@ -30,9 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dice_ds import mcore
 from dice_ds.config import get_flavor
 from dice_ds.data import load_digits_tensors
 from dice_ds.models import build_model, init_weights
+from dice_ds.parallel.groups import init_distributed
 from dice_ds.weights.save import save_checkpoint
 
 BALANCE_ALPHA = 0.01
@@ -172,6 +174,8 @@ def main(argv=None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # Adam moments of near-zero grads go subnormal: 3x slower on x86
+    mcore.prepare("cpu")  # an entry point: megatron's CPU patches, a 1-rank world
+    init_distributed("cpu")
     result = train(args)
     meta = {
         "what": "digits DiT-MoE, class-conditional rectified flow, pixel space 1x16x16, EMA weights",

@@ -1,7 +1,9 @@
 """Run a function on N gloo ranks in fresh CPU processes: ``run_ranks(fn, world_size, tmp_path)``.
 
-Ranks are forked from a forkserver that has already imported torch, megatron-core and dice_ds, so a
-rank starts in well under a second. Rendezvous is a file store under pytest's ``tmp_path`` (no
+Ranks are forked from a forkserver that has already imported torch, megatron-core (through
+``dice_ds.mcore``) and dice_ds, so a rank starts in well under a second. Each rank is prepared like an
+entry point: its default group started, then ``dice_ds.mcore.prepare(device)`` (version check, CPU
+patches of patches/megatron_cpu.py). Rendezvous is a file store under pytest's ``tmp_path`` (no
 ports). A rank that raises makes ``run_ranks`` raise with that rank's traceback; the other ranks are
 terminated, never left hanging. ``fn`` must be a module-level function (it is pickled).
 """
@@ -14,7 +16,8 @@ import os
 import queue
 import traceback
 
-_PRELOAD = ["torch", "torch.distributed", "megatron.core", "dice_ds.models", "dice_ds.parallel.groups"]
+_PRELOAD = ["torch", "torch.distributed", "dice_ds.mcore.layer", "dice_ds.models",
+            "dice_ds.parallel.groups"]
 _CTX = None
 
 
@@ -33,11 +36,13 @@ def _worker(fn, rank, world_size, store, results, args, device="cpu"):
 
     torch.set_num_threads(1)
     try:
+        from dice_ds import mcore
         from dice_ds.parallel.groups import init_distributed
 
         if device == "cuda":  # one GPU per rank, NCCL
             torch.cuda.set_device(rank)
         init_distributed(device, init_method=f"file://{store}", rank=rank, world_size=world_size)
+        mcore.prepare(device)
         out = fn(rank, world_size, *args)
         # serialise here: a tensor put on the queue as-is travels as a file descriptor of this
         # (exiting) process, which the parent may fail to open

@@ -14,8 +14,10 @@ Shape legend: N batch, T tokens, D hidden, C channels, S latent side.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from dice_ds import mcore
 from dice_ds.config import ModelConfig
 from dice_ds.hugepages import advise_huge_pages
 from dice_ds.models.layers import (
@@ -29,7 +31,6 @@ from dice_ds.models.layers import (
     unpatchify,
 )
 from dice_ds.models.experts import expert_weight_views, is_routed_expert_param
-from dice_ds.models.moe import build_moe_layer
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The dtype names used by the CLI (``--dtype``, ``--a2a-dtype``) and configs."""
@@ -72,7 +73,7 @@ class DiTMoE(nn.Module):
             sincos_pos_embed_2d(d, grid).unsqueeze(0), requires_grad=False
         )
         self.blocks = nn.ModuleList(
-            DiTBlock(cfg, build_moe_layer(cfg, pg_collection, i, params_dtype))
+            DiTBlock(cfg, mcore.build_moe_layer(cfg, pg_collection, i, params_dtype))
             for i in range(cfg.depth)
         )
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
@@ -121,25 +122,26 @@ class DiTMoE(nn.Module):
 
 def build_model(cfg: ModelConfig, groups=None, params_dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> DiTMoE:
-    """Build a DiT-MoE on ``groups`` (a ``ModelGroups``; default: this rank alone), without
+    """Build a DiT-MoE on ``groups`` (a ``dice_ds.parallel.groups.ModelGroups``; None: a world of
+    one rank, where every group is the default group), without
     allocating first: the module tree is built on the meta device, then every parameter is
     materialised once, uninitialised, directly on ``device`` in ``params_dtype`` (only this rank's
     experts exist). Fill it with ``init_weights`` or ``dice_ds.weights.load.load_into_model``; only
     ``pos_embed`` (a fixed table) is computed here.
 
-    Starts a 1-rank default process group if none exists (megatron's layers need one) and, on a
-    torch without CUDA, applies the documented megatron-core CPU patches first.
+    A constructor without side effects: it starts no process group, checks no version and patches
+    nothing: the entry point has started the default process group and called
+    ``dice_ds.mcore.prepare(device)`` (the pipeline, the CLI and the tests' fixtures do).
     """
-    from dice_ds.parallel.groups import init_distributed, local_model_groups
-    from dice_ds.patches.megatron_cpu import apply_megatron_cpu_patches, check_megatron_version
-
-    check_megatron_version()
-    if torch.device(device).type != "cuda":
-        apply_megatron_cpu_patches()
-    init_distributed(device)
-    groups = groups or local_model_groups()
+    if not mcore.prepared(device):
+        raise RuntimeError(f"build_model on {device}: megatron-core is not prepared; call "
+                           f"dice_ds.mcore.prepare({str(device)!r}) at the entry point first (it "
+                           "checks the pinned version and applies patches/megatron_cpu.py on CPU)")
+    if groups is None and not (dist.is_initialized() and dist.get_world_size() == 1):
+        raise RuntimeError("build_model without groups needs a started 1-rank world; pass "
+                           "groups=local_model_groups() (dice_ds.parallel.groups) otherwise")
     with torch.device("meta"):
-        model = DiTMoE(cfg, groups.pg_collection(), params_dtype).to(dtype=params_dtype)
+        model = DiTMoE(cfg, mcore.process_groups(groups), params_dtype).to(dtype=params_dtype)
     model.to_empty(device=device)
     advise_huge_pages(model.parameters())  # before the first write (dice_ds/hugepages.py)
     fill_fixed_tables(model)

@@ -42,8 +42,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from dice_ds.mcore import MoEAlltoAllTokenDispatcher  # imports megatron (dice_ds/mcore/__init__.py)
 from dice_ds.moe.payload import CountsExchange, pack_rows, unpack_rows
 from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, ExchangeRecord, LayerState, RecordExtras

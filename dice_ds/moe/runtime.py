@@ -47,8 +47,6 @@ import torch
 from dice_ds.lifecycle import BatchLifecycle
 from dice_ds.models.dit_moe import DTYPES
 from dice_ds.moe import importance
-from dice_ds.moe.dispatcher import (CombineOutbox, PackedAlltoAllTokenDispatcher,
-                                    StaleAlltoAllTokenDispatcher, capture_record)
 from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, LayerState, RecordExtras, SlotCache
 from dice_ds.schedule import Layout, Schedule
@@ -95,7 +93,11 @@ class DiceRuntime(BatchLifecycle):
             (n for n, d in DTYPES.items() if d == (self.payload_dtype or act)), str(act))
         self._rand = torch.Generator()
         self._megatron_dispatchers: dict = {}
-        self.outbox = CombineOutbox()
+        # dice_ds.moe.dispatcher subclasses megatron's dispatcher, so importing it imports megatron:
+        # imported here, when a runtime is built, so that importing this module does not
+        from dice_ds.moe import dispatcher
+        self._dispatcher = dispatcher
+        self.outbox = dispatcher.CombineOutbox()
         """stale combines go out on the dispatch group right after the next own dispatch (one
         FIFO, dispatches first; docs/design.md "Exchange schedule" has the measured options)."""
         self._clear_run()
@@ -114,7 +116,7 @@ class DiceRuntime(BatchLifecycle):
             old = layer.token_dispatcher
             if l in self.async_layers:
                 self._megatron_dispatchers[l] = old
-                layer.token_dispatcher = StaleAlltoAllTokenDispatcher(
+                layer.token_dispatcher = self._dispatcher.StaleAlltoAllTokenDispatcher(
                     old.num_local_experts, old.local_expert_indices, layer.config,
                     make_pg_collection(), layer=l, state=self.states[l],
                     source_state=self.states[self.ring[l]], ledger=self.ledger, timer=self.timer,
@@ -122,7 +124,7 @@ class DiceRuntime(BatchLifecycle):
                     counts_group=getattr(self.groups, "ep_counts", None), outbox=self.outbox)
             elif self.ep_size > 1:  # sync-only layer: megatron's dispatcher, one message a dispatch
                 self._megatron_dispatchers[l] = old
-                layer.token_dispatcher = PackedAlltoAllTokenDispatcher(
+                layer.token_dispatcher = self._dispatcher.PackedAlltoAllTokenDispatcher(
                     old.num_local_experts, old.local_expert_indices, config=layer.config,
                     pg_collection=make_pg_collection())
             layer.runtime = self
@@ -150,7 +152,7 @@ class DiceRuntime(BatchLifecycle):
         """Wait on every in-flight handle (every rank posted the same collectives, also after an
         exception mid-forward: ``abort_call``) and clear all state."""
         for layer in self.layers.values():
-            if isinstance(layer.token_dispatcher, StaleAlltoAllTokenDispatcher):
+            if isinstance(layer.token_dispatcher, self._dispatcher.StaleAlltoAllTokenDispatcher):
                 layer.token_dispatcher.abort_call()
         self.outbox.flush()
         for st in self.states.values():
@@ -268,7 +270,7 @@ class DiceRuntime(BatchLifecycle):
         """megatron's phases, plus records for the exchanges the next async step reads."""
         l, disp, act = layer.moe_index, layer.token_dispatcher, h_S1D.dtype
         self.outbox.flush()  # deferred stale combines go before this call's collectives
-        if isinstance(disp, StaleAlltoAllTokenDispatcher):
+        if isinstance(disp, self._dispatcher.StaleAlltoAllTokenDispatcher):
             disp.begin_call(self.schedule.call(self._step, l))
         with self.timer.phase("shared"):
             shared = layer.shared_experts_compute(h_S1D)
@@ -283,7 +285,7 @@ class DiceRuntime(BatchLifecycle):
         keep_dispatch, keep_combine = self.layout.keeps[l]  # what the next async step reads
         record = None
         if self.ep_size > 1 and (keep_dispatch or keep_combine or extras.row_slot_R is not None):
-            record = capture_record(disp, step=self._step, layer=l, extras=extras)
+            record = self._dispatcher.capture_record(disp, step=self._step, layer=l, extras=extras)
         if keep_dispatch:
             self.states[l].put("dispatch", Exchange(record, recv_RD, recv_probs))
         with self.timer.phase("experts"):

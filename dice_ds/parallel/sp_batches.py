@@ -22,14 +22,15 @@ every SP rank draws the group's samples itself, which is what gathering z and y 
 
 from __future__ import annotations
 
+from dice_ds.parallel.dims import ParallelDims
+
 
 def sp_group_ranks(plan, rank: int, world: int) -> list[int]:
     """The global ranks of ``rank``'s SP group, in SP-rank order ([rank] without SP)."""
     if not plan.sp_enabled:
         return [rank]
-    from dice_ds.parallel.groups import sp_rank_lists
-
-    return next(g for g in sp_rank_lists(world, plan.ep_size, plan.sp_size) if rank in g)
+    dims = ParallelDims(world, plan.ep_size, plan.sp_size)
+    return next(g for g in dims.sp_ranks() if rank in g)
 
 
 def owned_positions(batch_size: int, rank: int, world: int) -> list[int]:

@@ -17,31 +17,27 @@ from __future__ import annotations
 import os
 import sys
 
+from dice_ds.models import DTYPES, build_model, init_weights
+from dice_ds.options import env_rank
+from dice_ds.startup import memory_now
+from dice_ds.weights.load import load_into_model, time_plain_read
+
 
 def progress_bars() -> bool:
     """Progress bars on rank 0 of a terminal (the CLI's ``Progress`` decides the same)."""
-    from dice_ds.options import env_rank
-
     return env_rank() == 0 and sys.stderr.isatty()
 
 
 def build_model_and_runtime(spec, groups):
     """Model with weights, and its parallel runtime (None only without ``parallelize``)."""
-    from dice_ds.models import DTYPES, build_model, init_weights
-    from dice_ds.startup import memory_now
-
     opts, log = spec.opts, spec.startup
     log.facts["memory_before_build"] = memory_now()  # what build + load add is measured from here
     with log.phase("model_build"):  # meta device, then each parameter once on the device
         model = build_model(spec.model_cfg, groups, DTYPES[opts.dtype], spec.device)
     if spec.checkpoint is not None and os.environ.get("DICE_DS_READ_BASELINE") == "1":
-        from dice_ds.weights.load import time_plain_read  # the I/O floor (docs/scale.md)
-
-        log.facts["plain_read"] = time_plain_read(model, spec.checkpoint)
+        log.facts["plain_read"] = time_plain_read(model, spec.checkpoint)  # the I/O floor
     with log.phase("weight_load"):
         if spec.checkpoint is not None:
-            from dice_ds.weights.load import load_into_model
-
             with spec.checkpoint as reader:  # this rank's tensors only, one at a time
                 result = load_into_model(model, reader, progress=progress_bars())
             log.facts.update(bytes_read=result.bytes_read, checkpoint_reader=reader.kind,
@@ -50,12 +46,7 @@ def build_model_and_runtime(spec, groups):
         else:
             init_weights(model, opts.init, seed=opts.init_seed)
     log.facts["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    extra = {}
-    if spec.plan.sp_enabled:  # collective: the SP groups (dice_ds.parallel.sp)
-        from dice_ds.parallel.groups import build_sp_group
-
-        extra["sp_group"] = build_sp_group(spec.plan.ep_size, spec.plan.sp_size)
-    runtime = spec.parallelize(model, spec.plan, groups, **extra) if spec.parallelize else None
+    runtime = spec.parallelize(model, spec.plan, groups) if spec.parallelize else None
     return model, runtime
 
 

@@ -25,10 +25,14 @@ import time
 
 import torch
 
+from dice_ds import mcore
 from dice_ds.config import ConfigError
 from dice_ds.diffusion import noise_draws, step_rule
 from dice_ds.options import mode_name, sampler_of
+from dice_ds.parallel.dims import ParallelDims
+from dice_ds.parallel.groups import build_groups
 from dice_ds.parallel.sp_batches import call_sub_batches
+from dice_ds.pipeline.build import build_model_and_runtime, time_first_step
 from dice_ds.pipeline.call import (
     OUTPUT_RANKS,
     agree,
@@ -142,13 +146,12 @@ class DiTMoEPipeline:
         return cls(opts, output_ranks=output_ranks, world_size=world_size)
 
     def _build(self) -> None:
-        from dice_ds.parallel.groups import build_model_groups
-        from dice_ds.pipeline.build import build_model_and_runtime, time_first_step
-
         spec, opts = self.spec, self.spec.opts
         with quieter_third_party(opts.verbose):  # megatron's import-time fallback notes
-            with self.startup.phase("process_groups"):
-                self.groups = build_model_groups(spec.plan.ep_size)
+            mcore.prepare(spec.device)  # version check; CPU patches (patches/megatron_cpu.py)
+            with self.startup.phase("process_groups"):  # every group of the run, once
+                self.groups = build_groups(ParallelDims(self.world_size, spec.plan.ep_size,
+                                                        spec.plan.sp_size))
             self.model, self.runtime = build_model_and_runtime(spec, self.groups)
         time_first_step(self.model, self.startup)
         self.decoder = build_decoder(opts.vae, opts.vae_path, spec.device,

@@ -28,22 +28,24 @@ def measure(ckpt: str, model_name: str = "digits", num_samples: int = 64, steps:
             cfg_scale: float = 1.5, seed: int = 0) -> dict:
     import torch
 
+    from dice_ds import mcore
     from dice_ds.config import get_flavor
     from dice_ds.diffusion import draw_conditions, step_rule
     from dice_ds.models import build_model
-    from dice_ds.models.moe import dit_moe_layer_class
+    from dice_ds.parallel.groups import init_distributed
     from dice_ds.pipeline.denoise import denoise
     from dice_ds.weights.check import config_for_checkpoint
     from dice_ds.weights.load import load_into_model
     from dice_ds.weights.read import open_checkpoint
 
+    mcore.prepare("cpu")  # an entry point: megatron's CPU patches, a 1-rank world
+    init_distributed("cpu")
     with open_checkpoint(ckpt) as reader:  # names and shapes first, then this model's tensors
         cfg = config_for_checkpoint(get_flavor(model_name), reader.meta_state_dict())
         model = build_model(cfg)
         load_into_model(model, reader)
     model.eval()
-    layers = sorted((m for m in model.modules() if isinstance(m, dit_moe_layer_class())),
-                    key=lambda m: m.moe_index)
+    layers = model.moe_layers()  # in moe_index order
     full: dict[int, list] = {m.moe_index: [] for m in layers}
     shared: dict[int, list] = {m.moe_index: [] for m in layers}
     share: dict[int, list] = {m.moe_index: [] for m in layers}

@@ -33,7 +33,8 @@ def _nccl_ranks(rank, world, impl):
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model, init_weights
     from dice_ds.parallel.apply import parallelize_dit_moe
-    from dice_ds.parallel.groups import build_model_groups, local_model_groups
+    from dice_ds.parallel.dims import ParallelDims
+    from dice_ds.parallel.groups import build_groups, local_model_groups
     from dice_ds.parallel.plan import ParallelPlan
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -45,7 +46,7 @@ def _nccl_ranks(rank, world, impl):
     dp = init_weights(build_model(cfg, dp_groups, device="cuda"), "random", seed=21, std=WEIGHT_STD)
     rt = parallelize_dit_moe(dp, ParallelPlan(ep_size=1), dp_groups)
     out["dp"] = dict(z=euler_sample(dp, rt, z0, y)[0].cpu())
-    groups = build_model_groups(2, group_backend="torch")
+    groups = build_groups(ParallelDims(2, 2))
     model = init_weights(build_model(cfg, groups, device="cuda"), "random", seed=21, std=WEIGHT_STD)
     for name in ("sync",) + ASYNC:
         rt = parallelize_dit_moe(model, ParallelPlan(ep_size=2, **MODES[name]), groups)

@@ -68,9 +68,10 @@ def expected_source(plan_kw: dict, num_steps: int, depth: int, i: int, layer: in
 def build_pair(cfg, ep_size: int, seed: int = 5):
     """(EP model, its groups, single-process reference) with identical weights."""
     from dice_ds.models import build_model, init_weights
-    from dice_ds.parallel.groups import build_model_groups, local_model_groups
+    from dice_ds.parallel.dims import ParallelDims
+    from dice_ds.parallel.groups import build_groups, local_model_groups
 
     ref = init_weights(build_model(cfg, local_model_groups()), "random", seed=seed)
-    groups = build_model_groups(ep_size, group_backend="torch")
+    groups = build_groups(ParallelDims(torch.distributed.get_world_size(), ep_size))
     model = init_weights(build_model(cfg, groups), "random", seed=seed)
     return model, groups, ref

@@ -67,7 +67,8 @@ def _modes_ranks(rank, world):
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model, init_weights
     from dice_ds.parallel.apply import parallelize_dit_moe
-    from dice_ds.parallel.groups import build_model_groups, local_model_groups
+    from dice_ds.parallel.dims import ParallelDims
+    from dice_ds.parallel.groups import build_groups, local_model_groups
     from dice_ds.parallel.plan import ParallelPlan
 
     cfg = get_flavor("debug")
@@ -77,7 +78,7 @@ def _modes_ranks(rank, world):
     dp = init_weights(build_model(cfg, dp_groups), "random", seed=21, std=WEIGHT_STD)
     rt = parallelize_dit_moe(dp, ParallelPlan(ep_size=1), dp_groups)
     out["dp"] = dict(z=euler_sample(dp, rt, z0, y)[0].numpy(), stats=rt.stats())
-    groups = build_model_groups(2, group_backend="torch")
+    groups = build_groups(ParallelDims(world, 2))
     model = init_weights(build_model(cfg, groups), "random", seed=21, std=WEIGHT_STD)
     for name, kw in MODES.items():
         rt = parallelize_dit_moe(model, ParallelPlan(ep_size=2, **kw), groups)

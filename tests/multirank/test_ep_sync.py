@@ -68,13 +68,14 @@ def _compare(model, ref, cfg, rank) -> dict:
 def _ep_vs_reference(rank, world, ep_sizes):
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model, init_weights
-    from dice_ds.parallel.groups import build_model_groups, local_model_groups
+    from dice_ds.parallel.dims import ParallelDims
+    from dice_ds.parallel.groups import build_groups, local_model_groups
 
     cfg = get_flavor("debug")
     ref = init_weights(build_model(cfg, local_model_groups()), "random", seed=SEED)
     results = {}
     for ep_size in ep_sizes:
-        groups = build_model_groups(ep_size)
+        groups = build_groups(ParallelDims(world, ep_size))
         model = init_weights(build_model(cfg, groups), "random", seed=SEED)
         experts = [list(m.local_expert_indices) for m in model.moe_layers()]
         results[ep_size] = _compare(model, ref, cfg, rank)

@@ -18,13 +18,14 @@ def _load_on_rank(rank, world, path, impl):
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model, init_weights
     from dice_ds.models.experts import expert_weight_views, is_routed_expert_param
-    from dice_ds.parallel.groups import build_model_groups, local_model_groups
+    from dice_ds.parallel.dims import ParallelDims
+    from dice_ds.parallel.groups import build_groups, local_model_groups
     from dice_ds.weights.load import load_into_model
     from dice_ds.weights.read import open_checkpoint, read_state_dict
 
     cfg = get_flavor("debug").replace(experts_impl=impl)
     sd = read_state_dict(path)  # the values to compare with
-    model = init_weights(build_model(cfg, build_model_groups(world)), "random", seed=99)
+    model = init_weights(build_model(cfg, build_groups(ParallelDims(world, world))), "random", seed=99)
     full = build_model(cfg, local_model_groups())
     with open_checkpoint(path) as reader:  # as a run loads: this rank's tensors only
         result = load_into_model(model, reader)

@@ -25,13 +25,14 @@ DEPTH = 4
 def _build(cfg, plan_kw, world):  # SP size: world / EP size
     from dice_ds.models import build_model, init_weights
     from dice_ds.parallel.apply import parallelize_dit_moe
-    from dice_ds.parallel.groups import build_model_groups, build_sp_group
+    from dice_ds.parallel.dims import ParallelDims
+    from dice_ds.parallel.groups import build_groups
     from dice_ds.parallel.plan import ParallelPlan
 
     plan = ParallelPlan(sp_size=world // plan_kw.get("ep_size", 1), **plan_kw)
-    groups = build_model_groups(plan.ep_size)
+    groups = build_groups(ParallelDims(world, plan.ep_size, plan.sp_size))
     model = init_weights(build_model(cfg, groups), "random", seed=SEED)
-    rt = parallelize_dit_moe(model, plan, groups, build_sp_group(plan.ep_size, plan.sp_size))
+    rt = parallelize_dit_moe(model, plan, groups)
     return model, rt
 
 

@@ -125,13 +125,11 @@ def test_fp16_storage_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- real key tables
 def _meta_ours(cfg):
+    from dice_ds import mcore
     from dice_ds.models.dit_moe import DiTMoE
-    from dice_ds.parallel.groups import init_distributed, local_model_groups
-    from dice_ds.patches.megatron_cpu import apply_megatron_cpu_patches
+    from dice_ds.parallel.groups import local_model_groups
 
-    apply_megatron_cpu_patches()
-    init_distributed("cpu")
-    pg = local_model_groups().pg_collection()
+    pg = mcore.process_groups(local_model_groups())  # prepared by tests/conftest.py
     with torch.device("meta"):
         return DiTMoE(cfg, pg)
 

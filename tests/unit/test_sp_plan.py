@@ -51,12 +51,12 @@ def test_sweep_sp_rows_pass_the_samplers_validation():
 
 def test_sp_batches_cover_exactly_the_dp_indices():
     from dice_ds.outputs import batch_indices
-    from dice_ds.parallel.groups import sp_rank_lists
+    from dice_ds.parallel.dims import ParallelDims
     from dice_ds.parallel.sp_batches import sp_batches
 
-    assert sp_rank_lists(4, 1, 2) == [[0, 1], [2, 3]]
-    assert sp_rank_lists(4, 2, 2) == [[0, 2], [1, 3]]      # the 2x2 mesh: EP [0,1] [2,3]
-    assert sp_rank_lists(8, 2, 2) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert ParallelDims(4, 1, 2).sp_ranks() == [[0, 1], [2, 3]]
+    assert ParallelDims(4, 2, 2).sp_ranks() == [[0, 2], [1, 3]]      # the 2x2 mesh: EP [0,1] [2,3]
+    assert ParallelDims(8, 2, 2).sp_ranks() == [[0, 2], [1, 3], [4, 6], [5, 7]]
     world, n, b = 4, 3, 1
     for plan in (ParallelPlan(sp_size=4), ParallelPlan(sp_size=2, ep_size=2),
                  ParallelPlan(sp_size=4, single_img=True), ParallelPlan()):
@@ -64,7 +64,7 @@ def test_sp_batches_cover_exactly_the_dp_indices():
             subs = sp_batches(plan, b, rank, world, n)
             written = [i for indices, mine in subs for i in indices[mine]]
             assert written == batch_indices(b, rank, world, n), (plan, rank)
-            group = next(g for g in sp_rank_lists(world, plan.ep_size, plan.sp_size)
+            group = next(g for g in ParallelDims(world, plan.ep_size, plan.sp_size).sp_ranks()
                          if rank in g) if plan.sp_enabled else [rank]
             # every rank of an SP group samples the same sub-batches
             assert all([ix for ix, _ in sp_batches(plan, b, r, world, n)] == [ix for ix, _ in subs]
