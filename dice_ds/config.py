@@ -47,7 +47,7 @@ class ModelConfig:
     """Default sampler of the released checkpoint of this size."""
     experts_impl: Literal["sequential", "grouped"] = "grouped"
     """Routed-expert computation. 'grouped' (default; faster on CPU at S/2 and XL/2 width, see
-    ``scripts/bench_experts.py``): ``dice_ds.models.experts``, all local experts in two grouped
+    ``scripts/bench_experts.py``): ``dice_ds.mcore.experts``, all local experts in two grouped
     GEMMs over stacked weights. 'sequential': megatron's ``SequentialMLP`` (one ``MLP`` per local
     expert). Same outputs (fp32: equal to rounding; measured equal) and the same checkpoint format."""
 

@@ -1,6 +1,6 @@
 """Synchronous expert parallelism equals the single-process model (spec §2.2.1).
 
-Every rank builds the debug DiT-MoE twice from the same seed: an EP model on ``build_model_groups``
+Every rank builds the debug DiT-MoE twice from the same seed: an EP model on ``build_groups``
 (holding E/ep experts per layer) and a reference on this rank alone (all E experts). Each rank feeds
 DIFFERENT inputs; the reference computes that rank's inputs alone. fp32 outputs must be bitwise equal
 (``torch.equal``; megatron's dropless all-to-all EP runs the same per-token arithmetic as EP=1).

@@ -1,4 +1,4 @@
-"""Grouped experts (``dice_ds/models/experts.py``) against megatron's ``SequentialMLP``.
+"""Grouped experts (``dice_ds/mcore/experts.py``) against megatron's ``SequentialMLP``.
 
 Both implementations are built by ``build_model`` from the same ``ModelConfig`` except
 ``experts_impl`` and initialised from the same seed, so their experts hold the same values; the
