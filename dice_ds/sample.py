@@ -293,7 +293,7 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
         "per_rank": per_rank,
         "index_formula": "index = batch*per_proc_batch_size*world_size + i*world_size + rank",
         "plan": dataclasses.asdict(plan),
-        "args": {k: v for k, v in dataclasses.asdict(opts).items() if k != "explicit"},
+        "args": opts.names(),
         "explicit_args": sorted(opts.explicit),
     })
     return info

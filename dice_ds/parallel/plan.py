@@ -1,7 +1,10 @@
 """The parallel plan: plain data saying how a DiT-MoE is parallelised for sampling.
 
 Owns ``ParallelPlan`` (expert-parallel size, DICE mode and every DICE knob; sequence-parallel size
-and displaced-SP knobs) and its validation.
+and displaced-SP knobs) and its validation. A run's plan is built one to one from the parallelism
+sections of the settings tree (``dice_ds.ds_config``: ``moe``, ``dice.async``,
+``dice.conditional_comm``, ``dice.communication``, ``dice.sp``) by ``dice_ds.options.build_plan``;
+the choices it accepts are the tree's, the size checks are ``dice_ds.parallel.dims.ParallelDims``'.
 Building a plan is inert; ``validate()`` raises ``ConfigError`` naming the field (and CLI flag) and
 the fix, before any process group starts. ``dice_ds.parallel.apply.parallelize_dit_moe`` turns a
 plan into a runtime.
@@ -22,9 +25,19 @@ from dataclasses import dataclass
 from typing import Literal, Union
 
 from dice_ds.config import ConfigError
+from dice_ds.ds_config import (
+    ASYNC_LAYER_SETS,
+    ASYNC_MODES,
+    DTYPES,
+    SKIP_STRATEGIES,
+    STALE_WEIGHTS,
+    Async,
+)
+from dice_ds.parallel.dims import ParallelDims
 
-EPMode = Literal["sync", "displaced", "interweaved"]
-AsyncLayers = Union[Literal["all", "shallow", "deep", "interleaved"], tuple[int, ...]]
+EP_MODES = ("sync", *ASYNC_MODES)
+EPMode = Literal[EP_MODES]
+AsyncLayers = Union[Literal[ASYNC_LAYER_SETS], tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -37,7 +50,7 @@ class ParallelPlan:
     mode: EPMode = "sync"
     """'sync': megatron's all-to-all dispatcher. 'displaced': DICE displaced EP (2-step-stale expert
     outputs). 'interweaved': DICE interweaved EP (1-step staleness, half the cache)."""
-    async_layers: AsyncLayers = "shallow"
+    async_layers: AsyncLayers = Async.model_fields["layers"].default
     """Which MoE layers run async (others stay sync): 'all'; 'shallow' = l < L/2 (DICE's choice,
     the paper's "deep sync"); 'deep' = l >= L/2; 'interleaved' = even l; or explicit indices."""
     warmup: int = 0
@@ -46,16 +59,16 @@ class ParallelPlan:
     """The last ``cooldown`` steps (i <= cooldown) are synchronous. Works on its own."""
     strided: int = 0
     """Every step with i % strided == 0 is synchronous (0: off)."""
-    stale_output_weights: Literal["cached", "current"] = "cached"
+    stale_output_weights: Literal[STALE_WEIGHTS] = "cached"
     """Router weights multiplying a stale expert output: 'cached' = the weights of the step the
     output came from (consistent; default); 'current' = this step's top-k weights, slot by slot."""
     skip_period: int = 1
     """Conditional communication: slots are skipped on steps with i % skip_period != 0 (1: off)."""
-    skip_strategy: Literal["low", "high", "rand"] | None = None
+    skip_strategy: Literal[SKIP_STRATEGIES] | None = None
     """Which of a token's two slots is skipped: 'low' (lower router score), 'high', 'rand'."""
     skip_seed: int = 0
     """Seed of the 'rand' strategy's generator (reset with the other per-run state)."""
-    payload_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    payload_dtype: Literal[DTYPES] | None = None
     """dtype of the all-to-all payload (None: the activation dtype). bf16/fp16 halve the bytes."""
     sp_size: int = 1
     """Sequence-parallel group size (1: off). Each image's tokens are split into sp_size
@@ -86,53 +99,25 @@ class ParallelPlan:
     def sp_enabled(self) -> bool:
         return self.sp_size > 1
 
-    def _validate_sp(self, world_size: int, tokens: int | None) -> None:
-        if self.sp_size < 1 or world_size % (self.sp_size * self.ep_size):
-            raise ConfigError(
-                f"sp_size={self.sp_size} (--sp) times ep_size={self.ep_size} (--ep-size) must "
-                f"divide the world size {world_size}")
-        if tokens is not None and self.sp_enabled and tokens % self.sp_size:
-            raise ConfigError(
-                f"sp_size={self.sp_size} (--sp): the {tokens} tokens of an image do not split into "
-                f"{self.sp_size} equal chunks; use an SP size that divides {tokens}")
-        if self.sp_async and not self.sp_enabled:
-            raise ConfigError("sp_async (--sp-async) needs sequence parallelism: pass --sp with a "
-                              "world size > 1")
-        if self.sp_warmup < 0:
-            raise ConfigError(f"sp_warmup={self.sp_warmup} (--sp-async-warm-up) must be >= 0")
-        if self.sp_warmup and not self.sp_async:
-            raise ConfigError("sp_warmup (--sp-async-warm-up) needs --sp-async")
-        if self.single_img and not self.sp_enabled:
-            raise ConfigError("single_img (--single-img) needs --sp with a world size > 1")
-        if self.sp_bucket_layers < 1:
-            raise ConfigError(f"sp_bucket_layers={self.sp_bucket_layers} must be >= 1")
-
     def validate(self, *, world_size: int, num_experts: int, depth: int,
-                 sampler: str = "rf", tokens: int | None = None) -> "ParallelPlan":
-        """Raise ``ConfigError`` on the first bad field. ``sampler`` does not restrict anything:
-        every sampler drives the same step schedule through ``runtime.begin_step`` (pitfall 6).
-        ``tokens``: tokens per image (checked against the SP size when given)."""
-        if self.ep_size < 1 or world_size % self.ep_size:
-            raise ConfigError(
-                f"ep_size={self.ep_size} (--ep-size) must divide the world size {world_size}"
-            )
-        if num_experts % self.ep_size:
-            raise ConfigError(
-                f"num_experts={num_experts} is not divisible by the expert-parallel size "
-                f"{self.ep_size} (--ep-size): pick an EP size that divides {num_experts}"
-            )
-        if self.mode not in ("sync", "displaced", "interweaved"):
-            raise ConfigError(f"mode={self.mode!r}: use sync, displaced or interweaved")
+                 tokens: int | None = None) -> "ParallelPlan":
+        """Raise ``ConfigError`` on the first bad field: the sizes against the world, E and the
+        tokens of an image (``tokens``, when given) through ``ParallelDims``, then the DICE and SP
+        knobs (every sampler drives the same step schedule, so none restricts anything)."""
+        ParallelDims(world_size, self.ep_size, self.sp_size).validate(num_experts=num_experts,
+                                                                      tokens=tokens)
+        if self.mode not in EP_MODES:
+            raise ConfigError(f"mode={self.mode!r}: use {', '.join(EP_MODES)}")
         if self.mode != "sync" and not self.ep_enabled:
             raise ConfigError(
                 f"mode={self.mode!r} (--ep-async) needs expert parallelism: pass --ep with a world "
                 "size > 1"
             )
         if isinstance(self.async_layers, str):
-            if self.async_layers not in ("all", "shallow", "deep", "interleaved"):
+            if self.async_layers not in ASYNC_LAYER_SETS:
                 raise ConfigError(
-                    f"async_layers={self.async_layers!r} (--ep-async-mode): use all, shallow, deep, "
-                    "interleaved or a comma-separated list of layer indices"
+                    f"async_layers={self.async_layers!r} (--ep-async-mode): use "
+                    f"{', '.join(ASYNC_LAYER_SETS)} or a comma-separated list of layer indices"
                 )
         else:
             bad = [layer for layer in self.async_layers if not 0 <= layer < depth]
@@ -140,23 +125,30 @@ class ParallelPlan:
                 raise ConfigError(
                     f"async_layers={self.async_layers}: layer indices must be in [0, {depth})"
                 )
-        for name in ("warmup", "cooldown", "strided"):
+        for name in ("warmup", "cooldown", "strided", "sp_warmup"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.stale_output_weights not in ("cached", "current"):
-            raise ConfigError("stale_output_weights must be 'cached' or 'current'")
+        if self.stale_output_weights not in STALE_WEIGHTS:
+            raise ConfigError(f"stale_output_weights must be one of {', '.join(STALE_WEIGHTS)}")
         if self.skip_period < 1:
             raise ConfigError(f"skip_period={self.skip_period} (--ep-async-noskip-step) must be >= 1")
         if self.skip_period > 1 and self.skip_strategy is None:
             raise ConfigError(
                 "skip_period > 1 (--ep-async-noskip-step) needs skip_strategy "
-                "(--ep-async-skip-strategy low|high|rand)"
+                f"(--ep-async-skip-strategy {'|'.join(SKIP_STRATEGIES)})"
             )
         if self.skip_period > 1 and not self.ep_enabled:
             raise ConfigError("conditional communication (--ep-async-noskip-step > 1) needs --ep")
-        if self.skip_strategy not in (None, "low", "high", "rand"):
-            raise ConfigError(f"skip_strategy={self.skip_strategy!r}: use low, high or rand")
-        if self.payload_dtype not in (None, "fp32", "bf16", "fp16"):
-            raise ConfigError(f"payload_dtype={self.payload_dtype!r}: use fp32, bf16 or fp16")
-        self._validate_sp(world_size, tokens)
+        if self.skip_strategy not in (None, *SKIP_STRATEGIES):
+            raise ConfigError(f"skip_strategy={self.skip_strategy!r}: use "
+                              f"{', '.join(SKIP_STRATEGIES)}")
+        if self.payload_dtype not in (None, *DTYPES):
+            raise ConfigError(f"payload_dtype={self.payload_dtype!r}: use {', '.join(DTYPES)}")
+        if self.sp_async and not self.sp_enabled:
+            raise ConfigError("sp_async (--sp-async) needs sequence parallelism: pass --sp with a "
+                              "world size > 1")
+        if self.single_img and not self.sp_enabled:
+            raise ConfigError("single_img (--single-img) needs --sp with a world size > 1")
+        if self.sp_bucket_layers < 1:
+            raise ConfigError(f"sp_bucket_layers={self.sp_bucket_layers} must be >= 1")
         return self

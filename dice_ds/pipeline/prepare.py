@@ -3,7 +3,7 @@
 Owns ``PipelineSpec`` (validated options, model config, parallel plan, world size, device, the
 checkpoint reader, the start-up log), ``prepare_spec`` (every check of the run's settings: options,
 checkpoint header, model config, decoder, plan), ``pipeline_options`` (how ``from_pretrained``
-merges its arguments into ``RunOptions``) and ``connect`` (the default process group).
+merges its arguments into the settings tree) and ``connect`` (the default process group).
 
 Invariants: ``prepare_spec`` and ``pipeline_options`` start no process group and read no tensor; every
 bad input raises ``ConfigError`` with one line naming the field and the fix (``keyword_message``
@@ -14,18 +14,28 @@ slurm), else a 1-rank world.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass
 
 from dice_ds.config import ConfigError, ModelConfig, get_flavor
+from dice_ds.ds_config import (
+    ALIASES,
+    DTYPES,
+    LEAVES,
+    NAMES,
+    Settings,
+    check_tree,
+    config_values,
+    load_config,
+    merge,
+    settings_of,
+    tree_of,
+)
 from dice_ds.options import (
-    RunOptions,
     build_plan,
     env_world_size,
     latent_side,
-    option_fields,
     sampler_of,
     validate_options,
 )
@@ -47,7 +57,7 @@ DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "b
 class PipelineSpec:
     """Everything decided before the process group starts."""
 
-    opts: RunOptions
+    opts: Settings
     model_cfg: ModelConfig
     plan: object
     world_size: int
@@ -61,17 +71,18 @@ class PipelineSpec:
     """This rank's ``dice_ds.startup.StartupLog`` (phases, bytes read, memory; run.json)."""
 
 
-def resolve_device(opts: RunOptions) -> str:
+def resolve_device(opts: Settings) -> str:
     import torch
 
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
-    if opts.tf32 and opts.device is None and not torch.cuda.is_available():
-        raise ConfigError("--tf32 only affects CUDA matmuls and no CUDA device is available")
-    return opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if opts.tf32 and device != "cuda":
+        raise ConfigError("--tf32 only affects CUDA matmuls: drop it or use --device cuda")
+    return device
 
 
-def model_config(opts: RunOptions) -> tuple[ModelConfig, object | None]:
+def model_config(opts: Settings) -> tuple[ModelConfig, object | None]:
     """The model's config (expert count and shapes from the checkpoint header) and its reader."""
     flavor = get_flavor(opts.model)
     if opts.depth is not None:  # a reduced-depth variant: full width, fewer blocks
@@ -110,7 +121,7 @@ def default_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else env_world_size()
 
 
-def prepare_spec(opts: RunOptions, world_size: int | None = None) -> PipelineSpec:
+def prepare_spec(opts: Settings, world_size: int | None = None) -> PipelineSpec:
     """Resolve everything that can fail on bad input; raises ConfigError. Starts no process group.
 
     ``world_size``: the number of ranks the run will have (default: what the launcher announced
@@ -131,7 +142,7 @@ def prepare_spec(opts: RunOptions, world_size: int | None = None) -> PipelineSpe
                         startup=StartupLog())
 
 
-def local_rank(opts: RunOptions) -> int:
+def local_rank(opts: Settings) -> int:
     if opts.local_rank is not None:
         return opts.local_rank
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
@@ -156,15 +167,13 @@ def connect(spec: PipelineSpec) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# from_pretrained's arguments -> RunOptions
+# from_pretrained's arguments -> the settings tree
 # ---------------------------------------------------------------------------------------------------
 
 
 def _config_values(config) -> dict:
     if config is None:
         return {}
-    from dice_ds.ds_config import config_values, load_config
-
     if isinstance(config, dict):
         return config_values(config, "config dict")
     if isinstance(config, (str, os.PathLike)):
@@ -174,7 +183,7 @@ def _config_values(config) -> dict:
 
 
 def _weights_of(name) -> dict:
-    """Options naming the weights of ``from_pretrained``'s first argument."""
+    """Settings naming the weights of ``from_pretrained``'s first argument."""
     if name is None:
         return {}
     name = os.fspath(name)
@@ -203,40 +212,44 @@ def _device_name(device) -> str:
 def _dtype_name(dtype) -> str:
     text = str(dtype).removeprefix("torch.")
     if text not in DTYPE_NAMES:
-        raise ConfigError(f"dtype={dtype!r}: use fp32, bf16 or fp16 (or the torch dtype)")
+        raise ConfigError(f"dtype={dtype!r}: use {', '.join(DTYPES)} (or the torch dtype)")
     return DTYPE_NAMES[text]
 
 
 def _check_overrides(overrides: dict) -> None:
-    kinds = {f.name: f.metadata["kind"] for f in option_fields()}
+    kinds = {x.name: x.kind for x in (*LEAVES, *ALIASES.values())}
     for key, value in overrides.items():
         if key in JOB_OPTIONS:
             raise ConfigError(f"{key}: an option of the dice-ds sample job (sample directory, batch "
                               "loop), not of the pipeline: a call's batch is its class_labels")
         if key not in kinds:
-            raise ConfigError(f"unknown option {key!r}: pass RunOptions field names (e.g. ep=True, "
+            raise ConfigError(f"unknown option {key!r}: pass settings keywords (e.g. ep=True, "
                               "ep_async=True, cfg_scale=2.0, num_sampling_steps=20, vae='none')")
         if kinds[key] is bool and not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: must be True or False")
 
 
-def pipeline_options(name=None, config=None, device=None, dtype=None, **overrides) -> RunOptions:
-    """``RunOptions`` of ``DiTMoEPipeline.from_pretrained``: RunOptions defaults < a shipped model's
-    defaults < ``config`` (its job options dropped) < the weights ``name`` names < ``device``,
-    ``dtype`` and ``overrides`` (RunOptions field names)."""
+def pipeline_options(name=None, config=None, device=None, dtype=None, **overrides) -> Settings:
+    """The ``Settings`` of ``DiTMoEPipeline.from_pretrained``: the tree's defaults < a shipped
+    model's defaults < ``config`` (its job settings dropped) < the weights ``name`` names <
+    ``device``, ``dtype`` and ``overrides`` (keyword names of ``dice_ds.ds_config``), each source
+    merged over the one before as a tree."""
     _check_overrides(overrides)
     key = os.fspath(name) if isinstance(name, (str, os.PathLike)) else name
-    values = dict(SHIPPED_DEFAULTS.get(key, {})) if isinstance(key, str) else {}
-    values.update(_config_values(config))
-    for job in JOB_OPTIONS:
-        values.pop(job, None)
-    values.update(_weights_of(name))
+    config_values = {k: v for k, v in _config_values(config).items() if k not in JOB_OPTIONS}
+    call = {}
     if device is not None:
-        values["device"] = _device_name(device)
+        call["device"] = _device_name(device)
     if dtype is not None:
-        values["dtype"] = _dtype_name(dtype)
-    values.update(overrides)
-    return RunOptions(**values, explicit=frozenset(values))
+        call["dtype"] = _dtype_name(dtype)
+    call.update(overrides)
+    sources = (SHIPPED_DEFAULTS.get(key, {}) if isinstance(key, str) else {}, config_values,
+               _weights_of(name), call)
+    tree, given = {}, set()
+    for values in sources:
+        tree = merge(tree, check_tree(tree_of(values), "keywords", flags=True))
+        given |= set(values)
+    return settings_of(tree, explicit=given)
 
 
 _FLAG = re.compile(r"--([a-z0-9][a-z0-9-]*)")
@@ -244,10 +257,8 @@ _FLAG = re.compile(r"--([a-z0-9][a-z0-9-]*)")
 
 def keyword_message(text: str) -> str:
     """A ConfigError line with the CLI's ``--flag-name`` written as the keyword ``flag_name``."""
-    names = {f.name for f in dataclasses.fields(RunOptions)}
-
     def sub(m):
         name = m.group(1).replace("-", "_")
-        return name if name in names else m.group(0)
+        return name if name in NAMES else m.group(0)
 
     return _FLAG.sub(sub, text)
