@@ -39,6 +39,7 @@ from dice_ds.ds_config import (
     merge,
     names_of,
     settings_of,
+    to_json,
     tree_of,
 )
 from dice_ds.parallel.plan import ParallelPlan
@@ -138,8 +139,18 @@ def from_overrides(values: dict, base: Settings | None = None) -> Settings:
     top = check_tree(tree_of(values), "settings", flags=True)
     if base is None:
         return settings_of(top, explicit=values)
-    old = tree_of({n: getattr(base, n) for n in base.explicit if n != "ep_score_use_latest"})
-    return settings_of(merge(old, top), explicit={*base.explicit, *values})
+    return settings_of(merge(to_json(base), top), explicit={*base.explicit, *values})
+
+
+def given(s: Settings) -> dict:
+    """The keyword values given by the user (``explicit``)."""
+    return {n: getattr(s, n) for n in sorted(s.explicit)}
+
+
+def from_tree(tree: dict, source: str = "settings") -> Settings:
+    """``Settings`` of a (partial) JSON tree such as ``to_json`` writes; its keys count as given."""
+    check_tree(tree, source)
+    return settings_of(tree, explicit=names_of(tree))
 
 
 def flags_of(values: dict) -> list[str]:

@@ -3,7 +3,8 @@
 The fixtures were written by ``python tests/golden_modes.py`` at the commit before the issue "One
 place for each decision" changed anything (c18ffde + the fixtures), so a refactor that changes a
 mode's numbers fails ``tests/multirank/test_golden.py`` bitwise on this machine. Each case is a
-set of ``dice-ds sample`` flags (the rows of ``dice_ds/modes.py``, plus DDPM/DDIM variants of
+job's ``dice-ds sample`` flags with a mode's settings over them (the rows of ``dice_ds/modes.py``,
+plus DDPM/DDIM variants of
 the loop and the shipped digits model in sync EP, DICE and displaced SP), sampled through
 ``DiTMoEPipeline`` with the same labels, seed and step count; rank 0 returns every case's latents.
 
@@ -30,38 +31,41 @@ LABELS = {"debug": [3, 1, 4, 1, 5, 9, 2, 6], "digits": [0, 1, 2, 3, 4, 5, 6, 7]}
 SEED = 11
 
 
-def cases(world: int) -> dict[str, tuple[str, ...]]:
-    """Case name -> full flag list, for ``world`` ranks."""
+def cases(world: int) -> dict[str, tuple[tuple[str, ...], dict]]:
+    """Case name -> (the job's flags, the mode's settings of ``dice_ds.modes``), for ``world``
+    ranks."""
     from dice_ds.modes import MESH_MODES, MODES
 
     out = {}
     for mode in MODES:
         if (mode.key in MESH_MODES) != (world >= 4):
             continue
-        out[f"debug/{mode.key}"] = DEBUG + tuple(mode.flags)
+        out[f"debug/{mode.key}"] = (DEBUG, mode.settings)
     if world == 2:
-        by = {m.key: m.flags for m in MODES}
+        by = {m.key: m.settings for m in MODES}
         for sampler in ("ddpm", "ddim"):
             for key in ("sync", "displaced", "dice", "sp-async"):
-                out[f"debug-{sampler}/{key}"] = DEBUG + ("--sampler", sampler) + tuple(by[key])
+                out[f"debug-{sampler}/{key}"] = (DEBUG + ("--sampler", sampler), by[key])
         for key in ("sync", "dice", "sp-async"):
-            out[f"digits/{key}"] = DIGITS + tuple(by[key])
+            out[f"digits/{key}"] = (DIGITS, by[key])
     return out
 
 
-def _pipeline(flags):
+def _pipeline(case):
     from dice_ds import DiTMoEPipeline
-    from dice_ds.options import parse_options
+    from dice_ds.options import from_overrides, parse_options
 
-    return DiTMoEPipeline(parse_options(list(flags)), output_ranks="rank0")
+    flags, settings = case
+    return DiTMoEPipeline(from_overrides(settings, base=parse_options(list(flags))),
+                          output_ranks="rank0")
 
 
 def run_cases(rank: int, world: int) -> dict[str, np.ndarray] | None:
     """Every case on this rank (collective); rank 0 returns name -> latents."""
     out = {}
-    for name, flags in cases(world).items():
+    for name, case in cases(world).items():
         labels = LABELS[name.split("/")[0].split("-")[0]]
-        pipe = _pipeline(flags)
+        pipe = _pipeline(case)
         got = pipe(class_labels=labels, seed=SEED, output_type="latent")
         if rank == 0:
             out[name] = got.images.numpy()

@@ -9,14 +9,19 @@ machine's load spreads over all modes), and after the first round the communicat
 replays the sync run's exchange sizes. Results go to ``--out``: bench.json (every run), bench.md
 (the table), bench.png (speed-up vs PSNR per link) and one directory per run with the ranks' logs.
 
+Settings travel as trees: the job (``job_of``: the bench's flags, and the extra ``dice-ds sample``
+flags after ``--`` parsed once) with a mode's settings over it is written to each run's
+``settings.json`` and sampled with ``--config`` that file; bench.json records the job's tree
+(``meta.settings``), from which ``dice-ds plan --validate`` derives the workload it predicts.
+
 Nothing is timed by this process: numbers are what the runs (run.json) and the probe report.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -26,20 +31,43 @@ from pathlib import Path
 
 from dice_ds.bench import launch, links, modeconfig, report
 from dice_ds.bench.modeconfig import split_mode_config
+from dice_ds.config import ConfigError
+from dice_ds.ds_config import Settings, load_tree, to_json
 from dice_ds.modes import MESH_MODES, by_key
+from dice_ds.options import flags_of, from_overrides, from_tree, given, parse_options
+from dice_ds.plan.costs import messages
+from dice_ds.plan.validate import workload_of_settings
 
 DEFAULT_MODES = "dp,sync,displaced,interweaved,dice,dice-bf16,sp,sp-async"
 MAX_RANKS = 16
 
 
-def job_args(a) -> list[str]:
-    """The sampling job every mode runs (only the mode flags differ)."""
-    job = ["--model", a.model, "--image-size", str(a.image_size), "--device", "cpu",
-           "--vae", "none", "--sampler", "rf", "--num-sampling-steps", str(a.steps),
-           "--per-proc-batch-size", str(a.batch), "--num-fid-samples", str(a.ranks * a.batch),
-           "--cfg-scale", "1.5", "--global-seed", "0"]
-    job += ["--ckpt", a.ckpt] if a.ckpt else ["--init", "random"]
-    return job + list(a.extra)
+def job_of(a) -> Settings:
+    """The sampling job every mode runs (only the mode's settings differ): the bench's own job
+    settings, with the extra ``dice-ds sample`` flags after ``--`` parsed once, as the sampler
+    parses them, over them. The plan's workload is derived from this tree (``meta.settings``)."""
+    job = {"model": a.model, "image_size": a.image_size, "device": "cpu", "vae": "none",
+           "sampler": "rf", "num_sampling_steps": a.steps, "per_proc_batch_size": a.batch,
+           "num_fid_samples": a.ranks * a.batch, "cfg_scale": 1.5, "global_seed": 0,
+           **({"ckpt": a.ckpt} if a.ckpt else {"init": "random"})}
+    return from_overrides(given(parse_options(list(a.extra))), base=from_overrides(job))
+
+
+def run_settings(a, job: Settings, m: str) -> Settings:
+    """What mode ``m``'s runs sample: the mode's settings over the job, or the job over a
+    ``--mode-config`` file's settings."""
+    if m in getattr(a, "custom", {}):
+        return from_overrides(given(job), base=from_tree(load_tree(a.custom[m]), a.custom[m]))
+    return from_overrides(by_key(m).settings, base=job)
+
+
+def write_settings(s: Settings, run_dir: Path) -> list[str]:
+    """Write ``s`` (the keys given) to ``run_dir/settings.json``; the run's ``dice-ds sample``
+    arguments (``--config`` that file)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "settings.json"
+    path.write_text(json.dumps(to_json(s), indent=1) + "\n")
+    return ["--config", str(path)]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,27 +144,25 @@ def _check(a, p) -> tuple[list[str], list[str]]:
                 p.error(str(e))
     if a.extra and a.extra[0] == "--":
         a.extra = a.extra[1:]
+    try:
+        a.job = job_of(a)
+    except ConfigError as e:
+        p.error(f"extra sample flags {' '.join(a.extra)!r}: {e}")
     return modes, link_list
 
 
-def _gather_bytes(a, modes: list[str]) -> int:
+def _gather_bytes(job: Settings, modes: list[str]) -> int:
     """K/V bytes a rank contributes per layer to sync SP's all-gather in this job (0 without an SP
     mode)."""
     if not any(m in ("sp", "sp-async", *MESH_MODES) for m in modes):
         return 0
-    from dice_ds.plan.costs import messages
-    from dice_ds.plan.validate import workload_of_job
-
     # one rank's own K/V (what it contributes to each gather) is the SP-size-2 received bytes
-    return int(messages(workload_of_job(shlex.join(job_args(a))), 1, 2).kv)
+    return int(messages(workload_of_settings(job), 1, 2).kv)
 
 
-def _mode_configs(items: list[str], p) -> dict[str, list[str]]:
-    """``--mode-config NAME=PATH`` -> {NAME: ['--config', PATH]}; the file is validated now."""
-    from dice_ds.config import ConfigError
-    from dice_ds.ds_config import load_config
-
-    out: dict[str, list[str]] = {}
+def _mode_configs(items: list[str], p) -> dict[str, str]:
+    """``--mode-config NAME=PATH`` -> {NAME: PATH}; the file is validated now."""
+    out: dict[str, str] = {}
     for item in items:
         if split_mode_config(item) is None:
             p.error(f"--mode-config {item!r}: use NAME=CONFIG.json")
@@ -149,15 +175,11 @@ def _mode_configs(items: list[str], p) -> dict[str, list[str]]:
         if name in out:
             p.error(f"--mode-config {name!r} given twice")
         try:
-            load_config(path)
+            load_tree(path)
         except (ConfigError, OSError) as e:
             p.error(f"--mode-config {name}={path}: {e}")
-        out[name] = ["--config", path]
+        out[name] = path
     return out
-
-
-def mode_flags(a, m: str) -> list[str]:
-    return list(a.custom[m]) if m in getattr(a, "custom", {}) else list(by_key(m).flags)
 
 
 def _first_error(log_dir: str, ranks: int) -> str:
@@ -183,8 +205,6 @@ def _git_commit() -> str:
 
 def rerender(out: Path) -> int:
     """Rebuild the report of an earlier invocation from the run.json files it kept."""
-    import json
-
     data = json.loads((out / "bench.json").read_text())
     runs = []
     for r in data["runs"]:
@@ -222,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     out = Path(a.out or tempfile.mkdtemp(prefix="dice_bench."))
     signal.signal(signal.SIGTERM, _terminate)
-    job = job_args(a)
+    job = a.job
     runs, probes, loads, shaping = [], {}, [], {}
     unavailable: dict[str, str] = {}
     port = 29700 + os.getpid() % 1000
@@ -241,8 +261,14 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     port += 1
                     loads.append(os.getloadavg()[0])
-                    rec = launch.sample_run(net, link, port, job + mode_flags(a, m),
-                                            out / link / m / f"r{rnd}", a.run_timeout)
+                    run_dir = out / link / m / f"r{rnd}"
+                    try:
+                        argv = write_settings(run_settings(a, job, m), run_dir)
+                    except ConfigError as e:
+                        argv = None
+                        rec = {"ok": False, "why": str(e), "logs": str(run_dir)}
+                    if argv is not None:
+                        rec = launch.sample_run(net, link, port, argv, run_dir, a.run_timeout)
                     rec.update(link=link, mode=m, round=rnd)
                     runs.append(rec)
                     if rec["ok"]:
@@ -263,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                         probes[link] = launch.probe_run(
                             net, link, port, int(max(sync["bytes_remote"]) / calls), calls,
                             out / link / "probe", a.run_timeout,
-                            gather_bytes=_gather_bytes(a, modes))
+                            gather_bytes=_gather_bytes(job, modes))
                         pr = probes[link]
                         print(f"[bench] {link:9} probe: " + (
                             f"{pr['seconds']:.2f} s for {calls} exchanges "
@@ -273,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = report.summarise(runs, probes)
     cmd = "dice-ds bench " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "commit": _git_commit(), "cpus": os.cpu_count(), "job": " ".join(job),
+            "commit": _git_commit(), "cpus": os.cpu_count(),
+            "job": " ".join(flags_of(given(job))), "settings": to_json(job),
             "ranks": a.ranks, "threads_per_rank": "1 intra-op (OMP_NUM_THREADS=1) + gloo's",
             "load_min": min(loads or [0]), "load_max": max(loads or [0]), "shaping": shaping,
             "probes": probes, "unavailable": unavailable, "rounds": a.rounds,

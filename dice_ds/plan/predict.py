@@ -4,8 +4,9 @@ Owns ``PLAN_MODES`` (the bench's modes of ``dice_ds.modes`` plus ``hybrid`` = DI
 x displaced SP of size 2), the EP / SP sizes a mode gets on W GPUs (EP size is capped by E, SP by
 ``SP_CAP``; the rest of the world is data parallel and does not change per-GPU time; ``ep-sp``,
 sync EP x sync SP, is sized as ``hybrid`` and predicted when asked, not a default row), the
-``ParallelPlan`` of a mode (built by ``dice_ds.options.build_plan`` from the mode's own
-``dice-ds sample`` flags, so the schedule is the one the sampler would run) and ``predict``.
+``ParallelPlan`` of a mode (built by ``dice_ds.options.build_plan`` from the mode's settings over
+the workload's job settings, so the schedule is the one the sampler would run; no flag string is
+parsed) and ``predict``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dice_ds.modes import DICE_FLAGS, by_key
+from dice_ds.config import FLAVORS
+from dice_ds.ds_config import Settings
+from dice_ds.modes import by_key
+from dice_ds.options import build_plan as options_plan
+from dice_ds.options import flags_of, from_overrides
 from dice_ds.plan.costs import LayerCosts, Workload, messages
 from dice_ds.plan.memory import memory
 from dice_ds.plan.presets import Link
@@ -49,26 +54,29 @@ def sizes(mode: str, world: int, num_experts: int) -> tuple[int, int]:
     return ep_max, 1
 
 
-def mode_flags(mode: str, ep: int, sp: int) -> list[str]:
-    if mode == "hybrid":
-        return [*DICE_FLAGS, "--ep-size", str(ep), "--sp-size", str(sp), "--sp-async"]
-    flags = list(by_key(mode).flags)
+def mode_settings(mode: str, ep: int, sp: int) -> dict:
+    """The settings of ``mode`` (``dice_ds.modes``) at these group sizes (sizes given for a mesh)."""
+    settings = dict(by_key(mode).settings)
     if ep > 1 and sp > 1:
-        flags += ["--ep-size", str(ep), "--sp-size", str(sp)]
-    return flags
+        settings.update(ep_size=ep, sp_size=sp)
+    return settings
 
 
-def build_plan(flags: list[str], w: Workload, world: int):
-    """The validated ParallelPlan the sampler would build from these flags."""
-    from dice_ds.config import FLAVORS
-    from dice_ds.options import build_plan as options_plan
-    from dice_ds.options import parse_options
-
+def job_settings(w: Workload) -> dict:
+    """The ``dice-ds sample`` settings of a workload (the flavor only sizes the token count: E and
+    depth are passed to the plan's validation)."""
     side = int(round(math.sqrt(w.tokens_per_image))) * w.cfg.patch_size * 8
-    # the flavor only sizes the token count here (patch 2 everywhere); E and depth are passed
-    name = w.cfg.name if w.cfg.name in FLAVORS else "debug"
-    opts = parse_options([*flags, "--model", name, "--vae", "none", "--image-size",
-                          str(side), "--num-sampling-steps", str(w.steps), "--init", "random"])
+    return {"model": w.cfg.name if w.cfg.name in FLAVORS else "debug", "vae": "none",
+            "image_size": side, "num_sampling_steps": w.steps, "init": "random"}
+
+
+def build_plan(settings: dict | Settings, w: Workload, world: int):
+    """The validated ParallelPlan the sampler would build from these settings (a mode's partial
+    tree over the workload's job, or a whole ``Settings``)."""
+    # the job over the mode: disjoint for the modes of dice_ds.modes; a --mode-config file's job
+    # settings are overridden by the bench's job, as in the bench's runs (dice_ds.bench.cli)
+    opts = settings if isinstance(settings, Settings) else from_overrides(
+        job_settings(w), base=from_overrides(settings))
     return options_plan(opts, world_size=world, num_experts=w.cfg.num_experts, depth=w.cfg.depth)
 
 
@@ -98,13 +106,14 @@ def predict_plan(plan, w: Workload, costs: LayerCosts, link: Link, loads: Loads 
 
 
 def predict(mode: str, w: Workload, costs: LayerCosts, link: Link, world: int,
-            loads: Loads | None = None, topo: Topology = Topology(), flags=None,
+            loads: Loads | None = None, topo: Topology = Topology(), settings=None,
             cores: float = 0.0) -> dict:
-    """One mode's prediction: batch and step seconds, comm share, bytes, memory per GPU."""
+    """One mode's prediction: batch and step seconds, comm share, bytes, memory per GPU.
+    ``settings``: the mode's own (a ``--mode-config`` file's), else ``dice_ds.modes``'."""
     ep, sp = sizes(mode, world, w.cfg.num_experts)
-    flags = list(flags) if flags is not None else mode_flags(mode, ep, sp)
-    plan = build_plan(flags, w, ep * sp)
-    return {"mode": mode, "flags": " ".join(flags),
+    settings = dict(settings) if settings is not None else mode_settings(mode, ep, sp)
+    plan = build_plan(settings, w, ep * sp)
+    return {"mode": mode, "settings": settings, "flags": " ".join(flags_of(settings)),
             **predict_plan(plan, w, costs, link, loads, topo, cores)}
 
 

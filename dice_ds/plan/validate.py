@@ -12,14 +12,15 @@ link's rates are capped by what the network path's own CPU cost allows on those 
 median of every DP run of the N-rank bench (``measured_pooled``; ``measured_link_row`` keeps the
 link's own row).
 
-Owns reading a bench JSON (``dice_ds.bench.report``: ``meta.job``, ``meta.probes``, ``rows``,
-``runs``), calibrating from it per link the per-layer compute from the DP row's phases
-(``costs_from_phases``) and the link from the communication-only probe (``meta.probes[link]``:
-pipelined and lone throughput, ``dice_ds.bench.probe``), plus the routing loads (rows each rank
-computed per (step, layer), from the sync run's run.json or the ``.loads.json`` sidecar: routing,
-not timing), then predicting every other row and comparing; and ``fit_emulation``, the one
-constant fitted on one link's rows (CPU seconds per byte moved). Also ``cpu_device``: 'this CPU'
-as a ``Device`` whose throughput is the bench job's FLOPs over the DP time.
+Owns reading a bench JSON (``dice_ds.bench.report``: ``meta.settings`` -- the job's settings tree,
+from which the workload is derived --, ``meta.probes``, ``rows``, ``runs``), calibrating from it per
+link the per-layer compute from the DP row's phases (``costs_from_phases``) and the link from the
+communication-only probe (``meta.probes[link]``: pipelined and lone throughput,
+``dice_ds.bench.probe``), plus the routing loads (rows each rank computed per (step, layer), from
+the sync run's run.json or the ``.loads.json`` sidecar: routing, not timing), then predicting every
+other row and comparing; and ``fit_emulation``, the one constant fitted on one link's rows (CPU
+seconds per byte moved). Also ``cpu_device``: 'this CPU' as a ``Device`` whose throughput is the
+bench job's FLOPs over the DP time.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
+from dice_ds.bench.modeconfig import mode_configs_of
 from dice_ds.config import get_flavor
+from dice_ds.ds_config import Settings, load_config
+from dice_ds.options import from_tree, parse_options, steps_of, tokens_of
 from dice_ds.plan.costs import Workload, costs_from_phases, layer_flops
 from dice_ds.plan.predict import predict
 from dice_ds.plan.presets import LINKS, Device, Link, calibrated_link, parse_link
@@ -64,29 +68,28 @@ def save_loads(bench: dict) -> Path:
 
 
 def workload_of(bench: dict) -> Workload:
-    """The bench job as a Workload (``--vae none``: 8 pixels per latent cell)."""
-    return workload_of_job(bench["meta"]["job"])
+    """The bench job as a Workload: from its settings tree (``meta.settings``), or, for a bench
+    JSON written before it had one, from its ``dice-ds sample`` flags (``meta.job``) parsed as the
+    sampler parses them."""
+    meta = bench["meta"]
+    if "settings" in meta:
+        return workload_of_settings(from_tree(meta["settings"]))
+    return workload_of_settings(parse_options(shlex.split(meta["job"])))
 
 
-def workload_of_job(job: str) -> Workload:
-    """A ``dice-ds bench`` job (its ``dice-ds sample`` flags) as a Workload."""
-    args = shlex.split(job)
-
-    def arg(name, default=None):
-        return args[args.index(name) + 1] if name in args else default
-
-    cfg = get_flavor(arg("--model", "DiT-S/2"))
-    side = int(arg("--image-size", cfg.input_size * 8)) // 8 // cfg.patch_size
-    return Workload(cfg=cfg, images_per_rank=int(arg("--per-proc-batch-size", 2)),
-                    cfg_guidance=float(arg("--cfg-scale", 1.5)) > 1, dtype=arg("--dtype", "fp32"),
-                    steps=int(arg("--num-sampling-steps", 10)), tokens=side * side)
+def workload_of_settings(s: Settings) -> Workload:
+    """What a run with these settings computes per rank: the model, images, guidance (a doubled
+    batch when ``cfg_scale`` > 1), dtype, steps and tokens of an image."""
+    cfg = get_flavor(s.model)
+    cfg = cfg.replace(depth=s.depth or cfg.depth, num_experts=s.num_experts or cfg.num_experts)
+    return Workload(cfg=cfg, images_per_rank=s.per_proc_batch_size, cfg_guidance=s.cfg_scale > 1,
+                    dtype=s.dtype, steps=steps_of(s), tokens=tokens_of(s))
 
 
-def config_modes(bench: dict) -> dict[str, list[str]]:
-    """The bench's ``--mode-config NAME=PATH`` modes (from its command line): NAME -> flags."""
-    from dice_ds.bench.modeconfig import mode_configs_of
-
-    return mode_configs_of(bench["meta"].get("command", ""))
+def config_modes(bench: dict) -> dict[str, str]:
+    """The bench's ``--mode-config NAME=PATH`` modes (from its command line): NAME -> PATH."""
+    return {name: flags[1] for name, flags in
+            mode_configs_of(bench["meta"].get("command", "")).items()}
 
 
 def row(bench: dict, link: str, mode: str) -> dict | None:
@@ -209,8 +212,9 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
             if r["link"] != link or not r.get("runs"):
                 continue
             try:
+                own = load_config(custom[r["mode"]]) if r["mode"] in custom else None
                 preds[r["mode"]] = predict(r["mode"], w, costs, lk, world, loads,
-                                           flags=custom.get(r["mode"]), cores=cores)
+                                           settings=own, cores=cores)
             except (KeyError, ValueError) as e:
                 preds[r["mode"]] = {"error": str(e)}
         t_sync = preds.get("sync", {}).get("batch_seconds")

@@ -51,23 +51,35 @@ def test_json_config_is_overridden_by_flags_given_on_the_command_line(tmp_path):
     assert not o.ep
 
 
-def test_every_option_has_a_json_path_and_flat_configs_convert(tmp_path):
-    from dice_ds.ds_config import OPTION_NAMES, SIMPLE, SPECIAL, convert_flat, load_config
-    from dice_ds.options import option_fields
+def test_every_keyword_is_one_place_of_the_tree_and_flat_configs_convert(tmp_path):
+    from dice_ds.ds_config import ALIASES, LEAVES, NAMES, Settings, convert_flat, load_config, tree_of
+    from dice_ds.options import build_parser
 
-    mapped = set(SIMPLE.values()) | {o for opts in SPECIAL.values() for o in opts}
-    missing = [f.name for f in option_fields() if f.name not in mapped]
-    assert missing == ["ep_score_use_latest"], f"no JSON path for {missing} (dice_ds/ds_config.py)"
-    assert OPTION_NAMES == {f.name for f in option_fields()}  # the flat layout's keys, no more
+    # every keyword name writes a JSON path, and reading that path back gives the name's value
+    s = Settings()
+    for lf in LEAVES:
+        assert tree_of({lf.name: lf.default}) and getattr(s, lf.name) == lf.default, lf.name
+    assert set(ALIASES) == {"dtype", "ep_async_pipeline", "ep_async_mode", "ep_async_layers",
+                            "ep_score_use_latest"}
+    dests = {a.dest for a in build_parser()._actions} - {"help", "config", "local_rank"}
+    assert dests == NAMES  # the CLI is generated from the tree: one flag per keyword, no more
     flat = {"model": "debug", "init": "random", "vae": "none", "ep": True, "ep_async": True,
             "ep_async_pipeline": True, "ep_async_layers": "0,1", "dtype": "bf16",
             "ep_async_noskip_step": 2, "ep_async_skip_strategy": "low", "per_proc_batch_size": 3}
     new = tmp_path / "new.json"
     new.write_text(json.dumps(convert_flat(flat)))
-    back = load_config(str(new))
-    assert back.pop("ep_async_layers") == "0,1" and back.pop("dtype") == "bf16"
-    flat.pop("ep_async_layers"), flat.pop("dtype")
-    assert back == flat
+    assert load_config(str(new)) == flat
+
+
+def test_dead_and_removed_settings_are_rejected(capsys):
+    for flag in ("--sp-legacy-cache", "--auto-gc"):
+        with pytest.raises(SystemExit) as ex:
+            parse_options(BASE + [flag])
+        assert ex.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown key dice.async.auto_gc"):
+        from dice_ds.ds_config import validate_data
+
+        validate_data({"dice": {"async": {"auto_gc": False}}}, "x.json")
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -120,9 +132,7 @@ def test_shipped_configs_parse_and_validate(tmp_path):
     (["--ep-async"], "--ep-async needs --ep"),
     (["--ep", "--ep-async-pipeline"], "--ep-async-pipeline needs --ep-async"),
     (["--ep", "--ep-async-warm-up", "2"], "--ep-async-warm-up needs --ep-async"),
-    (["--ep", "--auto-gc"], "--auto-gc needs --ep-async"),
     (["--sp-async"], "--sp-async needs --sp"),
-    (["--sp", "--sp-legacy-cache"], "--sp-legacy-cache: the per-layer SP cache is not implemented"),
     (["--sp", "--sp-async-warm-up", "2"], "--sp-async-warm-up needs --sp-async"),
     (["--single-img"], "--single-img needs --sp"),
     (["--ep", "--sp"], "give --ep-size or --sp-size"),
@@ -139,19 +149,25 @@ def test_shipped_configs_parse_and_validate(tmp_path):
     (["--vae", "sd", "--vae-path", "/nonexistent/vae"], "no such directory"),
     (["--vae-path", "/tmp"], "only used with --vae sd"),
     (["--trim-samples"], "no effect with --vae none"),
-    (["--device", "cpu", "--tf32"], "--tf32 only affects CUDA"),
 ])
 def test_bad_flags_raise_one_line_config_errors(flags, needle):
     with pytest.raises(ConfigError, match=needle) as err:
-        opts(*flags)
+        plan_of(*flags)  # the flag rules, then the plan's (model-dependent) rules
     assert "\n" not in str(err.value)
+
+
+def test_rules_are_checked_once_before_any_process_group(tmp_path):
+    from dice_ds.pipeline.prepare import prepare_spec
+
+    with pytest.raises(ConfigError, match="--tf32 only affects CUDA matmuls"):
+        prepare_spec(parse_options(BASE + ["--device", "cpu", "--tf32"]), world_size=1)
+    with pytest.raises(ConfigError, match="no such file"):  # the checkpoint reader's check
+        prepare_spec(parse_options(["--model", "debug", "--vae", "none", "--ckpt", "nope.pt"]), 1)
 
 
 def test_weights_must_come_from_exactly_one_source(tmp_path):
     with pytest.raises(ConfigError, match="no weights"):
         validate_options(parse_options(["--model", "debug", "--vae", "none"]))
-    with pytest.raises(ConfigError, match="no such file"):
-        validate_options(parse_options(["--model", "debug", "--vae", "none", "--ckpt", "nope.pt"]))
     ckpt = tmp_path / "w.pt"
     ckpt.write_bytes(b"")
     with pytest.raises(ConfigError, match="both set the weights"):
@@ -247,10 +263,10 @@ def test_cli_dispatch(capsys):
 
 
 def test_readme_documents_every_flag_and_ci_runs_the_readme_test_command():
-    from dice_ds.options import _flag, option_fields
+    from dice_ds.options import option_flags
 
     readme = open(os.path.join(ROOT, "README.md")).read()
-    missing = [_flag(f.name) for f in option_fields() if f"`{_flag(f.name)}`" not in readme]
+    missing = [f for f in option_flags() if f"`{f}`" not in readme]
     assert not missing, f"README flag table lacks {missing}"
     assert "```bash\nbash scripts/run_main.sh\n```" in readme
     assert "```bash\nbash scripts/test.sh\n```" in readme
