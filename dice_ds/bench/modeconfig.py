@@ -28,8 +28,8 @@ def split_mode_config(item: str) -> tuple[str, str] | None:
     return (name.strip(), path) if sep and name.strip() and path else None
 
 
-def mode_configs_of(command: str) -> dict[str, list[str]]:
-    """{NAME: ['--config', PATH]} of the ``--mode-config`` options of a recorded bench command
+def mode_configs_of(command: str) -> dict[str, str]:
+    """{NAME: PATH} of the ``--mode-config`` options of a recorded bench command
     line (bench.json ``meta.command``); the files are not read.
 
     Parsed by argparse with the bench's own option definition and every other argument left
@@ -41,4 +41,4 @@ def mode_configs_of(command: str) -> dict[str, list[str]]:
     p = argparse.ArgumentParser(add_help=False)
     add_option(p)
     known, _ = p.parse_known_args(argv)
-    return {x[0]: ["--config", x[1]] for x in map(split_mode_config, known.mode_config) if x}
+    return {x[0]: x[1] for x in map(split_mode_config, known.mode_config) if x}

@@ -147,7 +147,8 @@ def run_sweep(cfg: SweepConfig, classifier, log=print) -> dict:
     reference = load_sample_set(sync["dir"]) if sync and sync["status"] == "ok" else None
     rows = []
     for m in modes:
-        row = {"mode": m.name, "flags": " ".join(m.flags), "note": m.note, **runs[m.name]}
+        row = {"mode": m.name, "settings": m.settings, "flags": " ".join(m.flags), "note": m.note,
+               **runs[m.name]}
         if row["status"] == "ok":
             samples = load_sample_set(row["dir"])
             row.update(evaluate_digits(samples, classifier, reference))

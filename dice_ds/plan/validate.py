@@ -88,8 +88,7 @@ def workload_of_settings(s: Settings) -> Workload:
 
 def config_modes(bench: dict) -> dict[str, str]:
     """The bench's ``--mode-config NAME=PATH`` modes (from its command line): NAME -> PATH."""
-    return {name: flags[1] for name, flags in
-            mode_configs_of(bench["meta"].get("command", "")).items()}
+    return mode_configs_of(bench["meta"].get("command", ""))
 
 
 def row(bench: dict, link: str, mode: str) -> dict | None:

@@ -16,6 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from dice_ds.config import ConfigError, get_flavor
+from dice_ds.ds_config import convert_flat, validate_data
+from dice_ds.modes import Mode
+from dice_ds.options import given, parse_options
 from dice_ds.plan.costs import Workload, costs_from_flops, costs_from_phases
 from dice_ds.plan.predict import build_plan, predict_plan
 from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
@@ -79,15 +82,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _also(items: list[str]) -> list:
-    from dice_ds.modes import Mode
-
+    """``NAME=FLAGS`` items as modes: the flags parsed once into settings."""
     out = []
     for item in items:
         name, sep, flags = item.partition("=")
         if not sep or not name.strip() or not flags.split():
             raise ValueError(f"--evidence-also {item!r}: use NAME='--ep --ep-async ...'")
-        out.append(Mode(name.strip(), name.strip(), tuple(flags.split())))
+        out.append(Mode(name.strip(), name.strip(), given(parse_options(flags.split()))))
     return out
+
+
+def row_settings(r: dict) -> dict:
+    """A quality-table row's settings (``dice-ds eval --sweep`` JSON): its ``settings``, or, in a
+    table written before rows had them, its flags parsed as the sampler parses them."""
+    if "settings" in r:
+        return dict(r["settings"])
+    return given(parse_options((r.get("flags") or "").split()))
 
 
 def _speed_model(a, w: Workload):
@@ -121,10 +131,11 @@ def _fit(path: str, table: dict, w: Workload, world: int) -> quality.PsnrFit:
     data = json.loads(Path(path).read_text())
     pts = []
     for r in data["rows"]:
-        f = r.get("flags") or ""
-        if "--ep-async" not in f or "high" in f or "rand" in f or r.get("psnr_db") is None:
+        settings = row_settings(r)
+        if (not settings.get("ep_async") or r.get("psnr_db") is None
+                or settings.get("ep_async_skip_strategy") in ("high", "rand")):
             continue
-        plan = build_plan(f.split(), w, world)
+        plan = build_plan(settings, w, world)
         pts.append((r["mode"], quality.deviation(Schedule.build(plan, w.steps, w.cfg.depth),
                                                  table), r["psnr_db"]))
     return quality.PsnrFit.fit(pts)
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     "window": a.verify_window, "chosen_measured": measured,
                     "candidates": [{"flags": " ".join(p.flags()), "predicted": s, "deviation": d,
                                     "psnr_pred": fit.psnr(d),
-                                    "measured": got["speedup"].get(" ".join(p.flags()))}
+                                    "measured": got["speedup"].get(p)}
                                    for p, s, d in cands]}
         for c in verified["candidates"]:
             print(f"  {c['flags']:110} predicted {c['predicted']:.2f}x measured "
@@ -215,13 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.evidence:
         from dice_ds.tune import evidence
 
-        rows = evidence.run(a.ckpt, policy.flags(), a.evidence, a.steps, a.cfg_scale, a.world,
+        rows = evidence.run(a.ckpt, policy.settings(), a.evidence, a.steps, a.cfg_scale, a.world,
                             log=lambda m: print(m, file=sys.stderr), also=also)
         pred = {"DICE (fixed)": report["dice_fixed"], "tuned": report["chosen"]}
         for r in rows:
             p = pred.get(r["policy"])
             if p is None and r["key"] != "sync":
-                s, d = score(build_plan(r["flags"].split(), w, a.world))
+                s, d = score(build_plan(r["settings"], w, a.world))
                 p = {"speedup": s, "deviation": d, "psnr_pred": fit.psnr(d)}
             p = p or {"speedup": 1.0, "psnr_pred": float("inf")}
             r.update(psnr_pred=p["psnr_pred"], speedup_pred=p["speedup"])
@@ -238,11 +249,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen,
            table, verified=None) -> dict:
-    from dice_ds.ds_config import convert_flat, validate_data
-
     opts = {"model": a.model, "ckpt": a.ckpt, "vae": "identity", "device": "cpu", "sampler": "rf",
             "num_sampling_steps": a.steps, "cfg_scale": a.cfg_scale,
-            "per_proc_batch_size": a.batch, **policy.options()}
+            "per_proc_batch_size": a.batch, **policy.settings()}
     data = {"description": (f"dice-ds tune --budget {a.budget}: predicted {speed:.2f}x over sync "
                             f"EP ({speed_src}), predicted PSNR vs sync {fit.psnr(dev):.1f} dB; "
                             f"DICE's fixed policy: {dice_speed:.2f}x, {fit.psnr(dice_d):.1f} dB"

@@ -1,7 +1,8 @@
 """Policy search for ``dice-ds tune``: the fastest predicted schedule within a quality budget.
 
 Owns ``Policy`` (EP mode, async layer set -- any subset --, warm-up, cool-down, strided sync,
-skip period with the 'low' strategy), its ``ParallelPlan`` and sampler flags, and ``search``.
+skip period with the 'low' strategy; serialised once, as settings, from which its ``ParallelPlan``,
+config file and flags are made) and ``search``.
 
 Search: for every point of a small grid over (mode, warm-up, cool-down, stride, period), the
 async layer set is chosen either exhaustively (depth <= ``EXHAUSTIVE_MAX``: every subset) or
@@ -18,6 +19,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable
 
+from dice_ds.options import flags_of, from_overrides, plan_of
 from dice_ds.parallel.plan import ParallelPlan
 
 EXHAUSTIVE_MAX = 10
@@ -25,6 +27,9 @@ EXHAUSTIVE_MAX = 10
 
 @dataclass(frozen=True)
 class Policy:
+    """A point of the search; ``settings`` is its one serialisation (keyword values of the settings
+    tree), from which its plan, its config file and its flags are made."""
+
     mode: str = "interweaved"
     layers: tuple[int, ...] = ()
     warmup: int = 0
@@ -32,17 +37,9 @@ class Policy:
     strided: int = 0
     period: int = 1
 
-    def plan(self, ep_size: int) -> ParallelPlan:
-        stale = bool(self.layers)
-        return ParallelPlan(
-            ep_size=ep_size, mode=self.mode if stale else "sync",
-            async_layers=self.layers if stale else "shallow",
-            warmup=self.warmup if stale else 0, cooldown=self.cooldown if stale else 0,
-            strided=self.strided if stale else 0, skip_period=self.period,
-            skip_strategy="low" if self.period > 1 else None)
-
-    def options(self) -> dict:
-        """``RunOptions`` field values (for ``dice_ds.ds_config.convert_flat``)."""
+    def settings(self) -> dict:
+        """The policy as settings (``dice_ds.ds_config`` keyword values): sync EP plus, with async
+        layers, the async knobs, and the 'low' skip with a period > 1."""
         out: dict = {"ep": True}
         if self.layers:
             out.update(ep_async=True, ep_async_pipeline=self.mode == "interweaved",
@@ -56,19 +53,13 @@ class Policy:
             out.update(ep_async_noskip_step=self.period, ep_async_skip_strategy="low")
         return out
 
+    def plan(self, ep_size: int) -> ParallelPlan:
+        """The (unvalidated) plan of the settings on an EP group of ``ep_size`` ranks."""
+        return plan_of(from_overrides({**self.settings(), "ep_size": ep_size}), ep_size)
+
     def flags(self) -> list[str]:
-        f = ["--ep"]
-        if self.layers:
-            f += ["--ep-async"] + (["--ep-async-pipeline"] if self.mode == "interweaved" else [])
-            f += ["--ep-async-layers", ",".join(map(str, self.layers))]
-            for flag, value in (("--ep-async-warm-up", self.warmup),
-                                ("--ep-async-cool-down", self.cooldown),
-                                ("--strided-sync", self.strided)):
-                if value:
-                    f += [flag, str(value)]
-        if self.period > 1:
-            f += ["--ep-async-noskip-step", str(self.period), "--ep-async-skip-strategy", "low"]
-        return f
+        """The settings as ``dice-ds sample`` flags (display)."""
+        return flags_of(self.settings())
 
 
 SMALL_GRID = {"mode": ("interweaved", "displaced"), "warmup": (0, 1, 2, 4), "cooldown": (0, 2),

@@ -19,12 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dice_ds.ds_config import convert_flat, validate_data
+from dice_ds.tune.search import distinct
+
 
 def shortlist(seen: list, d_max: float, window: float, k: int, keep=None) -> list:
     """(policy, predicted speed-up, D) of the thinned Pareto front, fastest first; ``keep`` (the
     search's own choice) is always in it."""
-    from dice_ds.tune.search import distinct
-
     unique = [x for x in distinct(seen) if x[2] <= d_max]
     if not unique:
         return []
@@ -46,20 +47,18 @@ def shortlist(seen: list, d_max: float, window: float, k: int, keep=None) -> lis
 
 def measure(cands: list, *, model: str, ckpt: str, image_size: int, steps: int, batch: int,
             link: str, rounds: int, out: str | None = None, log=print) -> dict:
-    """Run the bench on the candidates; returns {'bench': path, 'speedup': {flags: measured}}."""
-    from dice_ds.ds_config import convert_flat, validate_data
-
+    """Run the bench on the candidates; returns {'bench': path, 'speedup': {policy: measured}}."""
     work = Path(out or tempfile.mkdtemp(prefix="dice_tune_verify."))
     work.mkdir(parents=True, exist_ok=True)
     args, names = [], {}
     for i, (p, _, _) in enumerate(cands):
         name = f"c{i}"
-        data = {"description": " ".join(p.flags()), **convert_flat(p.options())}
+        data = {"description": " ".join(p.flags()), **convert_flat(p.settings())}
         path = work / f"{name}.json"
         validate_data(data, str(path))
         path.write_text(json.dumps(data, indent=2) + "\n")
         args += ["--mode-config", f"{name}={path}"]
-        names[name] = " ".join(p.flags())
+        names[name] = p
     cmd = [sys.executable, "-m", "dice_ds.cli", "bench", "--links", link, "--modes",
            ",".join(["sync", *names]), *args, "--rounds", str(rounds), "--model", model,
            "--ckpt", ckpt, "--image-size", str(image_size), "--steps", str(steps),
@@ -79,8 +78,7 @@ def measure(cands: list, *, model: str, ckpt: str, image_size: int, steps: int, 
 def choose(cands: list, measured: dict, tolerance: float):
     """The measured fastest candidate, ties within ``tolerance`` to the smaller D; None if none
     was measured."""
-    got = [(p, measured[" ".join(p.flags())], d) for p, _, d in cands
-           if " ".join(p.flags()) in measured]
+    got = [(p, measured[p], d) for p, _, d in cands if p in measured]
     if not got:
         return None
     top = max(s for _, s, _ in got)

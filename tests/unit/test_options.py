@@ -52,7 +52,15 @@ def test_json_config_is_overridden_by_flags_given_on_the_command_line(tmp_path):
 
 
 def test_every_keyword_is_one_place_of_the_tree_and_flat_configs_convert(tmp_path):
-    from dice_ds.ds_config import ALIASES, LEAVES, NAMES, Settings, convert_flat, load_config, tree_of
+    from dice_ds.ds_config import (
+        ALIASES,
+        LEAVES,
+        NAMES,
+        Settings,
+        convert_flat,
+        load_config,
+        tree_of,
+    )
     from dice_ds.options import build_parser
 
     # every keyword name writes a JSON path, and reading that path back gives the name's value

@@ -194,7 +194,7 @@ def test_config_modes_come_from_the_bench_command_line():
 
     bench = {"meta": {"command": "dice-ds bench --modes sync,t --mode-config t=cfg/a.json "
                                  "--mode-config=u=b.json --rounds 1"}}
-    assert config_modes(bench) == {"t": ["--config", "cfg/a.json"], "u": ["--config", "b.json"]}
+    assert config_modes(bench) == {"t": "cfg/a.json", "u": "b.json"}
     assert config_modes({"meta": {}}) == {}
 
 
@@ -206,10 +206,10 @@ def test_mode_configs_of_reads_a_command_line_as_the_bench_parser_does():
                 "--mode-c v=v.json --modes sync,v --links loopback",
                 "--mode-config bad --mode-config=w=x=y.json", ""):
         known, _ = _parser().parse_known_args(cmd.split())
-        want = {x[0]: ["--config", x[1]] for x in map(split_mode_config, known.mode_config) if x}
+        want = {x[0]: x[1] for x in map(split_mode_config, known.mode_config) if x}
         assert mode_configs_of("dice-ds bench " + cmd) == want, cmd
     assert mode_configs_of("dice-ds bench --out o -- --mode-config z=c.json") == {}
-    assert mode_configs_of("--mode-config=w=x=y.json") == {"w": ["--config", "x=y.json"]}
+    assert mode_configs_of("--mode-config=w=x=y.json") == {"w": "x=y.json"}
 
 
 def test_validation_at_n_ranks_scales_the_calibration_by_the_core_share(tmp_path):
@@ -335,3 +335,34 @@ def test_calibrated_link_reads_the_probes_own_cpu_per_byte():
     assert (link.bandwidth, link.lone_rate) == (10.0, 5.0)
     del probe["cpu_seconds_rank"]              # a bench from before the CPU-aware probe
     assert calibrated_link("100mbit", probe).cpu_own_per_byte == 0.0
+
+
+def test_bench_extra_flags_set_the_workload_that_is_sampled_and_predicted(tmp_path):
+    """``dice-ds bench -- --cfg-scale 1``: the runs sample without guidance, and the plan's
+    workload (from the job's settings tree in bench.json) has no doubled batch either."""
+    from dice_ds.bench import cli
+    from dice_ds.ds_config import to_json
+    from dice_ds.options import flags_of, given, parse_options
+    from dice_ds.plan.validate import workload_of
+
+    p = cli._parser()
+    a = p.parse_args(["--ranks", "2", "--steps", "3", "--", "--cfg-scale", "1"])
+    cli._check(a, p)
+    assert a.job.cfg_scale == 1.0
+    for mode in ("dp", "dice"):  # what each run samples: its settings.json
+        argv = cli.write_settings(cli.run_settings(a, a.job, mode), tmp_path / mode)
+        ran = parse_options(argv)
+        assert ran.cfg_scale == 1.0 and ran.num_sampling_steps == 3
+    assert parse_options(argv).ep_async  # the mode's settings over the job
+    meta = {"settings": to_json(a.job), "job": " ".join(flags_of(given(a.job)))}
+    w = workload_of({"meta": meta})
+    assert not w.cfg_guidance and w.steps == 3
+    # the bench's own default guides: both sides agree on the doubled batch
+    a = p.parse_args(["--ranks", "2"])
+    cli._check(a, p)
+    assert workload_of({"meta": {"settings": to_json(a.job)}}).cfg_guidance
+    # a bench JSON from before meta.settings: its flags parsed as the sampler parses them (the
+    # last --cfg-scale wins), not the first occurrence in the string
+    old = ("--model DiT-S/2 --image-size 128 --vae none --num-sampling-steps 10 "
+           "--per-proc-batch-size 2 --cfg-scale 1.5 --global-seed 0 --init random --cfg-scale 1")
+    assert not workload_of({"meta": {"job": old}}).cfg_guidance

@@ -95,8 +95,7 @@ def test_verify_shortlist_is_the_thinned_pareto_front_and_choice_is_measured():
     assert [x[0].layers for x in two] == [(0,), (0, 1)]          # the ends are kept
     kept = verify.shortlist(seen, d_max=6.0, window=0.10, k=2, keep=seen[1])
     assert [x[0].layers for x in kept] == [(0,), (1,), (0, 1)]   # plus the search's choice
-    measured = {" ".join(P(layers=(0,)).flags()): 1.30, " ".join(P(layers=(1,)).flags()): 1.41,
-                " ".join(P(layers=(0, 1)).flags()): 1.40}
+    measured = {P(layers=(0,)): 1.30, P(layers=(1,)): 1.41, P(layers=(0, 1)): 1.40}
     pick = verify.choose(front, measured, tolerance=0.0)
     assert pick[0].layers == (1,) and pick[1] == pytest.approx(1.41)
     pick = verify.choose(front, measured, tolerance=0.02)          # 1.40 ties 1.41: smaller D
@@ -114,7 +113,7 @@ def test_policy_becomes_a_valid_sample_config():
     from dice_ds.options import async_layers_of, build_plan, parse_options
 
     p = search.Policy("interweaved", (0, 2), warmup=1, period=2)
-    data = convert_flat({"model": "digits", **p.options()})
+    data = convert_flat({"model": "digits", **p.settings()})
     validate_data(data, "<test>")
     assert data["dice"]["async"]["layers"] == [0, 2]
     opts = parse_options(p.flags() + ["--model", "digits", "--init", "random"])
