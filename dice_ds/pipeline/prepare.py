@@ -212,7 +212,8 @@ def _device_name(device) -> str:
 def _dtype_name(dtype) -> str:
     text = str(dtype).removeprefix("torch.")
     if text not in DTYPE_NAMES:
-        raise ConfigError(f"dtype={dtype!r}: use {', '.join(DTYPES)} (or the torch dtype)")
+        raise ConfigError(f"dtype={dtype!r}: use {', '.join(DTYPES[:-1])} or {DTYPES[-1]} (or the "
+                          "torch dtype)")
     return DTYPE_NAMES[text]
 
 
