@@ -49,6 +49,7 @@ import zipfile
 import numpy as np
 
 from dice_ds import runlock
+from dice_ds.config import ConfigError
 
 
 def sample_index(batch: int, local_i: int, rank: int, world_size: int, per_proc: int) -> int:
@@ -244,8 +245,6 @@ class SampleDir:
         with a ``ConfigError`` of one line unless ``force_new``, which renames it to
         ``<dir>.old-<time>`` and starts an empty one.
         """
-        from dice_ds.config import ConfigError
-
         os.makedirs(self.path, exist_ok=True)
         lock = runlock.acquire(self.path)  # first: --force-new never moves a live run's directory
         moved = None

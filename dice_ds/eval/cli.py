@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from dice_ds.config import ConfigError
+from dice_ds.options import from_overrides
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,10 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("batch_size", "num_samples", "per_proc_batch_size", "nproc"):
             if getattr(args, flag) < 1:
                 raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
-        if args.num_sampling_steps is not None and args.num_sampling_steps < 1:
-            raise ConfigError(f"--num-sampling-steps {args.num_sampling_steps} must be >= 1")
-        if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1:
-            raise ConfigError(f"--cfg-scale {args.cfg_scale} must be a finite number >= 1")
+        # the sweep's sampling settings: checked by the settings tree (its ranges)
+        from_overrides({"cfg_scale": args.cfg_scale, "num_sampling_steps": args.num_sampling_steps})
         if args.fid and args.samples is None:
             raise ConfigError("--fid needs a sample directory or samples.npz")
         if args.fid:

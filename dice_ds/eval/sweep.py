@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dice_ds.config import ConfigError
 from dice_ds.modes import MESH_MODES, Mode
 from dice_ds.modes import MODES as ALL_MODES
+from dice_ds.options import parse_options, validate_options
 
 MODES: tuple[Mode, ...] = tuple(m for m in ALL_MODES
                                 if m.key != "dice-bf16" and m.key not in MESH_MODES)
@@ -85,9 +87,6 @@ def rejected_by_sampler(cmd: list[str]) -> str | None:
 
     Runs the sampler's flag validation in this process, before any rank is launched.
     """
-    from dice_ds.config import ConfigError
-    from dice_ds.options import parse_options, validate_options
-
     try:
         validate_options(parse_options(cmd[cmd.index("dice_ds.sample") + 1:]))
     except ConfigError as e:

@@ -15,10 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from dice_ds.config import ConfigError, get_flavor
+from dice_ds.ds_config import DTYPES
 from dice_ds.plan import report
 from dice_ds.plan.costs import Workload, costs_from_flops
 from dice_ds.plan.predict import PLAN_MODES, Topology, predict_all
 from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
+from dice_ds.plan.validate import cpu_device, fit_emulation, load, save_loads, validate
 
 DEFAULT_SCENARIOS = "rtx4090:pcie4,a100:pcie4,h100:nvlink-h100"
 PAPER = {"model": "DiT-XL/2", "gpus": 8, "scenario": "rtx4090:pcie4", "reported": 1.26}
@@ -40,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32, help="images per GPU (CFG doubles the rows)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--no-cfg", action="store_true", help="cfg scale 1 (no doubled batch)")
-    p.add_argument("--dtype", default="fp16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default="fp16", choices=DTYPES)
     p.add_argument("--efficiency", type=float, default=EFFICIENCY,
                    help="fraction of the device's dense peak a step sustains")
     p.add_argument("--bench-json", default=None, help="calibrates the 'cpu' device")
@@ -84,7 +86,6 @@ def scenarios(a, models, gpus) -> list[dict]:
             if dev_name == "cpu":
                 if not a.bench_json:
                     raise ValueError("device 'cpu' needs --bench-json (a dice-ds bench JSON)")
-                from dice_ds.plan.validate import cpu_device, load
 
                 dev = cpu_device(load(a.bench_json))
             else:
@@ -120,18 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         scen = scenarios(a, _split(a.models), gpus) if a.models else []
         val = None
         if a.validate:
-            from dice_ds.plan.validate import load, validate
 
             bench = load(a.validate)
             if a.save_loads:
-                from dice_ds.plan.validate import save_loads
 
                 print(f"dice-ds plan: wrote {save_loads(bench)}", file=sys.stderr)
             cal = load(a.calibration) if a.calibration else None
             val = validate(bench, use_loads=not a.no_loads, calib=cal,
                            link_from_bench=a.link_from_bench)
             if a.fit_on:
-                from dice_ds.plan.validate import fit_emulation
 
                 source = load(a.emulation_from) if a.emulation_from else (cal or bench)
                 emu = fit_emulation(source, a.fit_on, use_loads=not a.no_loads)

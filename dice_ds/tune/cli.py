@@ -15,6 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from dice_ds.bench.links import rate_bits
 from dice_ds.config import ConfigError, get_flavor
 from dice_ds.ds_config import convert_flat, validate_data
 from dice_ds.modes import Mode
@@ -22,8 +23,9 @@ from dice_ds.options import given, parse_options
 from dice_ds.plan.costs import Workload, costs_from_flops, costs_from_phases
 from dice_ds.plan.predict import build_plan, predict_plan
 from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
+from dice_ds.plan.validate import fit_emulation, link_of, load, row, workload_of
 from dice_ds.schedule import Schedule
-from dice_ds.tune import quality, search, sensitivity
+from dice_ds.tune import evidence, quality, search, sensitivity, verify
 
 DICE_FIXED = search.Policy("interweaved", (), 0, 0, 0, 2)
 """DICE's fixed policy; its layers are the shallow half (filled in for the model's depth)."""
@@ -102,8 +104,6 @@ def row_settings(r: dict) -> dict:
 
 def _speed_model(a, w: Workload):
     if a.bench_json:
-        from dice_ds.plan.validate import link_of, load, row, workload_of
-
         bench = load(a.bench_json)
         bw = workload_of(bench)
         dp = row(bench, a.link, "dp")
@@ -116,8 +116,6 @@ def _speed_model(a, w: Workload):
         costs = costs_from_phases(dp, bw.cfg.depth, bw.steps).scaled(scale)
         emu, note = None, ""
         if a.emulation_from:
-            from dice_ds.plan.validate import fit_emulation
-
             emu = fit_emulation(load(a.emulation_from), a.link)
             note = (f", emulation fitted on {a.emulation_from}: "
                     f"{1e9 * emu['cpu_per_byte']:.1f} ns CPU per byte moved")
@@ -176,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         if a.verify < 0 or a.verify_rounds < 1 or not 0 < a.verify_window < 1:
             raise ValueError("--verify K >= 0, --verify-rounds >= 1, --verify-window in (0, 1)")
         if a.verify and a.link != "loopback":
-            from dice_ds.bench.links import rate_bits
-
             rate_bits(a.link)   # a tc rate the bench can shape, else ValueError
         if not 0 <= a.speed_tolerance < 1:
             raise ValueError(f"--speed-tolerance {a.speed_tolerance}: use a fraction in [0, 1)")
@@ -192,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     policy, speed, dev = best
     verified = None
     if a.verify:
-        from dice_ds.tune import verify
-
         cands = verify.shortlist(seen, d_max, a.verify_window, a.verify, keep=best)
         try:
             got = verify.measure(cands, model=a.model, ckpt=a.ckpt, image_size=cfg.input_size * 8,
@@ -224,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     report = _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen,
                     table, verified)
     if a.evidence:
-        from dice_ds.tune import evidence
-
         rows = evidence.run(a.ckpt, policy.settings(), a.evidence, a.steps, a.cfg_scale, a.world,
                             log=lambda m: print(m, file=sys.stderr), also=also)
         pred = {"DICE (fixed)": report["dice_fixed"], "tuned": report["chosen"]}
