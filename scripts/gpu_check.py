@@ -42,7 +42,7 @@ QUICK_MODES = ("displaced", "interweaved", "dice")
 def ep_modes_all() -> list[str]:
     from dice_ds.modes import MESH_MODES, MODES
 
-    return [m.key for m in MODES if "--ep" in m.flags and "--sp" not in m.flags
+    return [m.key for m in MODES if m.settings.get("ep") and not m.settings.get("sp")
             and m.key not in MESH_MODES and m.key != "sync"]
 
 

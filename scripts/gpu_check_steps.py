@@ -275,7 +275,7 @@ def _ep_case(case: dict, modes: list[str], rank: int, dev: str) -> dict:
     model = init_weights(build_model(cfg, groups, params_dtype=dtype, device=dev), "random",
                          seed=21, std=case["std"])
     for i, key in enumerate(["sync", "sync", *modes]):  # the first sync run warms up, unrecorded
-        plan = build_plan(list(by_key(key).flags), Workload(cfg, images_per_rank=n, steps=steps), 2)
+        plan = build_plan(by_key(key).settings, Workload(cfg, images_per_rank=n, steps=steps), 2)
         rt = parallelize_dit_moe(model, plan, groups)
         _sync(dev)
         t0 = time.perf_counter()

@@ -33,7 +33,7 @@ def rows(models, worlds, dtypes, batches, overhead_gib):
                 for batch in batches:
                     w = Workload(cfg, images_per_rank=batch, cfg_guidance=True, steps=50,
                                  dtype=dtype)
-                    plan = build_plan(["--ep"] if world > 1 else [], w, world)
+                    plan = build_plan({"ep": True} if world > 1 else {}, w, world)
                     m = memory(w, Schedule.build(plan, w.steps, cfg.depth), plan.ep_size, 1, None)
                     per_batch.append(sum(m.values()) / GIB + overhead_gib)
                 cells.append(" / ".join(f"{x:.1f}" for x in per_batch))
