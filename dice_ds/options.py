@@ -261,8 +261,6 @@ def _validate_sp_flags(opts: Settings) -> None:
     sp_on = opts.sp or opts.sp_size is not None
     if opts.sp_async and not sp_on:
         raise ConfigError("--sp-async needs --sp (displaced SP runs on a sequence-parallel group)")
-    if opts.sp_async_warm_up and not opts.sp_async:
-        raise ConfigError("--sp-async-warm-up needs --sp-async")
     if opts.single_img and not sp_on:
         raise ConfigError("--single-img needs --sp")
     if sp_on and opts.ep and opts.ep_size is None and opts.sp_size is None:

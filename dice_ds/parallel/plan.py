@@ -32,12 +32,20 @@ from dice_ds.ds_config import (
     SKIP_STRATEGIES,
     STALE_WEIGHTS,
     Async,
+    Communication,
+    ConditionalComm,
+    SequenceParallel,
 )
 from dice_ds.parallel.dims import ParallelDims
 
 EP_MODES = ("sync", *ASYNC_MODES)
 EPMode = Literal[EP_MODES]
 AsyncLayers = Union[Literal[ASYNC_LAYER_SETS], tuple[int, ...]]
+
+
+def _default(section, key: str):
+    """The settings tree's default of a field (the plan's defaults are the tree's)."""
+    return section.model_fields[key].default
 
 
 @dataclass(frozen=True)
@@ -50,25 +58,25 @@ class ParallelPlan:
     mode: EPMode = "sync"
     """'sync': megatron's all-to-all dispatcher. 'displaced': DICE displaced EP (2-step-stale expert
     outputs). 'interweaved': DICE interweaved EP (1-step staleness, half the cache)."""
-    async_layers: AsyncLayers = Async.model_fields["layers"].default
+    async_layers: AsyncLayers = _default(Async, "layers")
     """Which MoE layers run async (others stay sync): 'all'; 'shallow' = l < L/2 (DICE's choice,
     the paper's "deep sync"); 'deep' = l >= L/2; 'interleaved' = even l; or explicit indices."""
-    warmup: int = 0
+    warmup: int = _default(Async, "warm_up")
     """Steps rev = 0..warmup are synchronous (warmup + 1 sync steps; the first is always sync)."""
-    cooldown: int = 0
+    cooldown: int = _default(Async, "cool_down")
     """The last ``cooldown`` steps (i <= cooldown) are synchronous. Works on its own."""
-    strided: int = 0
+    strided: int = _default(Async, "strided_sync")
     """Every step with i % strided == 0 is synchronous (0: off)."""
-    stale_output_weights: Literal[STALE_WEIGHTS] = "cached"
+    stale_output_weights: Literal[STALE_WEIGHTS] = _default(Async, "stale_output_weights")
     """Router weights multiplying a stale expert output: 'cached' = the weights of the step the
     output came from (consistent; default); 'current' = this step's top-k weights, slot by slot."""
-    skip_period: int = 1
+    skip_period: int = _default(ConditionalComm, "period")
     """Conditional communication: slots are skipped on steps with i % skip_period != 0 (1: off)."""
-    skip_strategy: Literal[SKIP_STRATEGIES] | None = None
+    skip_strategy: Literal[SKIP_STRATEGIES] | None = _default(ConditionalComm, "strategy")
     """Which of a token's two slots is skipped: 'low' (lower router score), 'high', 'rand'."""
     skip_seed: int = 0
     """Seed of the 'rand' strategy's generator (reset with the other per-run state)."""
-    payload_dtype: Literal[DTYPES] | None = None
+    payload_dtype: Literal[DTYPES] | None = _default(Communication, "payload_dtype")
     """dtype of the all-to-all payload (None: the activation dtype). bf16/fp16 halve the bytes."""
     sp_size: int = 1
     """Sequence-parallel group size (1: off). Each image's tokens are split into sp_size
@@ -76,9 +84,9 @@ class ParallelPlan:
     ep_size > 1 as well (EP x SP: each token shard's expert work goes over the EP group)."""
     sp_async: bool = False
     """Displaced SP (DistriFusion): remote K/V from the previous step, own K/V fresh."""
-    sp_warmup: int = 0
+    sp_warmup: int = _default(SequenceParallel, "async_warm_up")
     """Displaced SP: steps rev = 0..sp_warmup gather K/V synchronously (the cache is cleared)."""
-    single_img: bool = False
+    single_img: bool = _default(SequenceParallel, "single_img")
     """SP without the global batch: each SP group samples one rank's batch (the SP group's lead
     rank writes it); otherwise every SP rank holds the batches of its whole group."""
     sp_bucket_layers: int = 4
@@ -144,6 +152,8 @@ class ParallelPlan:
                               f"{', '.join(SKIP_STRATEGIES)}")
         if self.payload_dtype not in (None, *DTYPES):
             raise ConfigError(f"payload_dtype={self.payload_dtype!r}: use {', '.join(DTYPES)}")
+        if self.sp_warmup and not self.sp_async:
+            raise ConfigError("sp_warmup (--sp-async-warm-up) needs --sp-async")
         if self.sp_async and not self.sp_enabled:
             raise ConfigError("sp_async (--sp-async) needs sequence parallelism: pass --sp with a "
                               "world size > 1")

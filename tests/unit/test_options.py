@@ -141,7 +141,7 @@ def test_shipped_configs_parse_and_validate(tmp_path):
     (["--ep", "--ep-async-pipeline"], "--ep-async-pipeline needs --ep-async"),
     (["--ep", "--ep-async-warm-up", "2"], "--ep-async-warm-up needs --ep-async"),
     (["--sp-async"], "--sp-async needs --sp"),
-    (["--sp", "--sp-async-warm-up", "2"], "--sp-async-warm-up needs --sp-async"),
+    (["--sp", "--sp-async-warm-up", "2"], r"\(--sp-async-warm-up\) needs --sp-async"),
     (["--single-img"], "--single-img needs --sp"),
     (["--ep", "--sp"], "give --ep-size or --sp-size"),
     (["--ep", "--ep-async-skip-strategy", "low"], "--ep-async-noskip-step 1"),

@@ -15,7 +15,7 @@ def test_valid_sp_plans():
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(sp_size=3), r"sp_size=3 \(--sp\)"),
+    (dict(sp_size=3), r"sp_size=3 \(--sp-size\)"),
     (dict(sp_size=4, ep_size=2), "must divide the world size 4"),
     (dict(sp_async=True), r"--sp-async\) needs sequence parallelism"),
     (dict(sp_size=2, sp_warmup=1), r"--sp-async-warm-up\) needs --sp-async"),
