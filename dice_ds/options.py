@@ -5,13 +5,14 @@ flag per keyword name, ``--cfg-scale`` for ``cfg_scale``, plus the reference's a
 choices, defaults and help come from the tree; boolean flags have ``--no-<flag>`` forms),
 ``parse_options`` (tree defaults < ``--config FILE.json`` < flags given on the command line), the
 cross-field rules that need no checkpoint and no process group (``validate_options``: flag
-combinations, files, ``--sample-dir``; single values -- types, ranges, choices -- are checked by
-the tree itself when it is built), the values derived from the settings (sampler and step
-defaults, image size, EP/SP sizes), ``build_plan`` (the ``ParallelPlan``, built one to one from the
-tree's parallelism sections and validated with the model's expert count and depth: the
-model-dependent checks), ``flags_of`` (keyword values as ``dice-ds sample`` flags, for the commands
-a sweep launches and for display) and the automatic sample directory name. The bad inputs and
-their messages are listed in ``docs/bad-inputs.md``.
+combinations, files, ``--sample-dir``; single values -- types, ranges, choices -- are checked by the
+tree itself when it is built), the values derived from the settings (sampler and step defaults,
+image size, EP/SP sizes), ``build_plan`` (the ``ParallelPlan``, built one to one from the tree's
+parallelism sections by ``plan_of`` and validated with the model's expert count and depth),
+``validate`` (every model-dependent check, in one place), ``from_overrides`` / ``from_tree``
+(settings from keyword values or a JSON tree over a base), ``flags_of`` (keyword values as ``dice-ds
+sample`` flags, for the commands a sweep launches and for display) and the automatic sample
+directory name. The bad inputs and their messages are listed in ``docs/bad-inputs.md``.
 
 Invariants: nothing here imports torch or starts a process group; every bad input raises
 ``ConfigError`` with one line naming the flag and the fix.
@@ -27,7 +28,7 @@ import math
 import os
 import sys
 
-from dice_ds.config import ConfigError, get_flavor
+from dice_ds.config import ConfigError, ModelConfig, get_flavor
 from dice_ds.ds_config import (
     ALIASES,
     LEAVES,
@@ -368,6 +369,18 @@ def plan_of(opts: Settings, world_size: int) -> ParallelPlan:
         skip_seed=opts.global_seed, payload_dtype=d.communication.payload_dtype,
         sp_size=sp_size_of(opts, world_size), sp_async=d.sp.async_,
         sp_warmup=d.sp.async_warm_up, single_img=d.sp.single_img)
+
+
+def validate(opts: Settings, world_size: int, model: ModelConfig) -> ParallelPlan:
+    """The model-dependent checks, in one place (after ``validate_options``, before any process
+    group): the sampler against the model (DDPM needs a learned variance), and the plan against
+    the world size, the model's real expert count and depth and an image's tokens. Returns the
+    validated plan."""
+    if sampler_of(opts) == "ddpm" and not model.learn_sigma:
+        raise ConfigError(f"--sampler ddpm needs a model with learned variance (learn_sigma); "
+                          f"{model.name} has none: use --sampler ddim or rf")
+    return build_plan(opts, world_size=world_size, num_experts=model.num_experts,
+                      depth=model.depth)
 
 
 def build_plan(opts: Settings, *, world_size: int, num_experts: int, depth: int) -> ParallelPlan:

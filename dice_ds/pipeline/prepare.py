@@ -32,13 +32,7 @@ from dice_ds.ds_config import (
     settings_of,
     tree_of,
 )
-from dice_ds.options import (
-    build_plan,
-    env_world_size,
-    latent_side,
-    sampler_of,
-    validate_options,
-)
+from dice_ds.options import env_world_size, latent_side, validate, validate_options
 from dice_ds.startup import StartupLog
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -133,11 +127,8 @@ def prepare_spec(opts: Settings, world_size: int | None = None) -> PipelineSpec:
     world = world_size or env_world_size()
     device = resolve_device(opts)
     cfg, reader = model_config(opts)
-    if sampler_of(opts) == "ddpm" and not cfg.learn_sigma:
-        raise ConfigError(f"--sampler ddpm needs a model with learned variance (learn_sigma); "
-                          f"{cfg.name} has none: use --sampler ddim or rf")
     check_decoder(opts.vae, opts.vae_path, cfg.in_channels)
-    plan = build_plan(opts, world_size=world, num_experts=cfg.num_experts, depth=cfg.depth)
+    plan = validate(opts, world, cfg)
     return PipelineSpec(opts, cfg, plan, world, device, reader, parallelize_fn(plan),
                         startup=StartupLog())
 
