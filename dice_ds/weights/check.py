@@ -8,7 +8,11 @@ the model will load is present and consistently shaped: all blocks carry block 0
 shapes, every layer has all E experts, and the non-block tensors exist). All of it reads names and
 shapes only, so it runs on ``reader.meta_state_dict()`` (``dice_ds/weights/read.py``); a mismatch
 found only when loading into the built model would surface after the process group started, so
-this module catches what it can earlier. Every failure is one ``ConfigError`` line.
+this module catches what it can earlier. Also owns a checkpoint's identity: the architecture
+dice_ds records in the files it writes (``architecture_metadata``) and ``check_architecture``,
+which refuses a file made for another architecture than the run's model (heads included, which
+no timm-layout key or shape tells) or another latent size, and lists what it had to assume for
+released files that record nothing. Every failure is one ``ConfigError`` line.
 
 Invariants: no process group, no model is built; works on released and dice_ds key layouts
 (``dice_ds/weights/keymap.py`` maps the latter's names).
@@ -23,7 +27,7 @@ import torch
 
 from dice_ds.config import ConfigError, ModelConfig
 from dice_ds.weights.keymap import is_dice_layout, mcore_to_released
-from dice_ds.weights.read import first_line
+from dice_ds.weights.read import CheckpointReader, first_line
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _GROUPED_FC1 = "blocks.0.moe.experts.fc1_weight"
@@ -41,6 +45,13 @@ _ATTN_KEYS = {
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 _EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.")
 _MAX_LISTED = 8
+ARCH_PREFIX = "dice_ds."
+"""Prefix of the architecture entries in a checkpoint's string metadata (``architecture_metadata``)."""
+ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "num_experts", "patch_size", "in_channels",
+               "learn_sigma", "attn_layout", "input_size")
+"""The ``ModelConfig`` fields a checkpoint records (plus the flavor name), in the order checked."""
+REGENERATE_FLAG = "--regenerate-pos-embed"
+"""The flag that accepts a checkpoint made for another latent size (its ``pos_embed`` replaced)."""
 
 
 # ----------------------------------------------------------------------------- facts
@@ -178,7 +189,8 @@ def expected_keys(cfg: ModelConfig) -> list[str]:
 
 
 def check_complete(sd: dict, cfg: ModelConfig, path: str) -> None:
-    """Raise one ConfigError line if a tensor of ``cfg`` is missing or shaped unlike its peers."""
+    """Raise one ConfigError line if a tensor of ``cfg`` is missing, shaped unlike its peers, or
+    not floating point (:func:`check_dtypes`)."""
     released = _released_keys(sd)
     missing = [k for k in expected_keys(cfg) if k not in released]
     if missing:
@@ -196,3 +208,110 @@ def check_complete(sd: dict, cfg: ModelConfig, path: str) -> None:
     if odd:
         raise ConfigError(f"--ckpt {path}: inconsistent tensor shapes ({listed(odd)}); the "
                           "checkpoint is corrupt or mixes models")
+    check_dtypes(released, cfg, path)
+
+
+def check_dtypes(sd: dict, cfg: ModelConfig, path: str) -> None:
+    """Raise one ConfigError line if a tensor the model loads is not floating point (an integer or
+    bool tensor is never cast into a weight: e.g. a header whose dtype says I32 over F32 bytes)."""
+    released = _released_keys(sd)
+    bad = [f"{k} is {str(released[k].dtype).replace('torch.', '')}" for k in expected_keys(cfg)
+           if k in released and not released[k].dtype.is_floating_point]
+    if bad:
+        raise ConfigError(f"--ckpt {path}: {len(bad)} non-floating tensor(s) where the model has "
+                          f"floating weights ({listed(bad)}); the file's dtypes are wrong (corrupt "
+                          "header?) or it is not a DiT-MoE checkpoint: re-export it")
+
+
+# ----------------------------------------------------------------------------- identity
+def architecture_metadata(cfg: ModelConfig) -> dict[str, str]:
+    """What a checkpoint of ``cfg`` records about its architecture, as strings (the
+    ``.safetensors`` ``__metadata__``; a ``.pt``'s ``__metadata__`` dict entry): the flavor name and
+    ``ARCH_FIELDS``, keys prefixed ``dice_ds.``. Written by ``dice_ds/weights/write.py`` and
+    ``save.py``; compared by :func:`check_architecture`."""
+    meta = {ARCH_PREFIX + "flavor": cfg.name}
+    for name in ARCH_FIELDS:
+        value = getattr(cfg, name)
+        meta[ARCH_PREFIX + name] = str(value).lower() if isinstance(value, bool) else str(value)
+    return meta
+
+
+def recorded_architecture(metadata: dict[str, str], path: str) -> dict | None:
+    """The architecture a checkpoint's metadata records (``flavor`` and the ``ARCH_FIELDS`` it
+    holds, typed like ``ModelConfig``'s), or None when it records none (released files)."""
+    if not any(k.startswith(ARCH_PREFIX) for k in metadata):
+        return None
+    out = {"flavor": metadata.get(ARCH_PREFIX + "flavor", "?")}
+    for name in ARCH_FIELDS:
+        text = metadata.get(ARCH_PREFIX + name)
+        if text is None:
+            continue
+        if name == "attn_layout":
+            ok, value = text in ("timm", "flash"), text
+        elif name == "learn_sigma":
+            ok, value = text in ("true", "false"), text == "true"
+        else:
+            ok, value = text.isdigit(), int(text) if text.isdigit() else None
+        if not ok:
+            raise ConfigError(f"--ckpt {path}: metadata {ARCH_PREFIX}{name}={text!r:.40} is not a "
+                              f"valid {name}; the file's metadata is corrupt: re-export it")
+        out[name] = value
+    return out
+
+
+def check_architecture(reader: CheckpointReader, cfg: ModelConfig,
+                       regenerate_pos_embed: bool = False) -> list[str]:
+    """Refuse, in one ConfigError line naming both values, a checkpoint made for another
+    architecture than ``cfg`` (the ``ModelConfig`` the run is about to build: after
+    :func:`config_for_checkpoint`, with the run's latent size); return what had to be assumed.
+
+    Files written by dice_ds (``architecture_metadata``) are compared field by field: depth,
+    hidden size, heads, experts, patch, in_channels, learn_sigma, attention layout and latent
+    size. The latent size is also read off ``pos_embed``'s token count, so released files
+    without metadata are checked too: another size is an error unless ``regenerate_pos_embed``
+    (the user's ``REGENERATE_FLAG``; the returned list then says so). Released files cannot tell
+    the head count of the timm layout (it is in no key or shape): the flavor's is assumed.
+
+    Returns one sentence per assumption or replacement, for the pipeline to state once in the log
+    and in run.json (empty for a dice_ds file that matches). Reads names, shapes and metadata only:
+    call before any process group starts (``dice_ds/pipeline/prepare.py``, after
+    ``config_for_checkpoint`` and ``check_complete``).
+    """
+    path = reader.path
+    recorded = recorded_architecture(reader.metadata, path)
+    notes: list[str] = []
+    if recorded is not None:
+        flavor = recorded["flavor"]
+        for name in ARCH_FIELDS:
+            if name == "input_size" or name not in recorded:
+                continue
+            theirs, ours = recorded[name], getattr(cfg, name)
+            if theirs != ours:
+                fix = f"--model {flavor}" + (f" --depth {theirs}" if name == "depth" else "")
+                raise ConfigError(f"--ckpt {path}: the checkpoint was made for {name}={theirs} "
+                                  f"({flavor}), the run's model has {name}={ours} ({cfg.name}): "
+                                  f"use {fix} to match it")
+    info = reader.infos.get("pos_embed")
+    tokens = info.shape[1] if info is not None and len(info.shape) == 3 else None
+    side = None
+    if recorded is not None and "input_size" in recorded:
+        side = recorded["input_size"]
+    elif tokens is not None:
+        side = math.isqrt(tokens) * cfg.patch_size
+    if side is not None and side != cfg.input_size:
+        if not regenerate_pos_embed:
+            raise ConfigError(f"--ckpt {path}: the checkpoint was made for input_size={side} (latent "
+                              f"side), the run's model has input_size={cfg.input_size}: pass the "
+                              f"image size it was made for (--image-size {8 * side} with the SD "
+                              f"VAE, {side} with --vae identity), or {REGENERATE_FLAG} to replace "
+                              "its pos_embed (outputs then only for performance tests)")
+        notes.append(f"pos_embed regenerated for input_size={cfg.input_size} (latent side): the "
+                     f"checkpoint was made for input_size={side}")
+    if recorded is None:
+        if cfg.attn_layout == "timm":
+            notes.append(f"num_heads={cfg.num_heads} assumed from --model {cfg.name}: a "
+                         "timm-layout checkpoint without metadata does not record its head count")
+        if side == cfg.input_size and tokens is not None:
+            notes.append(f"input_size={side} (latent side) read from pos_embed's {tokens} tokens: "
+                         "the checkpoint records no image size")
+    return notes

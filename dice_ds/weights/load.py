@@ -7,10 +7,12 @@ I/O floor of a load, ``docs/scale.md``). For every model tensor it asks
 ``dice_ds/weights/keymap.py`` which released
 tensors fill which rows of it (``released_sources``) and where each released tensor lives in this
 checkpoint (``released_view``: itself, or a region of a dice_ds-layout tensor), checks the whole
-plan first (missing, unexpected and wrongly shaped tensors, one ``CheckpointMismatchError`` naming
-them all), then copies region by region with ``reader.read_into``: each routed expert's
+plan first (missing, unexpected and wrongly shaped tensors, and integer or bool tensors where the
+model has floating weights -- refused, never cast -- one ``CheckpointMismatchError`` naming them
+all), then copies region by region with ``reader.read_into``: each routed expert's
 ``gate_proj`` / ``up_proj`` / ``down_proj`` lands directly in its slice of the grouped weight (or of
-its ``linear_fc1``), cast on the way; no mapped state dict, no stack, no second copy.
+its ``linear_fc1``), cast on the way; no mapped state dict, no stack, no second copy. Every
+region is refused if it holds NaN/inf as it is read (``dice_ds/weights/read.py``).
 
 Invariants: only this rank's experts are read (the others are counted as dropped); values are
 bitwise those of a ``load_state_dict`` of the mapped dict (a copy_ with the same cast); the only
@@ -83,6 +85,7 @@ class _Plan:
     copies: list = field(default_factory=list)  # (dest view, checkpoint key, index, rows)
     missing: list = field(default_factory=list)
     shapes: list = field(default_factory=list)
+    dtypes: list = field(default_factory=list)
     used: set = field(default_factory=set)
     regenerate: bool = False
 
@@ -117,6 +120,10 @@ def _plan(model, reader: CheckpointReader, view: dict, local: tuple[int, ...]) -
             if tuple(shape) != tuple(dest.shape):
                 plan.shapes.append(f"{rkey}: ckpt {list(shape)} vs model {list(dest.shape)}")
                 continue
+            src_dtype = reader.infos[src].dtype
+            if dest.is_floating_point() and not src_dtype.is_floating_point:
+                plan.dtypes.append(f"{src} is {str(src_dtype).replace('torch.', '')}")
+                continue
             plan.copies.append((dest, src, s_index, s_rows))
     return plan
 
@@ -144,6 +151,9 @@ def _check(plan: _Plan, unexpected: list, strict: bool, name: str) -> list[str]:
         problems.append(f"{len(unexpected)} unexpected: {listed(unexpected)}")
     if plan.shapes:
         problems.append(f"{len(plan.shapes)} shape mismatch: {listed(sorted(plan.shapes))}")
+    if plan.dtypes:
+        problems.append(f"{len(plan.dtypes)} non-floating tensor(s) where the model has floating "
+                        f"weights (not cast): {listed(sorted(set(plan.dtypes)))}")
     if problems:
         raise CheckpointMismatchError(f"checkpoint does not match --model {name} (check --ckpt and "
                                       f"--model): " + "; ".join(problems))
@@ -229,7 +239,7 @@ def _copy_pipelined(reader: CheckpointReader, copies: list, bar) -> None:
             staged = ahead.result()
             if i + 1 < len(parts):
                 ahead = submit(i + 1)
-            reader.commit(staged, dest)
+            reader.commit(staged, dest, src)
             if bar is not None:
                 bar.update(dest.numel() * reader.infos[src].dtype.itemsize)
 
@@ -256,9 +266,13 @@ def time_plain_read(model, reader: CheckpointReader) -> dict:
     if ring is None or ring.numel() < max(sizes, default=0):
         ring = torch.empty(max(sizes, default=0), dtype=torch.uint8)
     before, t0, at = reader.bytes_read, time.perf_counter(), 0
-    for (dest, src, index, rows), n in zip(copies, sizes):
-        at = 0 if at + n > ring.numel() else at
-        dtype = reader.infos[src].dtype
-        reader.read_into(src, ring[at:at + n].view(dtype).view(dest.shape), index, rows)
-        at += n
+    check, reader.check_finite = reader.check_finite, False  # the floor: I/O alone
+    try:
+        for (dest, src, index, rows), n in zip(copies, sizes):
+            at = 0 if at + n > ring.numel() else at
+            dtype = reader.infos[src].dtype
+            reader.read_into(src, ring[at:at + n].view(dtype).view(dest.shape), index, rows)
+            at += n
+    finally:
+        reader.check_finite = check
     return {"bytes": reader.bytes_read - before, "seconds": time.perf_counter() - t0}

@@ -6,8 +6,10 @@ not a state dict -- is one ``ConfigError`` line), ``read_state_dict(path)`` (a t
 every tensor read through that reader, for tools and tests) and the three readers behind it, all
 with one interface (``CheckpointReader``):
 
-- ``SafetensorsReader``: parses the ``.safetensors`` header itself (8-byte little-endian length, a
-  JSON table of dtype / shape / byte range per tensor) and reads a tensor's bytes with ``pread``;
+- ``SafetensorsReader``: the ``.safetensors`` header validated by ``dice_ds/weights/header.py`` (at
+  least as strictly as the ``safetensors`` library, which is asked too; why the header is parsed
+  here at all is said there: the library exposes no byte offsets), a tensor's bytes read with
+  ``pread``;
 - ``TorchZipReader``: a ``.pt`` in torch's zip format. ``torch.load(mmap=True, weights_only=True)``
   unpickles the object with every storage mapped but not read; the file offset of each storage is
   recovered from the zip's local headers (storages are uncompressed records; a mapped storage's
@@ -23,15 +25,23 @@ a reusable scratch buffer no larger than the largest region read (two, when the 
 region while it casts the previous: ``stage`` / ``commit``). Nothing else is kept, so a
 load's resident memory is the model plus one tensor, whatever the file's size.
 
+Weights are validated as they stream: every floating region is refused if it holds NaN or inf
+(``NonFiniteWeightsError``, a ``ConfigError`` naming the tensor), checked right after its bytes are
+read (one ``torch.aminmax`` pass over the region, on the reading thread: NaN propagates into both
+results, inf shows in one), and a cast into a dtype of smaller range (fp32 -> fp16) that
+overflows is refused after the cast. Cost: CHECK_COST. ``reader.check_finite = False`` turns it off
+(``time_plain_read``: the I/O floor). ``reader.metadata`` is the file's string metadata
+(``METADATA_KEY``: the safetensors header's, or a ``.pt``'s dict entry next to ``ema``), which
+``dice_ds/weights/check.py``'s ``check_architecture`` compares with the run's model.
+
 Invariants: no process group, no CUDA call; ``meta_state_dict()`` costs no tensor memory (meta
-tensors), so the pre-flight checks (``dice_ds/weights/check.py``) run on it unchanged. The first
-module of the package: it imports none of the others.
+tensors), so the pre-flight checks (``dice_ds/weights/check.py``) run on it unchanged. Imports
+only ``dice_ds/weights/header.py`` of the package.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import struct
@@ -42,20 +52,26 @@ from pathlib import Path
 import torch
 
 from dice_ds.config import ConfigError
+from dice_ds.weights.header import (
+    SAFETENSORS_DTYPES,
+    CheckpointFormatError,
+    library_refusal,
+    parse_safetensors_header,
+)
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
+__all__ = ["SAFETENSORS_DTYPES", "CheckpointFormatError", "CheckpointReader", "InMemoryReader",
+           "NonFiniteWeightsError", "SafetensorsReader", "TensorInfo", "TorchZipReader",
+           "open_checkpoint", "read_state_dict", "region"]
+
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header (30 bytes)
 _LOCAL_SIGNATURE = b"PK\x03\x04"
+METADATA_KEY = "__metadata__"
+"""Where a checkpoint keeps its string metadata: the ``.safetensors`` header's own entry, and for
+``.pt`` a top-level dict entry next to ``ema`` (read with the pickle, no tensor byte read)."""
 
 
-class CheckpointFormatError(ValueError):
-    """The file is not a checkpoint this module can read (``open_checkpoint`` words it as a
-    ``ConfigError``; raised as it is only by a read past the end of a file that shrank after it was
-    opened)."""
+class NonFiniteWeightsError(ConfigError):
+    """A floating-point checkpoint tensor holds NaN or inf (or overflows the model's dtype)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,12 @@ class TensorInfo:
         for s in self.shape:
             n *= s
         return n
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN and no inf in floating tensor ``t`` (one ``aminmax`` pass: NaN propagates)."""
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
 def region(info: TensorInfo, index: int | None, rows: tuple[int, int] | None
@@ -104,6 +126,10 @@ class CheckpointReader:
     def __init__(self):
         self.bytes_read = 0
         self._scratch: list[torch.Tensor] = []
+        self.metadata: dict[str, str] = {}
+        """The file's string metadata (``METADATA_KEY``); empty when it has none."""
+        self.check_finite = True
+        """Refuse NaN/inf in every floating region read (``NonFiniteWeightsError``)."""
 
     # -- what is in the file
     def keys(self) -> list[str]:
@@ -122,7 +148,7 @@ class CheckpointReader:
     def read_into(self, key: str, dest: torch.Tensor, index: int | None = None,
                   rows: tuple[int, int] | None = None) -> None:
         """Copy ``src[index][rows]`` of tensor ``key`` into ``dest`` (same shape), casting."""
-        self.commit(self.stage(key, dest, index, rows), dest)
+        self.commit(self.stage(key, dest, index, rows), dest, key)
 
     def stage(self, key: str, dest: torch.Tensor, index: int | None = None,
               rows: tuple[int, int] | None = None, slot: int = 0) -> torch.Tensor | None:
@@ -138,7 +164,7 @@ class CheckpointReader:
         self.bytes_read += numel * info.dtype.itemsize
         if numel == 0:
             return None
-        return self._stage(key, info, start, numel, dest, slot)
+        return self._checked(key, self._stage(key, info, start, numel, dest, slot), dest)
 
     def stage_part(self, key: str, dest_flat: torch.Tensor, start: int, slot: int = 0
                    ) -> torch.Tensor | None:
@@ -150,13 +176,34 @@ class CheckpointReader:
         if start < 0 or start + numel > info.numel:
             raise IndexError(f"{key}: elements {start}:{start + numel} outside {info.numel}")
         self.bytes_read += numel * info.dtype.itemsize
-        return self._stage(key, info, start, numel, dest_flat, slot) if numel else None
+        if not numel:
+            return None
+        return self._checked(key, self._stage(key, info, start, numel, dest_flat, slot), dest_flat)
 
-    @staticmethod
-    def commit(staged: torch.Tensor | None, dest: torch.Tensor) -> None:
-        """Second half of ``read_into``: cast a staged region into ``dest``."""
-        if staged is not None:
-            dest.copy_(staged)
+    def _checked(self, key: str, staged: torch.Tensor | None, dest: torch.Tensor):
+        """``staged`` (or, read in place, ``dest``) after refusing NaN/inf in it: one pass of
+        ``torch.aminmax`` (NaN propagates into both, inf shows in one; cost in the module doc)."""
+        src = dest if staged is None else staged
+        if self.check_finite and src.is_floating_point() and not _finite(src):
+            bad = int((~torch.isfinite(src)).sum())
+            raise NonFiniteWeightsError(
+                f"--ckpt {self.path}: tensor {key} holds {bad} NaN/inf value(s) (of "
+                f"{src.numel()} read); the checkpoint is corrupt or from a diverged training run: "
+                "use another checkpoint")
+        return staged
+
+    def commit(self, staged: torch.Tensor | None, dest: torch.Tensor, key: str = "?") -> None:
+        """Second half of ``read_into``: cast a staged region into ``dest``. A cast to a dtype of
+        smaller range (fp32 -> fp16) that overflows to inf is refused, naming ``key``."""
+        if staged is None:
+            return
+        dest.copy_(staged)
+        if (self.check_finite and staged.is_floating_point() and dest.is_floating_point()
+                and torch.finfo(dest.dtype).max < torch.finfo(staged.dtype).max
+                and not _finite(dest)):
+            raise NonFiniteWeightsError(
+                f"--ckpt {self.path}: tensor {key} holds values beyond {dest.dtype}'s range (max "
+                f"{torch.finfo(dest.dtype).max:g}): run with --dtype bf16 or fp32")
 
     def read(self, key: str) -> torch.Tensor:
         """The whole tensor ``key`` as a new CPU tensor of its own dtype."""
@@ -207,7 +254,8 @@ class CheckpointReader:
 
 
 class SafetensorsReader(CheckpointReader):
-    """A ``.safetensors`` file, header parsed here, bytes read with ``pread``."""
+    """A ``.safetensors`` file: header validated by ``dice_ds/weights/header.py`` (then by the
+    ``safetensors`` library too), bytes read with ``pread``."""
 
     kind = "safetensors"
 
@@ -215,32 +263,20 @@ class SafetensorsReader(CheckpointReader):
         super().__init__()
         self.path = path
         self._fd = os.open(path, os.O_RDONLY)
-        size = os.fstat(self._fd).st_size
-        head = os.pread(self._fd, 8, 0)
-        if len(head) < 8:
-            raise CheckpointFormatError("shorter than a safetensors header")
-        (hlen,) = struct.unpack("<Q", head)
-        if hlen > min(size - 8, 100 << 20):
-            raise CheckpointFormatError(f"safetensors header length {hlen} is impossible")
         try:
-            table = json.loads(os.pread(self._fd, hlen, 8))
-        except ValueError as e:
-            raise CheckpointFormatError(f"safetensors header is not JSON ({e})") from None
-        base = 8 + hlen
-        self.infos = {}
-        for key, entry in table.items():
-            if key == "__metadata__":
-                continue
-            dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
-            if dtype is None:
-                raise CheckpointFormatError(f"tensor {key} has unsupported dtype "
-                                            f"{entry.get('dtype')!r}")
-            lo, hi = entry["data_offsets"]
-            info = TensorInfo(dtype, tuple(entry["shape"]), base + lo)
-            if hi - lo != info.numel * dtype.itemsize or base + hi > size:
-                raise CheckpointFormatError(f"tensor {key} has an inconsistent byte "
-                                            "range (corrupt or truncated file)")
-            self.infos[key] = info
+            size = os.fstat(self._fd).st_size
+            head = os.pread(self._fd, 8, 0)
+            data_start = parse_safetensors_header(head, None, size).data_start  # the length only
+            header = parse_safetensors_header(head, os.pread(self._fd, data_start - 8, 8), size)
+            refusal = library_refusal(path)
+            if refusal is not None:  # a gap in header.py's rules: the library's word is final
+                raise CheckpointFormatError(f"the safetensors library refuses it: {refusal}")
+        except BaseException:
+            self.close()
+            raise
+        self.infos = {k: TensorInfo(dtype, shape, offset)
+                      for k, (dtype, shape, offset) in header.tensors.items()}
+        self.metadata = header.metadata
 
 
 def _zip_record_offsets(path: str) -> dict[str, tuple[int, int]]:
@@ -372,10 +408,26 @@ def _open(path: str) -> CheckpointReader:
         obj = torch_load(path, mmap=True)
         sd = unwrap_state_dict(obj, path)
         try:
-            return TorchZipReader(path, obj, sd)
+            reader = TorchZipReader(path, obj, sd)
         except CheckpointFormatError:
-            return InMemoryReader({k: v.clone() for k, v in sd.items()}, path)
-    return InMemoryReader(unwrap_state_dict(torch_load(path, mmap=False), path), path)
+            reader = InMemoryReader({k: v.clone() for k, v in sd.items()}, path)
+    else:
+        obj = torch_load(path, mmap=False)
+        reader = InMemoryReader(unwrap_state_dict(obj, path), path)
+    reader.metadata = torch_metadata(obj, path)
+    return reader
+
+
+def torch_metadata(obj, path: str) -> dict[str, str]:
+    """The ``METADATA_KEY`` entry of an unpickled ``.pt`` (a str -> str dict next to ``ema``;
+    what ``dice_ds/weights/save.py`` and ``write.py`` store), or {} when it has none."""
+    meta = obj.get(METADATA_KEY) if isinstance(obj, dict) else None
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in meta.items()):
+        raise CheckpointFormatError(f"its {METADATA_KEY!r} entry must map strings to strings")
+    return dict(meta)
 
 
 def first_line(e: BaseException) -> str:

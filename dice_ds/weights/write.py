@@ -9,8 +9,10 @@ byte by byte rather than through ``safetensors.torch.save_file`` / ``torch.save`
 whole state dict in memory):
 
 - ``.safetensors``: 8-byte little-endian header length, the JSON header (every dtype, shape and
-  byte range, computed from the shapes up front, space-padded to a multiple of 8), the raw bytes;
-- ``.pt``/``.pth``: torch's zip format as ``torch.save({"ema": sd}, path)`` lays it out
+  byte range, computed from the shapes up front, space-padded to a multiple of 8; its
+  ``__metadata__`` records the architecture: ``file_metadata``), the raw bytes;
+- ``.pt``/``.pth``: torch's zip format as ``torch.save({"ema": sd, "__metadata__": meta}, path)``
+  lays it out (``meta``: the same strings as the safetensors metadata)
   (``torch/serialization.py``: ``_save``): ``<stem>/data.pkl`` (pickled from the shapes, each tensor
   a ``torch._utils._rebuild_tensor_v2`` call on a persistent storage id), ``.format_version``,
   ``.storage_alignment``, ``byteorder``, one stored (uncompressed) record ``data/<n>`` per tensor
@@ -46,7 +48,8 @@ from tqdm import tqdm
 
 from dice_ds.config import ConfigError, ModelConfig, get_flavor
 from dice_ds.models.layers import sincos_pos_embed_2d
-from dice_ds.weights.check import expected_keys
+from dice_ds.weights.check import architecture_metadata, expected_keys
+from dice_ds.weights.read import METADATA_KEY
 
 STD = 0.02
 """Standard deviation of every random weight and bias (norm weights: 1 + N(0, STD))."""
@@ -159,6 +162,14 @@ def _generated(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], dtype: torc
             del tensor
 
 
+def file_metadata(cfg: ModelConfig, seed: int) -> dict[str, str]:
+    """The string metadata of a written checkpoint: the architecture
+    (``dice_ds/weights/check.py``'s ``architecture_metadata``: what ``check_architecture``
+    compares with a run's model), the seed and the writer."""
+    return {"format": "pt", "model": cfg.name, "seed": str(seed),
+            "writer": "dice_ds.weights.write", **architecture_metadata(cfg)}
+
+
 def _raw(t: torch.Tensor):
     """A zero-copy little-endian byte view of a contiguous CPU tensor (any dtype)."""
     return t.reshape(-1).view(torch.uint8).numpy()
@@ -183,9 +194,7 @@ def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
 
 
 def _write_safetensors(fh, cfg, shapes, dtype, seed, bar) -> None:
-    meta = {"format": "pt", "model": cfg.name, "seed": str(seed),
-            "writer": "dice_ds.weights.write"}
-    fh.write(safetensors_header(shapes, dtype, meta))
+    fh.write(safetensors_header(shapes, dtype, file_metadata(cfg, seed)))
     for _, tensor in _generated(cfg, shapes, dtype, seed):
         fh.write(_raw(tensor))
         bar.update(1)
@@ -223,14 +232,17 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-def torch_data_pkl(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> bytes:
-    """The ``data.pkl`` of ``torch.save({"ema": OrderedDict(...)})`` for tensors of ``shapes``
-    in ``dtype``; the storage of the n-th tensor is record ``data/<n>``."""
+def torch_data_pkl(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                   metadata: dict[str, str] | None = None) -> bytes:
+    """The ``data.pkl`` of ``torch.save({"ema": OrderedDict(...), "__metadata__": metadata})``
+    (without the second entry when ``metadata`` is None) for tensors of ``shapes`` in ``dtype``;
+    the storage of the n-th tensor is record ``data/<n>``."""
     sd = collections.OrderedDict(
         (key, _Tensor(_Storage(dtype, str(n), _numel(shape)), shape))
         for n, (key, shape) in enumerate(shapes.items()))
+    obj = {"ema": sd} if metadata is None else {"ema": sd, METADATA_KEY: dict(metadata)}
     buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump({"ema": sd})
+    _Pickler(buf, protocol=2).dump(obj)
     return buf.getvalue()
 
 
@@ -252,7 +264,7 @@ def _write_record(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
 
 
 def _write_torch_zip(fh, archive, cfg, shapes, dtype, seed, bar) -> None:
-    pkl = torch_data_pkl(shapes, dtype)
+    pkl = torch_data_pkl(shapes, dtype, file_metadata(cfg, seed))
     with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
         _write_record(zf, f"{archive}/data.pkl", pkl)
         _write_record(zf, f"{archive}/.format_version", b"1")
