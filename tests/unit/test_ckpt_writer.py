@@ -15,6 +15,7 @@ from dice_ds.weights.load import load_into_model
 from dice_ds.weights.read import open_checkpoint, read_state_dict
 from dice_ds.weights.save import export_released_state_dict
 from dice_ds.weights.write import (
+    file_metadata,
     random_tensor,
     released_shapes,
     torch_data_pkl,
@@ -59,11 +60,15 @@ def test_shapes_other_expert_count_and_image_size():
 
 def test_data_pkl_is_what_torch_save_writes(tmp_path):
     shapes = released_shapes(DIGITS)
+    meta = file_metadata(DIGITS, 3)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         sd = collections.OrderedDict((k, torch.zeros(s, dtype=dtype)) for k, s in shapes.items())
         torch.save({"ema": sd}, tmp_path / "ref.pt")
         with zipfile.ZipFile(tmp_path / "ref.pt") as zf:
             assert zf.read("ref/data.pkl") == torch_data_pkl(shapes, dtype)
+        torch.save({"ema": sd, "__metadata__": meta}, tmp_path / "ref.pt")  # what write.py writes
+        with zipfile.ZipFile(tmp_path / "ref.pt") as zf:
+            assert zf.read("ref/data.pkl") == torch_data_pkl(shapes, dtype, meta)
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -108,9 +113,11 @@ def test_round_trip(tmp_path, name, dtype, suffix):
 
         with safe_open(str(path), "pt") as f:
             assert f.metadata()["model"] == cfg.name
+            assert f.metadata()["dice_ds.num_heads"] == str(cfg.num_heads)
             assert torch.equal(f.get_tensor("pos_embed"), want["pos_embed"])
     else:
         _assert_equal(torch.load(path, weights_only=True)["ema"], want)
+        assert torch.load(path, weights_only=True)["__metadata__"] == file_metadata(cfg, 3)
         _assert_equal(torch.load(path, mmap=True, weights_only=True)["ema"], want)
         _torch_records_aligned(path)
     check_complete(sd, cfg, str(path))
