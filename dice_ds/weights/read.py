@@ -36,9 +36,11 @@ loads in 12.3 ms instead of 10.0 (+2.3 ms); a random DiT-XL/2 at depth 2 from ``
 make-checkpoint`` (1.21 GB fp32 ``.safetensors``) loads into an fp32 model in 163 ms instead of
 120 (+43 ms, +36 %), into a bf16 model (the cast path) in 219 ms instead of 145 (+75 ms); the
 check alone runs at ~13 GB/s, i.e. about 0.04-0.06 s per GB read, small next to a read from disk.
-``reader.check_finite = False`` turns it off (``time_plain_read``: the I/O floor). ``reader.metadata`` is the file's string metadata
-(``METADATA_KEY``: the safetensors header's, or a ``.pt``'s dict entry next to ``ema``), which
-``dice_ds/weights/check.py``'s ``check_architecture`` compares with the run's model.
+``reader.check_finite = False`` turns it off (``time_plain_read``: the I/O floor).
+
+``reader.metadata`` is the file's string metadata (``METADATA_KEY``: the safetensors header's,
+or a ``.pt``'s dict entry next to ``ema``), which ``dice_ds/weights/check.py``'s
+``check_architecture`` compares with the run's model.
 
 Invariants: no process group, no CUDA call; ``meta_state_dict()`` costs no tensor memory (meta
 tensors), so the pre-flight checks (``dice_ds/weights/check.py``) run on it unchanged. Imports
