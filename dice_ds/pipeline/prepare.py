@@ -85,7 +85,7 @@ def model_config(opts: Settings) -> tuple[ModelConfig, object | None]:
     if opts.ckpt is None:
         cfg = flavor.replace(num_experts=opts.num_experts or flavor.num_experts)
         return cfg.replace(input_size=side).validate(), None
-    from dice_ds.weights.check import check_complete, config_for_checkpoint
+    from dice_ds.weights.check import check_architecture, check_complete, config_for_checkpoint
     from dice_ds.weights.read import open_checkpoint
 
     reader = open_checkpoint(opts.ckpt)  # any unreadable file: one ConfigError line
@@ -93,6 +93,7 @@ def model_config(opts: Settings) -> tuple[ModelConfig, object | None]:
     cfg = config_for_checkpoint(flavor, shapes, num_experts=opts.num_experts)
     check_complete(shapes, cfg, opts.ckpt)  # missing keys: before the process group, not at load
     # another image size than the flavor's: load_into_model regenerates pos_embed and warns
+    check_architecture(reader, cfg.replace(input_size=side), regenerate_pos_embed=True)  # metadata
     return cfg.replace(input_size=side).validate(), reader
 
 

@@ -25,7 +25,7 @@ import re
 
 import torch
 
-from dice_ds.config import ConfigError, ModelConfig
+from dice_ds.config import FLAVORS, ConfigError, ModelConfig
 from dice_ds.weights.keymap import is_dice_layout, mcore_to_released
 from dice_ds.weights.read import CheckpointReader, first_line
 
@@ -259,6 +259,17 @@ def recorded_architecture(metadata: dict[str, str], path: str) -> dict | None:
     return out
 
 
+def _fix(name: str, theirs, flavor: str, cfg: ModelConfig) -> str:
+    """How the user matches the run's model to a checkpoint made for ``name=theirs``."""
+    model = f"--model {flavor} " if flavor != cfg.name and flavor in FLAVORS else ""
+    if name == "depth":
+        return f"use {model}--depth {theirs} to match it"
+    if model:
+        return f"use {model.strip()} to match it"
+    return (f"no --model flavor has {name}={theirs} ({flavor} was modified when the file was "
+            f"written): use a checkpoint made for --model {cfg.name}")
+
+
 def check_architecture(reader: CheckpointReader, cfg: ModelConfig,
                        regenerate_pos_embed: bool = False) -> list[str]:
     """Refuse, in one ConfigError line naming both values, a checkpoint made for another
@@ -287,10 +298,9 @@ def check_architecture(reader: CheckpointReader, cfg: ModelConfig,
                 continue
             theirs, ours = recorded[name], getattr(cfg, name)
             if theirs != ours:
-                fix = f"--model {flavor}" + (f" --depth {theirs}" if name == "depth" else "")
                 raise ConfigError(f"--ckpt {path}: the checkpoint was made for {name}={theirs} "
                                   f"({flavor}), the run's model has {name}={ours} ({cfg.name}): "
-                                  f"use {fix} to match it")
+                                  f"{_fix(name, theirs, flavor, cfg)}")
     info = reader.infos.get("pos_embed")
     tokens = info.shape[1] if info is not None and len(info.shape) == 3 else None
     side = None

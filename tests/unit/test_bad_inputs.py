@@ -34,6 +34,7 @@ def table_rows() -> list[tuple[str, str]]:
 def make_fixtures(d) -> None:
     """The files the table's commands name, in directory ``d``."""
     import torch
+    from bad_checkpoints import make_bad_checkpoints
     from safetensors.torch import save_file
 
     from dice_ds.weights.read import read_state_dict
@@ -48,6 +49,7 @@ def make_fixtures(d) -> None:
     (d / "garbage.safetensors").write_bytes(b"\xff" * 64)
     sd = read_state_dict(SHIPPED)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "good.safetensors"))
+    make_bad_checkpoints(d, sd)  # rows 64-69 (tests/bad_checkpoints.py)
     st = (d / "good.safetensors").read_bytes()
     (d / "trunc.safetensors").write_bytes(st[: len(st) // 2])
     torch.save({k: v for k, v in sd.items() if k != "blocks.1.attn.out_proj.weight"},

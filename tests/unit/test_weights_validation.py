@@ -8,6 +8,8 @@ and lists what it assumed for files without metadata.
 """
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ from dice_ds.weights.check import (
 from dice_ds.weights.load import CheckpointMismatchError, load_into_model, time_plain_read
 from dice_ds.weights.read import NonFiniteWeightsError, open_checkpoint, read_state_dict
 from dice_ds.weights.save import save_checkpoint
-from dice_ds.weights.write import write_random_checkpoint
+from dice_ds.weights.write import random_tensor, released_shapes, write_random_checkpoint
 
 DEBUG = get_flavor("debug")
 KEY = "blocks.1.moe.experts.2.up_proj.weight"
@@ -66,24 +68,19 @@ def test_nan_in_pos_embed_is_refused_in_a_cast_load(tmp_path, dtype):
 
 
 def test_state_dict_with_inf_is_refused():
-    sd = {k: v.clone() for k, v in read_state_dict_of(DEBUG).items()}
+    sd = read_state_dict_of(DEBUG)
     sd["final_layer.linear.bias"][0] = float("inf")
     with pytest.raises(NonFiniteWeightsError, match="final_layer.linear.bias"):
         load_into_model(build_model(DEBUG), sd)
 
 
-def read_state_dict_of(cfg, tmp=[]):  # noqa: B006 - one file per session is enough
-    if not tmp:
-        import tempfile
-
-        d = tempfile.mkdtemp()
-        write_random_checkpoint(cfg, os.path.join(d, "m.pt"), progress=False)
-        tmp.append(read_state_dict(os.path.join(d, "m.pt")))
-    return tmp[0]
+def read_state_dict_of(cfg) -> dict[str, torch.Tensor]:
+    """A released-layout state dict of ``cfg`` (what write.py writes, in memory: fresh tensors)."""
+    return {k: random_tensor(cfg, k, s, 0) for k, s in released_shapes(cfg).items()}
 
 
 def test_cast_overflowing_fp16_is_refused():
-    sd = {k: v.clone() for k, v in read_state_dict_of(DEBUG).items()}
+    sd = read_state_dict_of(DEBUG)
     sd[KEY][0, 0] = 1e6  # finite in fp32, inf in fp16
     with pytest.raises(NonFiniteWeightsError, match=f"tensor {KEY} holds values beyond"):
         load_into_model(build_model(DEBUG, params_dtype=torch.float16), sd)
@@ -127,7 +124,7 @@ def test_i32_header_over_f32_bytes_is_refused(tmp_path):
 
 
 def test_int64_tensor_where_a_float_is_expected_is_not_cast(tmp_path):
-    sd = dict(read_state_dict_of(DEBUG))
+    sd = read_state_dict_of(DEBUG)
     sd["t_embedder.mlp.0.bias"] = torch.zeros(64, dtype=torch.int64)
     torch.save({"ema": sd}, tmp_path / "i64.pt")
     with open_checkpoint(tmp_path / "i64.pt") as reader:
@@ -199,3 +196,24 @@ def test_corrupt_architecture_metadata_is_one_line(tmp_path):
     torch.save({"ema": sd, "__metadata__": {"dice_ds.depth": 2}}, tmp_path / "n.pt")
     with pytest.raises(ConfigError, match="'__metadata__' entry must map strings to strings"):
         open_checkpoint(tmp_path / "n.pt")
+
+
+def test_cli_nan_weight_is_one_line_and_exit_2(tmp_path):
+    """The NaN is found at load time, after the process group started (so not in the in-process
+    table of docs/bad-inputs.md): still one line naming the tensor, exit code 2."""
+    from bad_checkpoints import make_bad_checkpoints
+
+    shipped = os.path.join(os.path.dirname(__file__), "..", "..", "dice_ds", "assets",
+                           "digits_dit_moe.pt")
+    make_bad_checkpoints(tmp_path, read_state_dict(shipped))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "dice_ds.cli", "sample", "--model", "digits",
+                           "--vae", "identity", "--ckpt", "nan.safetensors",
+                           "--num-fid-samples", "1", "--sample-dir", "out"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("--ckpt nan.safetensors: tensor blocks.1.attn.out_proj.weight holds 1 NaN/inf "
+            "value(s)") in lines[0]
