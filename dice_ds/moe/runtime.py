@@ -368,7 +368,7 @@ class DiceRuntime(BatchLifecycle):
             "sync_steps": sorted(self.schedule.ep_sync_steps) if self.schedule else [],
             "schedule": self.schedule.to_json() if self.schedule else None,
             "async_layers": list(self.async_layers),
-            "ring": {str(l): p for l, p in self.ring.items()} if self.plan.mode == "interweaved"
+            "ring": {str(l): p for l, p in self.ring.items()} if self.layout.ep_mode == "interweaved"
             else {},
             "stale_output_weights": self.plan.stale_output_weights,
             "skip_period": self.plan.skip_period,
