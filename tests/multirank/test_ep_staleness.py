@@ -122,9 +122,14 @@ def expected_source(plan_kw: dict, i: int, layer: int) -> int:
 
 
 def _check_plan(name: str, res: dict) -> None:
+    from dice_ds.parallel.plan import ParallelPlan
+    from dice_ds.schedule import Schedule
+
     plan_kw = PLANS[name]
+    sched = Schedule.build(ParallelPlan(ep_size=2, **plan_kw), S, DEPTH)
     for (i, l), (src, err, runner_up) in res["found"].items():
         assert src == expected_source(plan_kw, i, l), (name, i, l, src, err)
+        assert src == sched.call(i, l).returns, (name, i, l)  # what the schedule tells its readers
         assert err < MATCH_ATOL and runner_up > 100 * MATCH_ATOL, (name, i, l, err, runner_up)
     assert res["after_finish"] == 0
     stale_steps = [i for i in range(S, 0, -1) if any(
