@@ -149,11 +149,13 @@ def _sample_loop(prep: Prepared, pipe, out, rank: int, world: int) -> dict:
     seconds, cpu = [], []
     try:
         for b in todo:
-            try:  # this rank's own samples: indices b·n·W + i·W + rank, in i order
+            keep = _written(batch_indices(b, rank, world, n), total, opts.trim_samples)
+            try:  # this rank's own samples: indices b·n·W + i·W + rank, in i order; the kept
+                # indices are a prefix of them, and only those are decoded
                 result = pipe(batch_size=n * world, first_index=b * n * world,
                               seed=opts.global_seed, num_inference_steps=steps,
                               guidance_scale=opts.cfg_scale, output_type=output_type,
-                              output_ranks="local", reset_stats=False)
+                              output_ranks="local", reset_stats=False, local_limit=len(keep))
             except Exception as e:
                 if world > 1 and is_peer_failure(e):
                     raise _peer_failure(pipe.position, rank, b, e,
@@ -161,12 +163,10 @@ def _sample_loop(prep: Prepared, pipe, out, rank: int, world: int) -> dict:
                 raise
             seconds += result.stats["sub_batch_seconds"]
             cpu += result.stats["sub_batch_cpu_seconds"]
-            keep = _written(batch_indices(b, rank, world, n), total, opts.trim_samples)
-            rows = result.images[:len(keep)]  # the kept indices are a prefix of this rank's samples
             if pipe.decoder is None:
-                out.write_latents(keep, rows.numpy())
+                out.write_latents(keep, result.images.numpy())
             elif keep:
-                out.write_images(keep, [np.asarray(img) for img in rows])
+                out.write_images(keep, [np.asarray(img) for img in result.images])
             progress.update(_batch_samples(b, total, world, n))
     finally:
         progress.close()

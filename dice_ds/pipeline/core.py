@@ -113,8 +113,11 @@ class DiTMoEPipeline:
       (all threads); ``bytes_exchanged`` (sum over ranks) and
       ``cache_peak_bytes`` (max) as in run.json, over every rank except with
       ``output_ranks='local'`` (this rank's); ``runtime``: this rank's ``runtime.stats()``) and
-      ``indices``; keywords ``batch_size``, ``first_index``, ``output_ranks`` and ``reset_stats``
-      (False: the runtime's counters accumulate across calls, as run.json reports a whole run).
+      ``indices``; keywords ``batch_size``, ``first_index``, ``output_ranks``, ``reset_stats``
+      (False: the runtime's counters accumulate across calls, as run.json reports a whole run) and
+      ``local_limit`` (with ``output_ranks='local'`` only: this rank keeps, decodes and returns
+      only its first N positions; the others are still sampled: ``dice-ds sample`` writes no file
+      past ``--num-fid-samples`` and, with ``--trim-samples``, one per batch).
     """
 
     def __init__(self, options, *, output_ranks: str = "rank0", world_size: int | None = None):
@@ -170,15 +173,21 @@ class DiTMoEPipeline:
                  guidance_scale: float | None = None, generator=None, seed: int | None = None,
                  latents=None, output_type: str = "pil", return_dict: bool = True, *,
                  batch_size: int | None = None, first_index: int = 0,
-                 output_ranks: str | None = None, reset_stats: bool = True):
+                 output_ranks: str | None = None, reset_stats: bool = True,
+                 local_limit: int | None = None):
         """Sample B images (class docstring); collective under W ranks."""
         call = self._agreed_call(class_labels, batch_size, num_inference_steps, guidance_scale,
                                  generator, seed, latents, first_index, output_type,
                                  output_ranks or self.output_ranks)
+        if local_limit is not None and (call.output_ranks != "local" or local_limit < 0):
+            raise ConfigError(f"local_limit={local_limit}: only with output_ranks='local', and "
+                              ">= 0 (this rank's first N positions)")
         if reset_stats and self.runtime is not None:
             self.runtime.reset_stats()
         with quieter_third_party(self.spec.opts.verbose):
             positions, x, seconds, cpu = self._sample(call)
+            if local_limit is not None and positions:
+                positions, x = positions[:local_limit], x[:local_limit]
             rows = encode(x, call.output_type, self.decoder) if positions else None
         stats = self._stats(call, seconds, cpu)
         got = deliver(positions, rows, call.output_ranks, self.rank, self.world_size,

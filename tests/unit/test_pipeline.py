@@ -137,11 +137,22 @@ def test_output_types_stats_and_repeated_calls(digits):
      "the batch size differs between class_labels (2), generator (1)"),
     ({"class_labels": [1], "output_type": "jpg"}, "output_type='jpg': use one of"),
     ({"class_labels": [1], "output_ranks": "some"}, "output_ranks='some': use one of"),
+    ({"class_labels": [1], "local_limit": 1}, "local_limit=1: only with output_ranks='local'"),
 ])
 def test_bad_call_arguments_are_one_line(digits, kwargs, needle):
     with pytest.raises(ConfigError) as e:
         digits(**kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_local_limit_keeps_and_decodes_a_prefix_of_the_same_samples(digits):
+    kw = dict(class_labels=[1, 2, 3], num_inference_steps=2, seed=3, output_ranks="local")
+    full = digits(output_type="latent", **kw)
+    two = digits(output_type="latent", local_limit=2, **kw)
+    assert torch.equal(two.images, full.images[:2]) and two.indices == [0, 1]
+    pil = digits(output_type="pil", local_limit=1, **kw)
+    assert len(pil.images) == 1 and pil.indices == [0]
+    assert digits(output_type="pil", local_limit=0, **kw).images == []
 
 
 def test_a_latents_only_pipeline_refuses_image_outputs():
