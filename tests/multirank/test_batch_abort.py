@@ -5,9 +5,7 @@ raises, nothing is in flight or held afterwards, the pipeline reports the step i
 next call on the same pipeline gives the golden latents bit for bit (tests/golden_modes.py)."""
 import numpy as np
 from distributed import run_ranks
-from golden_modes import DEBUG, FIXTURES, LABELS, SEED, _pipeline
-
-from dice_ds.modes import MODES
+from golden_modes import FIXTURES, LABELS, SEED, _pipeline, cases
 
 CASES = ("dice", "sp-async")
 FAIL_AT = 3  # the third forward of block 1: step 4 of 6, an async step in both modes
@@ -15,9 +13,8 @@ FAIL_AT = 3  # the third forward of block 1: step 4 of 6, an async step in both 
 
 def _fail_then_sample(rank, world):
     out = {}
-    by_key = {m.key: m.flags for m in MODES}
     for key in CASES:
-        pipe = _pipeline(DEBUG + tuple(by_key[key]))
+        pipe = _pipeline(cases(world)[f"debug/{key}"])
         calls = [0]
 
         def fail(module, args, calls=calls):
