@@ -45,12 +45,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Union
 
+from dice_ds.ds_config import ASYNC_LAYER_SETS
+
 if TYPE_CHECKING:
     from dice_ds.parallel.plan import ParallelPlan
 
 AsyncLayersSpec = Union[str, tuple[int, ...], list[int]]
 
-NAMED_LAYER_SETS = ("all", "shallow", "deep", "interleaved")
+NAMED_LAYER_SETS = ASYNC_LAYER_SETS  # the settings tree's list (dice_ds/ds_config.py)
 EP_MODES = ("sync", "displaced", "interweaved")
 
 

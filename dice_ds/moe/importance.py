@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import torch
 
-STRATEGIES = ("low", "high", "rand")
+from dice_ds.ds_config import SKIP_STRATEGIES
+
+STRATEGIES = SKIP_STRATEGIES  # the settings tree's list (dice_ds/ds_config.py)
 
 
 def _check_top2(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor) -> None:
