@@ -69,7 +69,7 @@ class DiTMoEPipeline:
     Build it with ``DiTMoEPipeline.from_pretrained(weights, config=None, device=None, dtype=None,
     **overrides)`` (``weights``: a checkpoint file, ``"digits"`` for the shipped model, or a flavor
     name with ``init="random"``; ``config``: a ds_config path or dict as ``dice-ds sample --config``
-    takes; ``overrides``: ``RunOptions`` field names, e.g. ``ep=True, ep_async=True``) or
+    takes; ``overrides``: the settings' keyword names, e.g. ``ep=True, ep_async=True``) or
     ``DiTMoEPipeline(run_options)``. It starts the default process group from the launcher's
     environment (torchrun, deepspeed, slurm: WORLD_SIZE/RANK/MASTER_ADDR), or uses one already
     initialised, or runs alone. ``output_ranks``: which ranks receive the images: ``"rank0"``
@@ -121,7 +121,7 @@ class DiTMoEPipeline:
     """
 
     def __init__(self, options, *, output_ranks: str = "rank0", world_size: int | None = None):
-        """``options``: ``RunOptions`` (validated here) or a ``PipelineSpec`` already prepared."""
+        """``options``: ``Settings`` (validated here) or a ``PipelineSpec`` already prepared."""
         if output_ranks not in OUTPUT_RANKS:
             raise ConfigError(f"output_ranks={output_ranks!r}: use one of {', '.join(OUTPUT_RANKS)}")
         if isinstance(options, PipelineSpec):
@@ -140,7 +140,7 @@ class DiTMoEPipeline:
     def from_pretrained(cls, pretrained_model_name_or_path=None, config=None, device=None,
                         dtype=None, *, output_ranks: str = "rank0", world_size: int | None = None,
                         **overrides) -> "DiTMoEPipeline":
-        """A pipeline from weights, a ds_config and ``RunOptions`` overrides (class docstring)."""
+        """A pipeline from weights, a ds_config and settings keyword overrides (class docstring)."""
         try:
             opts = pipeline_options(pretrained_model_name_or_path, config, device, dtype,
                                     **overrides)
