@@ -18,6 +18,9 @@ import os
 import re
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
 from dice_ds.config import ConfigError, ModelConfig, get_flavor
 from dice_ds.ds_config import (
     ALIASES,
@@ -33,7 +36,12 @@ from dice_ds.ds_config import (
     tree_of,
 )
 from dice_ds.options import env_world_size, latent_side, validate, validate_options
+from dice_ds.parallel.apply import parallelize_dit_moe
+from dice_ds.parallel.groups import init_distributed
 from dice_ds.startup import StartupLog
+from dice_ds.vae import check_decoder
+from dice_ds.weights.check import check_architecture, check_complete, config_for_checkpoint
+from dice_ds.weights.read import open_checkpoint
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SHIPPED = {"digits": {"model": "digits", "ckpt": os.path.join(ASSETS, "digits_dit_moe.pt")}}
@@ -60,14 +68,12 @@ class PipelineSpec:
     """A streaming reader of ``ckpt`` (``dice_ds.weights.read``), or None (random weights); the
     build consumes it (None afterwards)."""
     parallelize: object | None
-    """``dice_ds.parallel.apply.parallelize_dit_moe`` (None only if that module is absent)."""
+    """``dice_ds.parallel.apply.parallelize_dit_moe`` (None: the pipeline attaches no runtime)."""
     startup: object = None
     """This rank's ``dice_ds.startup.StartupLog`` (phases, bytes read, memory; run.json)."""
 
 
 def resolve_device(opts: Settings) -> str:
-    import torch
-
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,9 +91,6 @@ def model_config(opts: Settings) -> tuple[ModelConfig, object | None]:
     if opts.ckpt is None:
         cfg = flavor.replace(num_experts=opts.num_experts or flavor.num_experts)
         return cfg.replace(input_size=side).validate(), None
-    from dice_ds.weights.check import check_architecture, check_complete, config_for_checkpoint
-    from dice_ds.weights.read import open_checkpoint
-
     reader = open_checkpoint(opts.ckpt)  # any unreadable file: one ConfigError line
     shapes = reader.meta_state_dict()  # names, dtypes, shapes: no tensor is read yet
     cfg = config_for_checkpoint(flavor, shapes, num_experts=opts.num_experts)
@@ -99,20 +102,11 @@ def model_config(opts: Settings) -> tuple[ModelConfig, object | None]:
 
 def parallelize_fn(plan):
     """``parallelize_dit_moe``: every plan goes through it (DP included: it then only measures)."""
-    try:
-        from dice_ds.parallel.apply import parallelize_dit_moe
-    except ImportError as e:
-        if plan.ep_enabled:
-            raise ConfigError(f"--ep: expert parallelism is not available in this build ({e}); "
-                              "run without --ep (data parallel)") from None
-        return None
     return parallelize_dit_moe
 
 
 def default_world_size() -> int:
     """The initialised default group's size, else what the launcher announced, else 1."""
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_initialized() else env_world_size()
 
 
@@ -122,8 +116,6 @@ def prepare_spec(opts: Settings, world_size: int | None = None) -> PipelineSpec:
     ``world_size``: the number of ranks the run will have (default: what the launcher announced
     in the environment, else 1; the pipeline passes ``default_world_size()``).
     """
-    from dice_ds.vae import check_decoder
-
     validate_options(opts)
     world = world_size or env_world_size()
     device = resolve_device(opts)
@@ -142,10 +134,6 @@ def local_rank(opts: Settings) -> int:
 
 def connect(spec: PipelineSpec) -> tuple[int, int]:
     """The default process group (reused when initialised); returns (rank, world size)."""
-    import torch
-
-    from dice_ds.parallel.groups import init_distributed
-
     opts = spec.opts
     if spec.device == "cuda":
         torch.cuda.set_device(local_rank(opts))
@@ -193,8 +181,6 @@ def _weights_of(name) -> dict:
 
 
 def _device_name(device) -> str:
-    import torch
-
     try:
         return torch.device(device).type
     except (RuntimeError, TypeError):
