@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import sys
 
+from dice_ds.bench.cli import main as bench_main
+from dice_ds.plan.cli import main as plan_main
+from dice_ds.sample import exit_after
+from dice_ds.sample import main as sample_main
+from dice_ds.tune.cli import main as tune_main
+from dice_ds.weights.write import main as make_checkpoint_main
+
 USAGE = """usage: dice-ds {sample,eval,bench,plan,tune,make-checkpoint} [options]
 
   sample   sample images from a DiT-MoE (data or expert parallel, DICE); see dice-ds sample --help
@@ -30,24 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "sample":
-        from dice_ds.sample import main as sample_main
-
         return sample_main(rest)
     if command == "bench":
-        from dice_ds.bench.cli import main as bench_main
-
         return bench_main(rest)
     if command == "plan":
-        from dice_ds.plan.cli import main as plan_main
-
         return plan_main(rest)
     if command == "tune":
-        from dice_ds.tune.cli import main as tune_main
-
         return tune_main(rest)
     if command == "make-checkpoint":
-        from dice_ds.weights.write import main as make_checkpoint_main
-
         return make_checkpoint_main(rest)
     if command == "eval":
         try:
@@ -65,8 +62,6 @@ def entry() -> None:
     teardown (``dice_ds.sample.exit_after`` says why)."""
     code = main()
     if len(sys.argv) > 1 and sys.argv[1] == "sample":
-        from dice_ds.sample import exit_after
-
         exit_after(code)
     sys.exit(code)
 

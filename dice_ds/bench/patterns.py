@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from dice_ds.bench import launch
+from dice_ds.bench.links import Links, available
+
 CALLS = 30
 
 
@@ -81,9 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.rank_side:
         _rank_side(sizes, Path(a.rank_side))
         return 0
-
-    from dice_ds.bench import launch
-    from dice_ds.bench.links import Links, available
 
     why = available()
     if why:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dice_ds.bench.report import no_matplotlib
+
 MIB = 2**20
 
 
@@ -97,8 +99,6 @@ def plot(scen: list[dict], val: list[dict] | None, path: Path) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from dice_ds.bench.report import no_matplotlib
-
         return no_matplotlib(path.name)
     groups = list(dict.fromkeys((r["model"], r["gpus"], r["scenario"]) for r in scen))
     modes = list(dict.fromkeys(r["mode"] for r in scen))

@@ -26,6 +26,7 @@ def _tensor(out):
 
 def measure(ckpt: str, model_name: str = "digits", num_samples: int = 64, steps: int = 50,
             cfg_scale: float = 1.5, seed: int = 0) -> dict:
+    # torch and the model are needed by --measure only: the tuner's search stays torch-free
     import torch
 
     from dice_ds import mcore
