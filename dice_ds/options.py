@@ -259,11 +259,8 @@ _ASYNC_ONLY = ("ep_async_pipeline", "ep_async_mode", "ep_async_layers", "ep_asyn
 
 
 def _validate_sp_flags(opts: Settings) -> None:
+    # --sp-async, --single-img, --sp-async-warm-up without SP: the plan's rules (a size, not a flag)
     sp_on = opts.sp or opts.sp_size is not None
-    if opts.sp_async and not sp_on:
-        raise ConfigError("--sp-async needs --sp (displaced SP runs on a sequence-parallel group)")
-    if opts.single_img and not sp_on:
-        raise ConfigError("--single-img needs --sp")
     if sp_on and opts.ep and opts.ep_size is None and opts.sp_size is None:
         raise ConfigError("--ep with --sp: give --ep-size or --sp-size (EP x SP mesh, e.g. "
                           "--ep-size 2 --sp-size 2 on 4 ranks)")
@@ -272,9 +269,7 @@ def _validate_sp_flags(opts: Settings) -> None:
 def _validate_parallel_flags(opts: Settings) -> None:
     given = opts.explicit
     _validate_sp_flags(opts)
-    ep_on = opts.ep or (opts.ep_size or 1) > 1
-    if opts.ep_async and not ep_on:
-        raise ConfigError("--ep-async needs --ep (displaced EP runs on an expert-parallel group)")
+    # --ep-async and --ep-async-noskip-step > 1 without EP: the plan's rules (an EP size > 1)
     if opts.ep_async_pipeline and not opts.ep_async:
         raise ConfigError("--ep-async-pipeline needs --ep-async (interweaved EP is a variant of "
                           "displaced EP)")

@@ -119,7 +119,7 @@ class ParallelPlan:
         if self.mode != "sync" and not self.ep_enabled:
             raise ConfigError(
                 f"mode={self.mode!r} (--ep-async) needs expert parallelism: pass --ep with a world "
-                "size > 1"
+                "size > 1 (displaced EP runs on an expert-parallel group)"
             )
         if isinstance(self.async_layers, str):
             if self.async_layers not in ASYNC_LAYER_SETS:
@@ -156,7 +156,7 @@ class ParallelPlan:
             raise ConfigError("sp_warmup (--sp-async-warm-up) needs --sp-async")
         if self.sp_async and not self.sp_enabled:
             raise ConfigError("sp_async (--sp-async) needs sequence parallelism: pass --sp with a "
-                              "world size > 1")
+                              "world size > 1 (displaced SP runs on a sequence-parallel group)")
         if self.single_img and not self.sp_enabled:
             raise ConfigError("single_img (--single-img) needs --sp with a world size > 1")
         if self.sp_bucket_layers < 1:

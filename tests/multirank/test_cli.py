@@ -44,7 +44,7 @@ def test_a_failing_rank_ends_the_whole_run_promptly(tmp_path):
 
 def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
     for flags, needle in ((["--model", "DiT-Q/2"], "unknown model"),
-                          (["--ep-async"], "--ep-async needs --ep")):
+                          (["--ep-async"], "(--ep-async) needs expert parallelism")):
         proc = subprocess.run([sys.executable, "-m", "dice_ds.cli", "sample", "--config", CONFIG,
                                *flags], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                               timeout=120)

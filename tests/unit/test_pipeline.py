@@ -48,7 +48,7 @@ def test_from_pretrained_merges_defaults_config_weights_and_overrides():
     (("DiT-Q/2",), {}, "not a checkpoint file, a shipped model"),
     (("debug",), {}, "no weights: pass ckpt PATH, or init random|dit"),
     (("digits",), {"cfg_scale": 0.5}, "cfg_scale 0.5 must be >= 1"),
-    (("digits",), {"ep_async": True}, "ep_async needs ep"),
+    (("digits",), {"ep_async": True}, "(ep_async) needs expert parallelism: pass ep"),
     (("digits",), {"sample_dir": "out"}, "sample_dir: an option of the dice-ds sample job"),
     (("digits",), {"frobnicate": 1}, "unknown option 'frobnicate'"),
     (("digits",), {"ep": "yes"}, "ep='yes': must be True or False"),
