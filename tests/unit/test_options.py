@@ -286,3 +286,35 @@ def test_help_renders(capsys):
     with pytest.raises(SystemExit) as ex:
         parse_options(["--help"])
     assert ex.value.code == 0 and "--ep-async-noskip-step" in capsys.readouterr().out
+
+
+REMOVED_REFERENCE_FLAGS = {"--auto-gc", "--sp-legacy-cache"}
+"""Dead reference settings (no effect / not implemented here): rejected as unknown flags."""
+
+
+def test_reference_flags_and_documented_commands_are_accepted():
+    import re
+    import shlex
+
+    from dice_ds.options import build_parser
+
+    parser = build_parser()
+    known = {o for a in parser._actions for o in a.option_strings}
+    spec = open(os.path.join(ROOT, "docs", "spec.md"), encoding="utf-8").read()
+    reference = set(re.findall(r"^\| `(--[a-z0-9_-]+)`", spec, flags=re.M))
+    assert len(reference) >= 20 and REMOVED_REFERENCE_FLAGS <= reference
+    assert reference - REMOVED_REFERENCE_FLAGS <= known, reference - known
+    docs = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md"))]
+    seen = 0
+    for path in docs:
+        block = False
+        for line in open(path, encoding="utf-8"):
+            if line.startswith("```"):
+                block = not block
+            m = re.search(r"(?:dice-ds sample|-m dice_ds\.sample)\s+(.*)", line)
+            if block and m and not path.endswith(("spec.md", "bad-inputs.md")):
+                args = shlex.split(m.group(1).split("#")[0].rstrip(" \\\n"))
+                _, unknown = parser.parse_known_args(args)
+                assert not [u for u in unknown if u.startswith("-")], (path, line)
+                seen += 1
+    assert seen >= 4
