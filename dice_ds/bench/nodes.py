@@ -152,6 +152,11 @@ class Nodes:
                    OMP_NUM_THREADS="1")
         return env
 
+    def cut_node(self, node: int) -> None:
+        """Take node ``node`` off the network (its link down): its peers see silence, not a
+        closed connection, so they wait until the collective timeout."""
+        _run("ip", "-n", self.ns[node], "link", "set", f"ddn{node}", "down")
+
     def kill_node(self, node: int) -> None:
         """Kill every process running in node ``node`` (a node failure): SIGKILL, no clean-up."""
         pids = subprocess.run(["ip", "netns", "pids", self.ns[node]], capture_output=True,

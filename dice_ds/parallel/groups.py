@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from dice_ds.config import ConfigError
 from dice_ds.parallel.dims import ParallelDims
+from dice_ds.patches.torch_elastic import attempt_store
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
 _timeout: timedelta | None = None
@@ -107,8 +108,13 @@ def init_distributed(device: torch.device | str = "cpu", init_method: str | None
         else:
             r, w = env
             os.environ.setdefault("MASTER_PORT", "29500")
-            dist.init_process_group(backend, init_method="env://", rank=r, world_size=w,
-                                    timeout=_timeout)
+            store = attempt_store(_timeout)  # torchrun restarts: patches/torch_elastic.py
+            if store is not None:
+                dist.init_process_group(backend, store=store, rank=r, world_size=w,
+                                        timeout=_timeout)
+            else:
+                dist.init_process_group(backend, init_method="env://", rank=r, world_size=w,
+                                        timeout=_timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
