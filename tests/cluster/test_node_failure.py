@@ -10,7 +10,9 @@ to be interrupted (dice_ds/bench/nodes.py, node_launch.py):
 - one rank of node 1 killed under ``--max-restarts 1``: both nodes' agents restart their ranks,
   the run resumes from the sample directory and finishes with samples equal to one plain process
   (exact mode) bit for bit.
-Times are asserted loosely (2 shared cores) and printed (``-s``).
+Times are asserted loosely (2 shared cores) and printed (``-s``). About 3 minutes on 2 cores,
+so these run with ``DICE_DS_CLUSTER_FULL=1`` (as the full launcher matrix does), not in the
+default suite.
 """
 import os
 import runpy
@@ -30,7 +32,11 @@ GRACE_S = 30  # torchrun's SIGTERM-then-SIGKILL of the other local ranks, and st
 LONG = ["--model", "debug", "--init", "random", "--vae", "none", "--num-sampling-steps", "20",
         "--per-proc-batch-size", "2", "--ep"]
 
-pytestmark = pytest.mark.skipif(available() is not None, reason=f"emulated nodes: {available()}")
+pytestmark = [
+    pytest.mark.skipif(available() is not None, reason=f"emulated nodes: {available()}"),
+    pytest.mark.skipif(os.environ.get("DICE_DS_CLUSTER_FULL") != "1",
+                       reason="node failure and restart: DICE_DS_CLUSTER_FULL=1 (about 3 minutes)"),
+]
 
 
 def _wait_for_samples(out, n, procs, limit=180):
