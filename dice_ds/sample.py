@@ -63,6 +63,7 @@ from dice_ds.outputs import (
     num_batches,
     run_fingerprint,
 )
+from dice_ds.parallel.dims import ParallelDims
 from dice_ds.parallel.groups import group_timeout
 from dice_ds.pipeline import DiTMoEPipeline
 from dice_ds.pipeline.output import exchange_totals, rank_exchange
@@ -275,6 +276,9 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
         "sample_dir": prep.sample_dir, "dice_ds_version": dice_ds.__version__,
         "git_commit": _git_commit(), "start_time": per_rank[0]["start_time"],
         "host": per_rank[0]["host"], "hosts": sorted({r["host"] for r in per_rank}),
+        # which groups (EP, expert-DP, SP) have members on more than one host
+        "layout": ParallelDims(prep.world_size, plan.ep_size, plan.sp_size).layout(
+            [r["host"] for r in per_rank]),
         "checkpoint_sha256": fp.get("checkpoint_sha256"), "fingerprint": fp,
     })
     info.update({

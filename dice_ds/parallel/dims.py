@@ -69,6 +69,23 @@ class ParallelDims:
         """Expert-data-parallel groups: the ranks holding the same experts (stride ``ep``)."""
         return [list(range(s, self.world, self.ep)) for s in range(self.ep)]
 
+    def layout(self, hosts: list[str]) -> dict:
+        """Every group kind's rank lists and the groups whose members sit on more than one host
+        (``hosts[r]``: rank r's host name): what crosses the network between nodes. JSON-able,
+        for run.json's ``layout``."""
+        if len(hosts) != self.world:
+            raise ValueError(f"{len(hosts)} hosts for a world of {self.world} ranks")
+        kinds = {"ep": self.ep_ranks(), "expt_dp": self.expt_dp_ranks()}
+        if self.sp_enabled:
+            kinds["sp"] = self.sp_ranks()
+        return {
+            "hosts": list(hosts),
+            "nodes": len(set(hosts)),
+            "groups": kinds,
+            "crossing_nodes": {kind: [g for g in groups if len({hosts[r] for r in g}) > 1]
+                               for kind, groups in kinds.items()},
+        }
+
     def sp_ranks(self) -> list[list[int]]:
         """SP groups: stride ``ep`` inside each block of ep·sp ranks (contiguous when ep is 1)."""
         block = self.ep * self.sp

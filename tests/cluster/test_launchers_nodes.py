@@ -58,3 +58,8 @@ def test_launcher_across_two_nodes(cluster, launcher, mode):
     failed = [line for ok, line in CHECK["check"](str(out), done) if not ok]
     assert not failed, failed
     assert "on 4 rank(s)" in got.log_text(0) + got.log_text(1)
+    import json
+
+    layout = json.load(open(run / "run.json"))["layout"]  # 2 nodes: ranks 0-1 and 2-3
+    assert layout["nodes"] == 2 and len(set(layout["hosts"][:2])) == 1
+    assert layout["hosts"][0] != layout["hosts"][2]

@@ -28,3 +28,15 @@ def test_layout_ep_inside_dp():
 def test_bad_sizes_are_one_line(dims, kw, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         dims.validate(**kw)
+
+
+def test_layout_names_the_groups_that_cross_nodes():
+    hosts = ["a", "a", "b", "b"]
+    inside = ParallelDims(4, ep=2).layout(hosts)  # EP pairs inside a node, expert-DP across
+    assert inside["nodes"] == 2 and inside["groups"]["ep"] == [[0, 1], [2, 3]]
+    assert inside["crossing_nodes"] == {"ep": [], "expt_dp": [[0, 2], [1, 3]]}
+    mesh = ParallelDims(4, ep=2, sp=2).layout(hosts)
+    assert mesh["crossing_nodes"]["sp"] == [[0, 2], [1, 3]] and mesh["crossing_nodes"]["ep"] == []
+    assert ParallelDims(4, ep=4).layout(hosts)["crossing_nodes"]["ep"] == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError):
+        ParallelDims(4).layout(["a"])
