@@ -57,15 +57,73 @@ ASYNC_LAYER_SETS = ("all", "shallow", "deep", "interleaved")
 SKIP_STRATEGIES = ("low", "high", "rand")
 STALE_WEIGHTS = ("cached", "current")
 
+MAX_SAMPLES = 10_000_000
+"""``--num-fid-samples`` at most: one file per sample in one directory (FID uses 50k)."""
+MAX_BATCH = 4096
+"""``--per-proc-batch-size`` at most: a rank holds the batch's activations (2x with guidance)."""
+MAX_PG_TIMEOUT = 7 * 24 * 3600.0
+"""``--pg-timeout`` at most (seconds): a collective that waits a week is a hang, not a wait
+(``datetime.timedelta`` itself overflows past ~8.6e13 s)."""
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+SHIPPED_PREFIX = "shipped:"
+SHIPPED_FILES = {"digits": "digits_dit_moe.pt"}
+"""Checkpoints shipped inside the package, by name: ``--ckpt shipped:digits`` (and a config's
+``dice.model.ckpt``) is ``dice_ds/assets/digits_dit_moe.pt`` of the installed package, whatever the
+working directory."""
+
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def shipped_path(name: str) -> str:
+    """The file of shipped checkpoint ``name`` (``SHIPPED_FILES``), or a ConfigError line."""
+    if name not in SHIPPED_FILES:
+        raise ConfigError(f"--ckpt {SHIPPED_PREFIX}{name}: no such shipped checkpoint; use "
+                          + ", ".join(SHIPPED_PREFIX + n for n in SHIPPED_FILES))
+    return os.path.join(ASSETS, SHIPPED_FILES[name])
+
+
+def resolve_ckpt(path: str) -> str:
+    """``path`` with the ``shipped:NAME`` form replaced by the package's file; other paths are
+    kept as given (relative ones are relative to the working directory, as every path flag)."""
+    return shipped_path(path[len(SHIPPED_PREFIX):]) if path.startswith(SHIPPED_PREFIX) else path
+
+
+def _path_text(v: str | None, fix: str) -> str | None:
+    """A path-valued setting: not empty (``fix`` says what to give instead), no NUL byte (either
+    would be ignored or end in a traceback)."""
+    if v is None:
+        return v
+    if not v:
+        raise ValueError(f"is empty: {fix}")
+    if "\0" in v:
+        raise ValueError("contains a NUL byte, which no path may hold")
+    return v
+
+
+def _inside_root(v: str | None, fix: str, folder: bool) -> str | None:
+    """A name that becomes part of a path under the sample root (``samples/``): relative, no
+    ``..`` component (it must stay inside the root), and for a name suffix no separator at all."""
+    v = _path_text(v, fix)
+    if v is None:
+        return v
+    parts = v.replace(os.sep, "/").split("/")
+    if not folder and len(parts) > 1:
+        raise ValueError("must be a plain name (no '/'): it is appended to the automatic "
+                         "directory name under samples/")
+    if folder and (os.path.isabs(v) or ".." in parts or all(p in ("", ".") for p in parts)):
+        raise ValueError("must be a relative folder that stays inside samples/ (no '..' "
+                         "component, not absolute); use --sample-dir for a directory elsewhere")
+    return v
+
+
 def leaf(default, name: str | None = None, help_: str = "", *, flags: tuple[str, ...] = (),
-         bound: str = "", **constraints):
+         bound: str = "", cap: str = "", **constraints):
     """A setting: its default, keyword ``name`` (flag ``--name-with-dashes`` plus ``flags``), the
-    help text, and ``bound``: what its lower bound means (in range errors)."""
+    help text, ``bound``: what its lower bound means, and ``cap``: why its upper bound (``le``) is
+    where it is (both in range errors)."""
     return Field(default, description=help_, **constraints,
-                 json_schema_extra={"name": name, "flags": list(flags), "bound": bound})
+                 json_schema_extra={"name": name, "flags": list(flags), "bound": bound, "cap": cap})
 
 
 Count = Annotated[int, Field(ge=1)]
@@ -101,12 +159,28 @@ class Model(_Section):
     depth: Count | None = leaf(None, "depth", "blocks of the model (default: the flavor's): a "
                                "reduced-depth variant at full width, for scale and profiling work; "
                                "a --ckpt must have this depth", bound="a block count")
-    ckpt: str | None = leaf(None, "ckpt", "checkpoint file (released DiT-MoE .pt or dice_ds)")
+    ckpt: str | None = leaf(None, "ckpt", "checkpoint file (released DiT-MoE .pt or dice_ds; "
+                            "shipped:digits is the package's digits model, from any directory)")
     init: Literal[INITS] | None = leaf(None, "init", "no checkpoint: initialise weights ('random': "
                                        "N(0, 0.02) everywhere, non-trivial outputs for smoke runs; "
                                        "'dit': DiT's init, whose zeroed output layer gives zero "
                                        "predictions)")
     init_seed: Seed = leaf(0, "init_seed", "seed of --init", bound="a seed")
+    regenerate_pos_embed: bool = leaf(False, "regenerate_pos_embed", "accept a --ckpt made for "
+                                      "another latent size: its pos_embed is replaced by the "
+                                      "model's own table (outputs for performance tests only; "
+                                      "run.json records it)")
+
+    @field_validator("ckpt")
+    @classmethod
+    def _ckpt(cls, v: str | None) -> str | None:
+        v = _path_text(v, "give a checkpoint file")
+        if v is None:
+            return v
+        try:
+            return resolve_ckpt(v)
+        except ConfigError as e:
+            raise ValueError(str(e).split(": ", 1)[1]) from None
 
     @field_validator("name")
     @classmethod
@@ -130,7 +204,8 @@ class Sampling(_Section):
                                     "flavor's native size: latent side x 8, or x 1 with --vae "
                                     "identity)", bound="pixels")
     num_samples: Count = leaf(50000, "num_fid_samples", "number of samples to write",
-                              bound="a count")
+                              bound="a count", le=MAX_SAMPLES,
+                              cap="one file per sample in one directory; FID uses 50000")
     global_seed: Seed = leaf(0, "global_seed", "global seed; sample i's noise and label depend "
                              "only on (global seed, i)", bound="a seed")
 
@@ -140,6 +215,11 @@ class Vae(_Section):
                                "model output is the image in [-1, 1] (1 or 3 channels); none: "
                                "write latents only")
     path: str | None = leaf(None, "vae_path", "local diffusers AutoencoderKL directory (--vae sd)")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return _path_text(v, "give a diffusers AutoencoderKL directory")
 
 
 class Output(_Section):
@@ -155,6 +235,22 @@ class Output(_Section):
     force_new: bool = leaf(False, "force_new", "the sample directory holds samples of other "
                            "settings: move them aside (to <dir>.old-<time>) and sample anew")
 
+    @field_validator("sample_dir")
+    @classmethod
+    def _sample_dir(cls, v: str | None) -> str | None:
+        return _path_text(v, "give a directory, or leave it out for the automatic one "
+                                 "under samples/")
+
+    @field_validator("extra_name")
+    @classmethod
+    def _extra_name(cls, v: str | None) -> str | None:
+        return _inside_root(v, "give a name, or leave it out", folder=False)
+
+    @field_validator("extra_folder_name")
+    @classmethod
+    def _extra_folder(cls, v: str | None) -> str | None:
+        return _inside_root(v, "give a folder under samples/, or leave it out", folder=True)
+
 
 class Runtime(_Section):
     device: Literal[DEVICES] | None = leaf(None, "device", "cpu | cuda (default: cuda when "
@@ -163,7 +259,7 @@ class Runtime(_Section):
     pg_timeout: float | None = leaf(None, "pg_timeout", "seconds a collective may wait for a peer "
                                     "before the rank exits non-zero (every process group; "
                                     "default: $DICE_DS_PG_TIMEOUT or 300)", bound="seconds",
-                                    gt=0)
+                                    gt=0, le=MAX_PG_TIMEOUT, cap="a week: longer is a hang")
     verbose: bool = leaf(False, "verbose", "show third-party warnings and per-rank logs")
 
 
@@ -254,7 +350,8 @@ class Settings(_Section):
     description: str | None = None
     """Free text (JSON has no comments)."""
     train_micro_batch_size_per_gpu: Count = leaf(32, "per_proc_batch_size", "samples per rank per "
-                                                 "batch", bound="a count")
+                                                 "batch", bound="a count", le=MAX_BATCH,
+                                                 cap="a rank holds the whole batch's activations")
     bf16: Enabled = Enabled()
     fp16: Enabled = Enabled()
     moe: Moe = Moe()
@@ -297,6 +394,8 @@ class Leaf:
     default: Any
     help: str
     bound: str
+    cap: str = ""
+    """Why the upper bound is where it is (range errors)."""
 
     def get(self, s: Settings):
         node = s
@@ -334,7 +433,7 @@ def _walk(model: type[BaseModel], path: tuple = (), attrs: tuple = ()) -> list[L
         kind, choices = _kind(f.annotation)
         out.append(Leaf(path + (key,), attrs + (attr,), extra["name"],
                         (flag_name(extra["name"]), *extra["flags"]), kind, choices, f.default,
-                        f.description or "", extra["bound"]))
+                        f.description or "", extra["bound"], extra.get("cap", "")))
     return out
 
 
@@ -572,7 +671,8 @@ def _describe(err: dict, flags: bool | None) -> str:
         shown = lf.flags[0] if flags else lf.name
         if err["type"] in _BOUND_TYPES:
             op, key = _BOUND_TYPES[err["type"]]
-            what = f" ({lf.bound})" if lf.bound and op != "<=" else ""
+            why = lf.cap if op == "<=" else lf.bound
+            what = f" ({why})" if why else ""
             return f"{shown} {err['input']} must be {op} {_num(err['ctx'][key])}{what}"
         return f"{shown} {err['input']!r}: {msg}"
     flag = flag_of(path)
@@ -619,7 +719,11 @@ def read_json(path: str) -> Any:
     """Parse ``path`` strictly: no duplicate keys, no NaN/Infinity, nothing after the value."""
     if os.path.isdir(path):
         raise ConfigError(f"--config {path}: is a directory; give a JSON file")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: is not a regular file (a device, pipe or socket); "
+                          "give a JSON file")
     if not os.path.isfile(path):
+
         raise ConfigError(f"--config {path}: no such file")
     try:
         with open(path, encoding="utf-8") as fh:

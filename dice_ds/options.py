@@ -290,6 +290,9 @@ def _validate_weights_and_vae(opts: Settings) -> None:
                           "smoke run")
     if opts.ckpt is not None and opts.init is not None:
         raise ConfigError("--ckpt and --init both set the weights: give one of them")
+    if "init_seed" in opts.explicit and opts.init is None:
+        raise ConfigError(f"--init-seed {opts.init_seed} seeds --init's random weights and does "
+                          "nothing with --ckpt: drop it")
     if opts.vae == "sd":
         if opts.vae_path is None:
             raise ConfigError("--vae sd needs --vae-path DIR (a local diffusers AutoencoderKL, e.g. "
@@ -321,23 +324,36 @@ def _validate_sampling(opts: Settings) -> None:
                           "and are unused with --sample-dir: give one or the other")
 
 
-def _validate_sample_dir(opts: Settings) -> None:
-    """--sample-dir must be (or be creatable as) a writable directory."""
-    if opts.sample_dir is None:
-        return
-    path = os.path.abspath(opts.sample_dir)
+def check_sample_dir(sample_dir: str, shown: str = "--sample-dir") -> str:
+    """``sample_dir`` if it is (or can be created as) a writable directory, else one ConfigError
+    line starting ``shown`` (the flag, or what names the automatic directory). A symbolic link
+    whose target is missing (on the path or the directory itself) is refused: creating it would
+    fail with a traceback, or write where the user did not look."""
+    path = os.path.abspath(sample_dir)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--sample-dir {opts.sample_dir}: exists and is not a directory; choose "
+        raise ConfigError(f"{shown} {sample_dir}: exists and is not a directory; choose "
                           "another path")
     probe = path
     while not os.path.exists(probe):
+        if os.path.islink(probe):
+            raise ConfigError(f"{shown} {sample_dir}: {probe} is a symbolic link to "
+                              f"{os.readlink(probe)}, which does not exist; create its target "
+                              "or choose another path")
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise ConfigError(f"--sample-dir {opts.sample_dir}: a parent ({probe}) is not a directory; "
+        raise ConfigError(f"{shown} {sample_dir}: a parent ({probe}) is not a directory; "
                           "choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
         where = "is not writable" if probe == path else f"cannot be created ({probe} is not writable)"
-        raise ConfigError(f"--sample-dir {opts.sample_dir}: {where}; choose a writable directory")
+        raise ConfigError(f"{shown} {sample_dir}: {where}; choose a writable directory")
+    return sample_dir
+
+
+def _validate_sample_dir(opts: Settings) -> None:
+    """--sample-dir must be (or be creatable as) a writable directory (an empty one is the
+    tree's error: ``dice_ds/ds_config.py``)."""
+    if opts.sample_dir is not None:
+        check_sample_dir(opts.sample_dir)
 
 
 def validate_options(opts: Settings) -> Settings:

@@ -27,7 +27,8 @@ and a re-run skips it; an empty or corrupt file makes its batch run again. Assem
 index order, so the result does not depend on the world size.
 
 Fingerprint (resume that cannot mix runs): ``fingerprint.json`` records everything that determines
-the images (``run_fingerprint``: model, checkpoint sha256 or init, sampler, steps, cfg scale, seed,
+the images (``run_fingerprint``: model, checkpoint sha256 -- ``file_sha256``, cached, the cache
+entry checked against the file's inode, ctime and a 3 MiB content probe on every reuse -- or init, sampler, steps, cfg scale, seed,
 image size, classes, experts, dtype, device, VAE, mode and every EP/DICE plan field, payload dtype).
 World size, EP size and per-rank batch size are left out where the images do not depend on them
 (data parallelism and plain sync EP: byte-identical at any world size, tests/multirank/test_dp.py)
@@ -103,7 +104,9 @@ _FLAGS = {
     "plan.skip_seed": "--global-seed", "plan.payload_dtype": "--a2a-dtype",
     "plan.sp_size": "--sp", "plan.sp_async": "--sp-async", "plan.sp_warmup": "--sp-async-warm-up",
     "plan.single_img": "--single-img", "format": "the fingerprint format (another dice_ds)",
+    "depth": "--depth", "regenerated_pos_embed": "--regenerate-pos-embed",
 }
+
 
 
 def _cache_dir() -> str:
@@ -112,8 +115,44 @@ def _cache_dir() -> str:
         "dice_ds")
 
 
+PROBE_EDGE = 1 << 20
+"""Bytes of the head and of the tail of a file in its content probe."""
+PROBE_BLOCKS, PROBE_BLOCK = 16, 64 << 10
+"""Blocks (count, bytes) spread evenly between the head and the tail in the content probe."""
+
+
+def content_probe(path: str, size: int) -> str:
+    """sha256 of a file's first and last MiB and 16 blocks of 64 KiB spread evenly between them
+    (3 MiB read at most, whatever the size): what a reuse of a cached hash compares."""
+    spans = [(0, PROBE_EDGE), *((k * size // (PROBE_BLOCKS + 1), PROBE_BLOCK)
+                                for k in range(1, PROBE_BLOCKS + 1)),
+             (max(0, size - PROBE_EDGE), PROBE_EDGE)]
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        for offset, length in spans:
+            fh.seek(offset)
+            h.update(fh.read(length))
+    return h.hexdigest()
+
+
+def _cache_entry_holds(entry, real: str, st: os.stat_result) -> bool:
+    """A cached hash still describes the file: same inode and status-change time (``ctime``: no
+    user can set it back, unlike the mtime; a copy over the file changes it) and the same content
+    probe (for filesystems whose ctime is not kept faithfully)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return False  # an entry of an older dice_ds (the bare hash): hashed again, once
+    if entry.get("ino") != st.st_ino or entry.get("ctime_ns") != st.st_ctime_ns:
+        return False
+    return entry.get("probe") == content_probe(real, st.st_size)
+
+
 def file_sha256(path: str) -> str:
-    """sha256 of a file, streamed once; cached by (real path, size, mtime) in the user cache."""
+    """sha256 of a file, streamed once; cached in the user cache by (real path, size, mtime).
+
+    A cached hash is reused only while the file's inode, ctime and content probe
+    (``content_probe``: 3 MiB read) are those stored with it; otherwise the file is hashed again.
+    So a file of the same size copied over the original with its mtime restored is never taken
+    for it (a sample directory bound to the old weights then refuses the new ones)."""
     real = os.path.realpath(path)
     st = os.stat(real)
     key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
@@ -123,17 +162,21 @@ def file_sha256(path: str) -> str:
             cache = json.load(fh)
     except (OSError, ValueError):
         cache = {}
-    if isinstance(cache.get(key), str):
-        return cache[key]
+    if not isinstance(cache, dict):
+        cache = {}
+    if _cache_entry_holds(cache.get(key), real, st):
+        return cache[key]["sha256"]
     h = hashlib.sha256()
     with open(real, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
     digest = h.hexdigest()
+    entry = {"sha256": digest, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns,
+             "probe": content_probe(real, st.st_size)}
     try:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         cache = {k: v for k, v in cache.items() if not k.startswith(real + "|")}
-        cache[key] = digest
+        cache[key] = entry
         _atomic_write(cache_path, lambda fh: fh.write(json.dumps(cache, indent=0).encode()))
     except OSError:
         pass  # a read-only home only costs the next run another pass

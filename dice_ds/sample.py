@@ -48,6 +48,7 @@ from dice_ds.diffusion import labels_for
 from dice_ds.options import (
     RunOptions,
     auto_sample_dir,
+    check_sample_dir,
     env_rank,
     image_size_of,
     mode_name,
@@ -93,7 +94,10 @@ def prepare(opts: RunOptions, world_size: int | None = None) -> Prepared:
     the environment; tests that start ranks themselves pass it).
     """
     spec = prepare_spec(opts, world_size)
-    sample_dir = opts.sample_dir or auto_sample_dir(opts, spec.plan, spec.world_size)
+    sample_dir = opts.sample_dir
+    if sample_dir is None:  # --sample-dir itself was checked with the options
+        sample_dir = check_sample_dir(auto_sample_dir(opts, spec.plan, spec.world_size),
+                                      "the automatic sample directory")
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(PipelineSpec)}
     return Prepared(**fields, sample_dir=sample_dir)
 
@@ -221,6 +225,8 @@ def _fingerprint(prep: Prepared, ckpt_sha256: str | None, vae_sha256: str | None
     }
     if opts.depth is not None:  # only then: fingerprints of full-depth runs stay as they were
         settings["depth"] = cfg.depth
+    if prep.regenerated_pos_embed:  # likewise: only runs that replaced the checkpoint's table
+        settings["regenerated_pos_embed"] = True
     return run_fingerprint(settings=settings, plan_fields=dataclasses.asdict(plan),
                            world_size=prep.world_size, per_proc_batch_size=opts.per_proc_batch_size)
 
@@ -280,6 +286,9 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
         "layout": ParallelDims(prep.world_size, plan.ep_size, plan.sp_size).layout(
             [r["host"] for r in per_rank]),
         "checkpoint_sha256": fp.get("checkpoint_sha256"), "fingerprint": fp,
+        # what was assumed about the checkpoint or replaced in it (dice_ds/weights/check.py)
+        "checkpoint_notes": list(prep.checkpoint_notes),
+        "regenerated_pos_embed": prep.regenerated_pos_embed,
     })
     info.update({
         "model": opts.model, "mode": mode_name(plan), "world_size": prep.world_size,

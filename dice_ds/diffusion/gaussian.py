@@ -13,9 +13,10 @@ Model output [N, 2C, H, W]: channels [0, C) predict ε, channels [C, 2C) the lea
 variance). ``x0`` is not clipped (DiT samples with ``clip_denoised=False``). Guidance applies to the
 first 3 channels only (DiT's legacy ``forward_with_cfg``; kept for parity with the released S/B
 results); the other channels, ε's 4th and the variance, are the conditional branch's.
-One difference from DiT, documented: DiT carries a doubled batch whose unconditional half evolves on
-its own, so its 4th channel drifts from the conditional half; here the unconditional branch is always
-evaluated on the conditional state (one merged forward on [z; z]).
+Both branches are evaluated on the conditional state, exactly as in DiT: its ``forward_with_cfg``
+feeds only the first half of the doubled batch to the model (``half = x[: len(x) // 2]``, then
+``torch.cat([half, half])``), so the second half it carries is updated but never read, and discarded
+at the end. dice_ds runs the same merged forward on [z; z] without carrying that unused half.
 
 Respaced index k is step i = k + 1, counting down S..1 as for the RF rule, so the loop's
 ``runtime.begin_step(i)`` drives selective-sync schedules alike for every sampler (pitfall 6).

@@ -152,6 +152,10 @@ class ParallelPlan:
                               f"{', '.join(SKIP_STRATEGIES)}")
         if self.payload_dtype not in (None, *DTYPES):
             raise ConfigError(f"payload_dtype={self.payload_dtype!r}: use {', '.join(DTYPES)}")
+        if self.payload_dtype is not None and not self.ep_enabled:
+            raise ConfigError("payload_dtype (--a2a-dtype) is the dtype of the expert-parallel "
+                              "all-to-all and does nothing without it: pass --ep with a world "
+                              "size > 1, or drop it")
         if self.sp_warmup and not self.sp_async:
             raise ConfigError("sp_warmup (--sp-async-warm-up) needs --sp-async")
         if self.sp_async and not self.sp_enabled:

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+
+import torch.distributed as dist
 
 from dice_ds.models import DTYPES, build_model, init_weights
 from dice_ds.options import env_rank
+from dice_ds.pipeline.prepare import state_checkpoint_notes
 from dice_ds.startup import memory_now
 from dice_ds.weights.load import load_into_model, time_plain_read
 
@@ -38,7 +42,10 @@ def build_model_and_runtime(spec, groups):
         log.facts["plain_read"] = time_plain_read(model, spec.checkpoint)  # the I/O floor
     with log.phase("weight_load"):
         if spec.checkpoint is not None:
-            with spec.checkpoint as reader:  # this rank's tensors only, one at a time
+            state_checkpoint_notes(spec, dist.get_rank() if dist.is_initialized() else 0)
+            with spec.checkpoint as reader, warnings.catch_warnings():  # this rank's tensors only
+                # a replaced pos_embed was stated once above (rank 0), not once per rank
+                warnings.filterwarnings("ignore", message="checkpoint pos_embed has")
                 result = load_into_model(model, reader, progress=progress_bars())
             log.facts.update(bytes_read=result.bytes_read, checkpoint_reader=reader.kind,
                              dropped_expert_tensors=result.dropped_expert_keys)

@@ -95,8 +95,8 @@ class DiTMoEPipeline:
       labels per sample as ``dice-ds sample`` does;
     - ``guidance_scale``: default the config's ``cfg_scale`` (1.5), not 4.0; must be >= 1, and 1
       runs the plain conditional forward; RF guides all latent channels, DDPM/DDIM the first 3
-      (DiT's legacy rule, ``dice_ds.diffusion``); the unconditional branch is evaluated on the
-      conditional state;
+      (DiT's legacy rule, ``dice_ds.diffusion``); both branches are evaluated on the conditional
+      state, as in diffusers and DiT (only the first half of the doubled batch is fed to the model);
     - ``num_inference_steps``: default the config's (``num_sampling_steps``; 50 RF, 250 DDPM/DDIM);
     - ``generator``: CPU generators; a list gives each sample its own stream (label, noise, DDPM
       noise), a single one is split into B per-sample generators; ``seed`` (extra; default the

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from dice_ds.ds_config import (
     load_config,
     merge,
     settings_of,
+    shipped_path,
     tree_of,
 )
 from dice_ds.options import env_world_size, latent_side, validate, validate_options
@@ -40,11 +42,16 @@ from dice_ds.parallel.apply import parallelize_dit_moe
 from dice_ds.parallel.groups import init_distributed
 from dice_ds.startup import StartupLog
 from dice_ds.vae import check_decoder
-from dice_ds.weights.check import check_architecture, check_complete, config_for_checkpoint
+from dice_ds.weights.check import (
+    REGENERATE_FLAG,
+    REGENERATED,
+    check_architecture,
+    check_complete,
+    config_for_checkpoint,
+)
 from dice_ds.weights.read import open_checkpoint
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
-SHIPPED = {"digits": {"model": "digits", "ckpt": os.path.join(ASSETS, "digits_dit_moe.pt")}}
+SHIPPED = {"digits": {"model": "digits", "ckpt": shipped_path("digits")}}
 """Models shipped with dice_ds, by name: their options (pixel space: ``vae`` defaults to identity)."""
 SHIPPED_DEFAULTS = {"digits": {"vae": "identity"}}
 JOB_OPTIONS = ("sample_dir", "extra_name", "extra_folder_name", "trim_samples", "force_new",
@@ -71,6 +78,15 @@ class PipelineSpec:
     """``dice_ds.parallel.apply.parallelize_dit_moe`` (None: the pipeline attaches no runtime)."""
     startup: object = None
     """This rank's ``dice_ds.startup.StartupLog`` (phases, bytes read, memory; run.json)."""
+    checkpoint_notes: tuple[str, ...] = ()
+    """What ``check_architecture`` had to assume about the checkpoint (a file without metadata:
+    heads, image size) or replaced (``pos_embed`` with ``--regenerate-pos-embed``): stated once in
+    the log (rank 0, ``state_checkpoint_notes``) and in run.json (``checkpoint_notes``)."""
+
+    @property
+    def regenerated_pos_embed(self) -> bool:
+        """The checkpoint's ``pos_embed`` is replaced (``--regenerate-pos-embed`` was needed)."""
+        return any(n.startswith(REGENERATED) for n in self.checkpoint_notes)
 
 
 def resolve_device(opts: Settings) -> str:
@@ -82,22 +98,27 @@ def resolve_device(opts: Settings) -> str:
     return device
 
 
-def model_config(opts: Settings) -> tuple[ModelConfig, object | None]:
-    """The model's config (expert count and shapes from the checkpoint header) and its reader."""
+def model_config(opts: Settings) -> tuple[ModelConfig, object | None, tuple[str, ...]]:
+    """The model's config (expert count and shapes from the checkpoint header), its reader and
+    what ``check_architecture`` assumed or replaced (empty without a checkpoint)."""
     flavor = get_flavor(opts.model)
     if opts.depth is not None:  # a reduced-depth variant: full width, fewer blocks
         flavor = flavor.replace(depth=opts.depth)
     side = latent_side(opts)
     if opts.ckpt is None:
+        if opts.regenerate_pos_embed:
+            raise ConfigError(f"{REGENERATE_FLAG} only applies to a --ckpt made for another image "
+                              "size (random weights have no table to replace): drop it")
         cfg = flavor.replace(num_experts=opts.num_experts or flavor.num_experts)
-        return cfg.replace(input_size=side).validate(), None
+        return cfg.replace(input_size=side).validate(), None, ()
     reader = open_checkpoint(opts.ckpt)  # any unreadable file: one ConfigError line
     shapes = reader.meta_state_dict()  # names, dtypes, shapes: no tensor is read yet
     cfg = config_for_checkpoint(flavor, shapes, num_experts=opts.num_experts)
     check_complete(shapes, cfg, opts.ckpt)  # missing keys: before the process group, not at load
-    # another image size than the flavor's: load_into_model regenerates pos_embed and warns
-    check_architecture(reader, cfg.replace(input_size=side), regenerate_pos_embed=True)  # metadata
-    return cfg.replace(input_size=side).validate(), reader
+    # metadata; another latent size only with --regenerate-pos-embed (load_into_model replaces it)
+    notes = check_architecture(reader, cfg.replace(input_size=side),
+                               regenerate_pos_embed=opts.regenerate_pos_embed)
+    return cfg.replace(input_size=side).validate(), reader, tuple(notes)
 
 
 def parallelize_fn(plan):
@@ -119,11 +140,19 @@ def prepare_spec(opts: Settings, world_size: int | None = None) -> PipelineSpec:
     validate_options(opts)
     world = world_size or env_world_size()
     device = resolve_device(opts)
-    cfg, reader = model_config(opts)
+    cfg, reader, notes = model_config(opts)
     check_decoder(opts.vae, opts.vae_path, cfg.in_channels)
     plan = validate(opts, world, cfg)
     return PipelineSpec(opts, cfg, plan, world, device, reader, parallelize_fn(plan),
-                        startup=StartupLog())
+                        startup=StartupLog(), checkpoint_notes=notes)
+
+
+def state_checkpoint_notes(spec: PipelineSpec, rank: int) -> None:
+    """Rank 0 states, once, what was assumed about the checkpoint or replaced in it (one line
+    each on stderr: ``dice-ds: note: --ckpt PATH: NOTE``); the other ranks stay silent."""
+    if rank == 0:
+        for note in spec.checkpoint_notes:
+            print(f"dice-ds: note: --ckpt {spec.opts.ckpt}: {note}", file=sys.stderr, flush=True)
 
 
 def local_rank(opts: Settings) -> int:
@@ -222,10 +251,13 @@ def pipeline_options(name=None, config=None, device=None, dtype=None, **override
     if dtype is not None:
         call["dtype"] = _dtype_name(dtype)
     call.update(overrides)
+    weights = _weights_of(name)
     sources = (SHIPPED_DEFAULTS.get(key, {}) if isinstance(key, str) else {}, config_values,
-               _weights_of(name), call)
+               weights, call)
     tree, given = {}, set()
     for values in sources:
+        if values is weights and weights.get("ckpt"):
+            given.discard("init_seed")  # a config's --init seed: unused once weights are named
         tree = merge(tree, check_tree(tree_of(values), "keywords", flags=True))
         given |= set(values)
     return settings_of(tree, explicit=given)

@@ -51,7 +51,10 @@ ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "num_experts", "patch_size",
                "learn_sigma", "attn_layout", "input_size")
 """The ``ModelConfig`` fields a checkpoint records (plus the flavor name), in the order checked."""
 REGENERATE_FLAG = "--regenerate-pos-embed"
-"""The flag that accepts a checkpoint made for another latent size (its ``pos_embed`` replaced)."""
+"""The flag that accepts a checkpoint made for another latent size (its ``pos_embed`` replaced);
+the settings tree's ``regenerate_pos_embed`` (``dice_ds/ds_config.py``)."""
+REGENERATED = "pos_embed regenerated"
+"""How the note of a replaced ``pos_embed`` starts (``check_architecture``'s returned list)."""
 
 
 # ----------------------------------------------------------------------------- facts
@@ -280,7 +283,8 @@ def check_architecture(reader: CheckpointReader, cfg: ModelConfig,
     hidden size, heads, experts, patch, in_channels, learn_sigma, attention layout and latent
     size. The latent size is also read off ``pos_embed``'s token count, so released files
     without metadata are checked too: another size is an error unless ``regenerate_pos_embed``
-    (the user's ``REGENERATE_FLAG``; the returned list then says so). Released files cannot tell
+    (the user's ``REGENERATE_FLAG``; the returned list then says so), and that flag with a file of
+    the run's size is refused (it would do nothing). Released files cannot tell
     the head count of the timm layout (it is in no key or shape): the flavor's is assumed.
 
     Returns one sentence per assumption or replacement, for the pipeline to state once in the log
@@ -315,8 +319,11 @@ def check_architecture(reader: CheckpointReader, cfg: ModelConfig,
                               f"image size it was made for (--image-size {8 * side} with the SD "
                               f"VAE, {side} with --vae identity), or {REGENERATE_FLAG} to replace "
                               "its pos_embed (outputs then only for performance tests)")
-        notes.append(f"pos_embed regenerated for input_size={cfg.input_size} (latent side): the "
+        notes.append(f"{REGENERATED} for input_size={cfg.input_size} (latent side): the "
                      f"checkpoint was made for input_size={side}")
+    elif regenerate_pos_embed:
+        raise ConfigError(f"{REGENERATE_FLAG}: --ckpt {path} was made for this run's latent size "
+                          f"(input_size={cfg.input_size}); nothing to regenerate: drop the flag")
     if recorded is None:
         if cfg.attn_layout == "timm":
             notes.append(f"num_heads={cfg.num_heads} assumed from --model {cfg.name}: a "

@@ -454,6 +454,12 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     if os.path.isdir(path):
         raise ConfigError(f"--ckpt {path}: is a directory; pass the checkpoint file (.pt or "
                           ".safetensors)")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ConfigError(f"--ckpt {path}: is a symbolic link to {os.readlink(path)}, which does "
+                          "not exist; pass the checkpoint file")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ConfigError(f"--ckpt {path}: is not a regular file (a device, pipe or socket); pass "
+                          "the checkpoint file (.pt or .safetensors)")
     if not os.path.isfile(path):
         raise ConfigError(f"--ckpt {path}: no such file; pass the path of a DiT-MoE .pt or "
                           ".safetensors checkpoint")

@@ -41,7 +41,7 @@ def test_from_pretrained_merges_defaults_config_weights_and_overrides():
     opts = pipeline_options("debug", config={"dice": {"model": {"name": "digits", "ckpt": "x.pt"}}},
                             init="random")
     assert opts.model == "debug" and opts.ckpt is None and opts.init == "random"
-    assert pipeline_options(config=DICE).ckpt == "dice_ds/assets/digits_dit_moe.pt"  # as written
+    assert pipeline_options(config=DICE).ckpt == SHIPPED["digits"]["ckpt"]  # shipped:digits
 
 
 @pytest.mark.parametrize("args, kwargs, needle", [
