@@ -28,8 +28,9 @@ index order, so the result does not depend on the world size.
 
 Fingerprint (resume that cannot mix runs): ``fingerprint.json`` records everything that determines
 the images (``run_fingerprint``: model, checkpoint sha256 -- ``file_sha256``, cached, the cache
-entry checked against the file's inode, ctime and a 3 MiB content probe on every reuse -- or init, sampler, steps, cfg scale, seed,
-image size, classes, experts, dtype, device, VAE, mode and every EP/DICE plan field, payload dtype).
+entry checked against the file's inode, ctime and a 3 MiB content probe on every reuse -- or init,
+sampler, steps, cfg scale, seed, image size, classes, experts, dtype, device, VAE, mode and every
+EP/DICE plan field, payload dtype).
 World size, EP size and per-rank batch size are left out where the images do not depend on them
 (data parallelism and plain sync EP: byte-identical at any world size, tests/multirank/test_dp.py)
 and recorded for every other mode. ``SampleDir.claim`` refuses a directory whose samples have
@@ -135,6 +136,15 @@ def content_probe(path: str, size: int) -> str:
     return h.hexdigest()
 
 
+def _stream_sha256(path: str) -> str:
+    """sha256 of the whole file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _cache_entry_holds(entry, real: str, st: os.stat_result) -> bool:
     """A cached hash still describes the file: same inode and status-change time (``ctime``: no
     user can set it back, unlike the mtime; a copy over the file changes it) and the same content
@@ -166,11 +176,7 @@ def file_sha256(path: str) -> str:
         cache = {}
     if _cache_entry_holds(cache.get(key), real, st):
         return cache[key]["sha256"]
-    h = hashlib.sha256()
-    with open(real, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = _stream_sha256(real)
     entry = {"sha256": digest, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns,
              "probe": content_probe(real, st.st_size)}
     try:

@@ -87,12 +87,74 @@ def test_checkpoint_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch)
     f.write_bytes(b"abc")
     import hashlib
 
+    from dice_ds import outputs
+
     assert file_sha256(str(f)) == hashlib.sha256(b"abc").hexdigest()
     cache = json.load(open(tmp_path / "cache" / "file_sha256.json"))
-    assert list(cache.values()) == [hashlib.sha256(b"abc").hexdigest()]
+    assert [e["sha256"] for e in cache.values()] == [hashlib.sha256(b"abc").hexdigest()]
+    with monkeypatch.context() as m:  # reuse: the probe only, never the whole file
+        m.setattr(outputs, "_stream_sha256", lambda path: pytest.fail("hashed the file again"))
+        assert file_sha256(str(f)) == hashlib.sha256(b"abc").hexdigest()
     f.write_bytes(b"abcd")  # new size/mtime: hashed again, the old entry replaced
     assert file_sha256(str(f)) == hashlib.sha256(b"abcd").hexdigest()
     assert len(json.load(open(tmp_path / "cache" / "file_sha256.json"))) == 1
+
+
+def _same_size_copy_with_mtime_restored(tmp_path, size=5 << 20):
+    """File A (written; its stat returned) and B: the same size, other bytes at both ends."""
+    a = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    b = bytes(x ^ 1 for x in a[:16]) + a[16:-16] + bytes(x ^ 1 for x in a[-16:])
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(a)
+    st = os.stat(f)
+    return f, a, b, st
+
+
+def test_a_same_size_file_copied_over_with_its_mtime_restored_is_hashed_again(tmp_path,
+                                                                              monkeypatch):
+    import hashlib
+
+    monkeypatch.setenv("DICE_DS_CACHE_DIR", str(tmp_path / "cache"))
+    f, a, b, st = _same_size_copy_with_mtime_restored(tmp_path)
+    assert file_sha256(str(f)) == hashlib.sha256(a).hexdigest()
+    f.write_bytes(b)  # in place: same inode, same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(f).st_mtime_ns == st.st_mtime_ns and os.stat(f).st_size == st.st_size
+    assert file_sha256(str(f)) == hashlib.sha256(b).hexdigest()  # ctime moved: hashed again
+
+
+def test_the_content_probe_catches_a_copy_where_ctime_is_not_kept(tmp_path, monkeypatch):
+    """On a filesystem that does not keep ctime faithfully the probe still tells the files apart:
+    the cache entry is made to look current (inode, ctime), only the probe differs."""
+    import hashlib
+
+    from dice_ds import outputs
+
+    monkeypatch.setenv("DICE_DS_CACHE_DIR", str(tmp_path / "cache"))
+    f, a, b, st = _same_size_copy_with_mtime_restored(tmp_path)
+    assert file_sha256(str(f)) == hashlib.sha256(a).hexdigest()
+    f.write_bytes(b)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    cache_path = tmp_path / "cache" / "file_sha256.json"
+    cache = json.load(open(cache_path))
+    (entry,) = cache.values()
+    entry["ctime_ns"] = os.stat(f).st_ctime_ns  # as if the copy had left ctime alone
+    cache_path.write_text(json.dumps(cache))
+    assert outputs.content_probe(str(f), len(b)) != entry["probe"]
+    assert file_sha256(str(f)) == hashlib.sha256(b).hexdigest()
+
+
+def test_an_old_cache_entry_without_a_probe_is_hashed_again(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setenv("DICE_DS_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "w.pt"
+    f.write_bytes(b"new")
+    st = os.stat(f)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "file_sha256.json").write_text(json.dumps(
+        {f"{os.path.realpath(f)}|{st.st_size}|{st.st_mtime_ns}": "0" * 64}))  # older dice_ds
+    assert file_sha256(str(f)) == hashlib.sha256(b"new").hexdigest()
 
 
 def test_run_json_leads_with_what_a_reader_looks_for_and_summary_line(tmp_path):
@@ -142,6 +204,45 @@ def test_cli_refuses_a_complete_directory_with_another_cfg_scale(tmp_path):
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert json.load(open(tmp_path / "out" / "run.json"))["cfg_scale"] == 2.0
     assert [p for p in os.listdir(tmp_path) if p.startswith("out.old-")]
+
+
+def test_weights_of_the_same_size_copied_over_with_the_mtime_restored_are_refused(tmp_path):
+    """Weights A write samples 0-1; B (same size, other values) is copied over A's file with A's
+    mtime restored; extending the run to 4 samples is refused: B's hash is not A's."""
+    from safetensors.torch import save_file
+
+    from dice_ds.weights.read import read_state_dict
+
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "dice_ds", "assets", "digits_dit_moe.pt")
+    sd = {k: v.contiguous() for k, v in read_state_dict(shipped).items()}
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in sd.items()},
+              str(tmp_path / "b.safetensors"))
+    assert os.path.getsize(tmp_path / "w.safetensors") == os.path.getsize(tmp_path / "b.safetensors")
+    weights = ["--model", "digits", "--vae", "identity", "--ckpt", "w.safetensors"]
+
+    def run(n):
+        cmd = [sys.executable, "-m", "dice_ds.sample", *weights, "--device", "cpu",
+               "--num-fid-samples", str(n), "--per-proc-batch-size", "2",
+               "--num-sampling-steps", "2", "--sample-dir", "out"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DICE_DS_CACHE_DIR": str(tmp_path / "cache")}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+            env.pop(key, None)
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=180)
+
+    first = run(2)
+    assert first.returncode == 0, first.stderr[-2000:]
+    st = os.stat(tmp_path / "w.safetensors")
+    with open(tmp_path / "w.safetensors", "r+b") as fh:  # copied over in place: same inode
+        fh.write((tmp_path / "b.safetensors").read_bytes())
+    os.utime(tmp_path / "w.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = run(4)
+    errors = [ln for ln in again.stderr.splitlines() if "error" in ln]
+    assert again.returncode == 2 and len(errors) == 1, again.stderr[-2000:]
+    assert "--ckpt (file content) is sha256" in errors[0] and "for the samples there" in errors[0]
+    assert len(os.listdir(tmp_path / "out" / "samples")) == 2  # nothing of B's written
 
 
 def test_peer_failures_are_told_from_other_errors():
