@@ -51,3 +51,24 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         assert proc.returncode == 2 and needle in proc.stderr
         assert "Traceback" not in proc.stderr
         assert len([ln for ln in proc.stderr.splitlines() if "error" in ln]) == 1
+
+
+def test_a_shipped_config_from_another_directory_with_a_regenerated_pos_embed(tmp_path):
+    """``--config configs/ds/digits_ep_sync.json`` from a directory without the package's files
+    (the config names ``shipped:digits``), at another image size than the checkpoint's: the
+    replaced ``pos_embed`` is stated once (rank 0, no per-rank warning) and recorded in run.json
+    and the fingerprint."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dice_ds.sample", "--config", os.path.join(ROOT, "configs", "ds",
+                                                          "digits_ep_sync.json"),
+           "--image-size", "32", "--regenerate-pos-embed", "--num-fid-samples", "2",
+           "--per-proc-batch-size", "1", "--num-sampling-steps", "2", "--sample-dir", "out"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("dice-ds: note: --ckpt")]
+    assert len([n for n in notes if "pos_embed regenerated for input_size=32" in n]) == 1, notes
+    assert "UserWarning" not in proc.stderr, proc.stderr[-3000:]
+    info = json.load(open(tmp_path / "out" / "run.json"))
+    assert info["regenerated_pos_embed"] is True and info["image_size"] == 32
+    assert info["checkpoint_notes"][0].startswith("pos_embed regenerated for input_size=32")
+    assert info["fingerprint"]["regenerated_pos_embed"] is True

@@ -55,6 +55,8 @@ def make_fixtures(d) -> None:
     torch.save({k: v for k, v in sd.items() if k != "blocks.1.attn.out_proj.weight"},
                d / "missing_key.pt")
     (d / "afile").write_text("x")
+    os.symlink("nowhere", d / "dangling")  # rows 83-84: a symbolic link to nothing
+    os.symlink("nowhere.pt", d / "dangling.pt")
     (d / "list.json").write_text("[1, 2]")
     (d / "trailing.json").write_text('{"moe": {"enabled": false}} garbage')
     (d / "nan.json").write_text('{"dice": {"sampling": {"cfg_scale": NaN}}}')
