@@ -24,6 +24,14 @@ the keys given, so later sources still override them and ``Settings.explicit`` k
 by the user") and the converter of the old flat layout (keyword names as keys):
 ``python -m dice_ds.ds_config convert OLD.json > NEW.json``.
 
+Paths: ``shipped:NAME`` (``--ckpt shipped:digits``, a config's ``"ckpt": "shipped:digits"``) is
+the checkpoint inside the installed package (``SHIPPED_FILES``), resolved when the tree is built,
+so a config naming it works from any working directory; every other path is kept as written
+(relative to the working directory, in a file as on the command line). No path setting may be
+empty or hold a NUL byte, and the names that become part of the automatic sample directory
+(``extra_name``, ``extra_folder_name``) stay inside ``samples/``. Upper bounds (``MAX_SAMPLES``,
+``MAX_BATCH``, ``MAX_PG_TIMEOUT``) carry their reason (a leaf's ``cap``) into the range error.
+
 Invariants: nothing here imports torch; every error is a one-line ``ConfigError`` naming the JSON
 path (``dice.async.mode``) or the flag, and the allowed values.
 """
