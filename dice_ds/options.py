@@ -297,6 +297,9 @@ def _validate_weights_and_vae(opts: Settings) -> None:
         if opts.vae_path is None:
             raise ConfigError("--vae sd needs --vae-path DIR (a local diffusers AutoencoderKL, e.g. "
                               "sd-vae-ft-mse), or use --vae none to write latents only")
+        if os.path.exists(opts.vae_path) and not os.path.isdir(opts.vae_path):
+            raise ConfigError(f"--vae-path {opts.vae_path}: is not a directory; give the "
+                              "diffusers AutoencoderKL directory (holding config.json)")
         if not os.path.isdir(opts.vae_path):
             raise ConfigError(f"--vae-path {opts.vae_path}: no such directory")
     elif opts.vae_path is not None:
