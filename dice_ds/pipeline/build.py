@@ -2,7 +2,8 @@
 
 Owns ``build_model_and_runtime``: the model on the meta device, each parameter materialised once
 (``dice_ds.models.build_model``), the checkpoint streamed in (``dice_ds.weights.load.load_into_model``:
-this rank's tensors only, one at a time) or ``init_weights``, then the plan applied
+this rank's tensors only, one at a time; what was assumed about it or replaced in it stated once, by
+rank 0, instead of a warning per rank) or ``init_weights``, then the plan applied
 (``parallelize_dit_moe``: the EP runtime, with SP a ``RuntimeStack``); and ``time_first_step``.
 Each part is a phase of the rank's ``StartupLog`` (``model_build``, ``weight_load``,
 ``first_step``; run.json's ``startup``), with the facts run.json reports (``memory_before_build``,
