@@ -786,6 +786,16 @@ def to_json(s: Settings, full: bool = False) -> dict:
     return tree_of({n: getattr(s, n) for n in s.explicit if n != "ep_score_use_latest"})
 
 
+def write_config(s: Settings, path) -> list[str]:
+    """Write ``to_json(s)`` to the JSON file ``path`` (its directory is created); the ``dice-ds
+    sample`` arguments that run exactly ``s`` (``--config path``: how the bench, the quality sweep
+    and the tuner hand a run its settings)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(json.dumps(to_json(s), indent=1) + "\n")
+    return ["--config", str(path)]
+
+
 # --------------------------------------------------------------------------------------------------
 # the old flat layout
 # --------------------------------------------------------------------------------------------------

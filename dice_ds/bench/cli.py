@@ -10,8 +10,9 @@ replays the sync run's exchange sizes. Results go to ``--out``: bench.json (ever
 (the table), bench.png (speed-up vs PSNR per link) and one directory per run with the ranks' logs.
 
 Settings travel as trees: the job (``job_of``: the bench's flags, and the extra ``dice-ds sample``
-flags after ``--`` parsed once) with a mode's settings over it is written to each run's
-``settings.json`` and sampled with ``--config`` that file; bench.json records the job's tree
+flags after ``--`` parsed once) with a mode's settings and the run's sample directory over it is
+written to each run's ``settings.json`` (``dice_ds.ds_config.write_config``) and sampled with
+``--config`` that file; bench.json records the job's tree
 (``meta.settings``), from which ``dice-ds plan --validate`` derives the workload it predicts.
 
 Nothing is timed by this process: numbers are what the runs (run.json) and the probe report.
@@ -32,7 +33,7 @@ from pathlib import Path
 from dice_ds.bench import launch, links, modeconfig, report
 from dice_ds.bench.modeconfig import split_mode_config
 from dice_ds.config import ConfigError
-from dice_ds.ds_config import Settings, load_tree, to_json
+from dice_ds.ds_config import Settings, load_tree, to_json, write_config
 from dice_ds.modes import MESH_MODES, by_key
 from dice_ds.options import flags_of, from_overrides, from_tree, given, parse_options
 from dice_ds.plan.costs import messages
@@ -61,13 +62,11 @@ def run_settings(a, job: Settings, m: str) -> Settings:
     return from_overrides(by_key(m).settings, base=job)
 
 
-def write_settings(s: Settings, run_dir: Path) -> list[str]:
-    """Write ``s`` (the keys given) to ``run_dir/settings.json``; the run's ``dice-ds sample``
-    arguments (``--config`` that file)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "settings.json"
-    path.write_text(json.dumps(to_json(s), indent=1) + "\n")
-    return ["--config", str(path)]
+def run_config(s: Settings, run_dir: Path) -> list[str]:
+    """Write ``s``, its samples going to ``run_dir/samples``, to ``run_dir/settings.json``; the
+    run's ``dice-ds sample`` arguments (``--config`` that file)."""
+    s = from_overrides({"sample_dir": str(run_dir / launch.SAMPLES)}, base=s)
+    return write_config(s, run_dir / "settings.json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -263,12 +262,12 @@ def main(argv: list[str] | None = None) -> int:
                     loads.append(os.getloadavg()[0])
                     run_dir = out / link / m / f"r{rnd}"
                     try:
-                        argv = write_settings(run_settings(a, job, m), run_dir)
+                        run_argv = run_config(run_settings(a, job, m), run_dir)
                     except ConfigError as e:
-                        argv = None
+                        run_argv = None
                         rec = {"ok": False, "why": str(e), "logs": str(run_dir)}
-                    if argv is not None:
-                        rec = launch.sample_run(net, link, port, argv, run_dir, a.run_timeout)
+                    if run_argv is not None:
+                        rec = launch.sample_run(net, link, port, run_argv, run_dir, a.run_timeout)
                     rec.update(link=link, mode=m, round=rnd)
                     runs.append(rec)
                     if rec["ok"]:

@@ -19,6 +19,9 @@ from pathlib import Path
 
 from dice_ds.bench.links import Links
 
+SAMPLES = "samples"
+"""A sampling run's sample directory inside its run directory (its settings name it)."""
+
 FAILED_RANK_GRACE_S = 5.0
 """Seconds the other ranks get to end on their own after one failed, before they are killed."""
 
@@ -66,10 +69,11 @@ def run_ranks(links: Links, link: str, port: int, module_argv: list[str], run_di
 
 def sample_run(links: Links, link: str, port: int, argv: list[str], run_dir: Path,
                timeout_s: float) -> dict:
-    """One sampling run; returns the bench's record of it (``ok`` False with ``why`` on failure)."""
-    sample_dir = run_dir / "samples"
-    ok, why = run_ranks(links, link, port, ["dice_ds.sample", *argv, "--sample-dir",
-                                           str(sample_dir)], run_dir, timeout_s)
+    """One sampling run of ``dice_ds.sample argv`` (``--config`` a settings file whose sample
+    directory is ``run_dir/SAMPLES``); returns the bench's record of it (``ok`` False with ``why``
+    on failure)."""
+    sample_dir = run_dir / SAMPLES
+    ok, why = run_ranks(links, link, port, ["dice_ds.sample", *argv], run_dir, timeout_s)
     info_path = sample_dir / "run.json"
     if not ok or not info_path.exists():
         return {"ok": False, "why": why, "logs": str(run_dir)}

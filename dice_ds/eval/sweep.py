@@ -1,16 +1,22 @@
 """``dice-ds eval --sweep``: the quality table of the shipped digits model across parallel modes.
 
 Owns the quality table's mode list (``MODES``, rows of ``dice_ds.modes``), launching one
-``torchrun --standalone --nproc_per_node W -m dice_ds.sample`` per mode with the same seeds, evaluating
-each run with ``dice_ds.eval.metrics`` (digits-FID, class accuracy, PSNR/MSE against the sync-EP run
-of the same seeds), and writing the table as markdown and JSON together with the exact command.
+``torchrun --standalone --nproc_per_node W -m dice_ds.sample --config settings.json`` per mode with
+the same seeds, evaluating each run with ``dice_ds.eval.metrics`` (digits-FID, class accuracy,
+PSNR/MSE against the sync-EP run of the same seeds), and writing the table as markdown and JSON
+together with the exact command.
 
-Invariants: every mode samples the same global indices (same ``--global-seed``), so PSNR against sync
-EP measures only the deviation that the mode introduces; a mode whose flags the sampler rejects as not
-implemented (the sampler's own flag validation, run in-process first) is listed as not available,
-never dropped silently; each run directory carries a stamp of its exact sample command: a complete
-run with the same stamp is reused, an interrupted one resumes, one made with other settings is
-deleted and redone.
+Settings travel as a tree, as in ``dice-ds bench`` (dice_ds/bench/cli.py): each run's settings are
+the sweep's job with the mode's settings over it (``run_settings``), written to the run directory's
+``settings.json`` (``dice_ds.ds_config.write_config``) that the sampler reads with ``--config``;
+no flag string is built for the sampler. The table's ``flags`` column is ``Mode.flags``, for display.
+
+Invariants: every mode samples the same global indices (same ``global_seed``), so PSNR against sync
+EP measures only the deviation that the mode introduces; a mode whose settings the sampler rejects
+(the tree's checks and the sampler's own cross-field rules, run in-process first) is listed as not
+available, never dropped silently; each run directory carries a stamp of its rank count and its
+settings tree: a complete run with the same stamp is reused, an interrupted one resumes, one made
+with other settings is deleted and redone.
 """
 
 from __future__ import annotations
@@ -28,9 +34,17 @@ from pathlib import Path
 import numpy as np
 
 from dice_ds.config import ConfigError
+from dice_ds.data import real_digits_uint8
+from dice_ds.ds_config import Settings, to_json, write_config
+from dice_ds.eval.metrics import (
+    SampleSet,
+    evaluate_digits,
+    load_sample_set,
+    paired_fid_difference,
+)
 from dice_ds.modes import MESH_MODES, Mode
 from dice_ds.modes import MODES as ALL_MODES
-from dice_ds.options import parse_options, validate_options
+from dice_ds.options import from_overrides, validate_options
 
 MODES: tuple[Mode, ...] = tuple(m for m in ALL_MODES
                                 if m.key != "dice-bf16" and m.key not in MESH_MODES)
@@ -58,40 +72,58 @@ def _dir_name(mode: Mode) -> str:
     return "".join(c if c.isalnum() else "_" for c in mode.name.lower()).strip("_")
 
 
-def sample_command(cfg: SweepConfig, mode: Mode, out_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={cfg.nproc}", "-m", "dice_ds.sample", "--model", "digits",
-           "--ckpt", cfg.ckpt, "--vae", "identity", "--device", "cpu",
-           "--num-fid-samples", str(cfg.num_samples), "--per-proc-batch-size", str(cfg.batch),
-           "--global-seed", str(cfg.seed), "--cfg-scale", str(cfg.cfg_scale),
-           "--sample-dir", str(out_dir)]
-    if cfg.steps is not None:
-        cmd += ["--num-sampling-steps", str(cfg.steps)]
-    return cmd + list(mode.flags)
+def run_settings(cfg: SweepConfig, mode: Mode, out_dir: Path) -> Settings:
+    """What ``mode``'s run samples: the sweep's job (the shipped digits model, same seeds in every
+    mode, samples in ``out_dir``) with the mode's settings over it; ConfigError if the tree
+    rejects them."""
+    job = {"model": "digits", "ckpt": cfg.ckpt, "vae": "identity", "device": "cpu",
+           "num_fid_samples": cfg.num_samples, "per_proc_batch_size": cfg.batch,
+           "global_seed": cfg.seed, "cfg_scale": float(cfg.cfg_scale), "sample_dir": str(out_dir),
+           **({} if cfg.steps is None else {"num_sampling_steps": cfg.steps})}
+    return from_overrides(mode.settings, base=from_overrides(job))
 
 
-STAMP = "sweep_command.json"
+def rejected_by_sampler(cfg: SweepConfig, mode: Mode, out_dir: Path) -> tuple[Settings | None,
+                                                                               str | None]:
+    """(the run's settings, None), or (None, the sampler's own ConfigError for them, e.g. a mode
+    not implemented yet): the tree and the sampler's cross-field rules, run in this process before
+    any rank is launched."""
+    try:
+        return validate_options(run_settings(cfg, mode, out_dir)), None
+    except ConfigError as e:
+        return None, str(e)
 
 
-def _complete(out_dir: Path, n: int, cmd: list[str]) -> bool:
-    """True when ``out_dir`` holds n samples made by exactly ``cmd`` (recorded in its stamp)."""
-    npz, stamp = out_dir / "samples.npz", out_dir / STAMP
-    if not (npz.is_file() and stamp.is_file()) or json.loads(stamp.read_text()) != cmd[1:]:
+def launcher(cfg: SweepConfig) -> list[str]:
+    """``torchrun`` of ``dice_ds.sample`` on ``cfg.nproc`` ranks; the sampler's arguments follow
+    (``dice_ds.ds_config.write_config``: ``--config`` the run's settings file)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={cfg.nproc}", "-m", "dice_ds.sample"]
+
+
+STAMP = "sweep_stamp.json"
+SETTINGS = "settings.json"
+
+
+def _stamp(cfg: SweepConfig, settings: Settings) -> dict:
+    """What a run directory was made by: the rank count and the settings tree sampled."""
+    return {"nproc": cfg.nproc, "settings": to_json(settings)}
+
+
+def _read_stamp(out_dir: Path):
+    try:
+        return json.loads((out_dir / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _complete(out_dir: Path, n: int, stamp: dict) -> bool:
+    """True when ``out_dir`` holds n samples made with exactly ``stamp`` (recorded beside them)."""
+    npz = out_dir / "samples.npz"
+    if not npz.is_file() or _read_stamp(out_dir) != stamp:
         return False
     with np.load(npz) as f:
         return len(f["arr_0"]) >= n
-
-
-def rejected_by_sampler(cmd: list[str]) -> str | None:
-    """The sampler's own ConfigError for these flags (e.g. a mode not implemented yet), or None.
-
-    Runs the sampler's flag validation in this process, before any rank is launched.
-    """
-    try:
-        validate_options(parse_options(cmd[cmd.index("dice_ds.sample") + 1:]))
-    except ConfigError as e:
-        return str(e)
-    return None
 
 
 def _error_line(text: str) -> str:
@@ -102,24 +134,23 @@ def _error_line(text: str) -> str:
 def run_mode(cfg: SweepConfig, mode: Mode, log) -> dict:
     """Sample one mode (unless already complete); returns {'dir', 'status', 'seconds'[, 'error']}."""
     out_dir = Path(cfg.work_dir) / _dir_name(mode)
-    cmd = sample_command(cfg, mode, out_dir)
-    if _complete(out_dir, cfg.num_samples, cmd):
-        return {"dir": str(out_dir), "status": "ok", "seconds": None, "reused": True}
-    rejected = rejected_by_sampler(cmd)
+    settings, rejected = rejected_by_sampler(cfg, mode, out_dir)
     if rejected is not None:
         log(f"[sweep] {mode.name}: not available: {rejected}")
         return {"dir": None, "status": "not available", "seconds": None, "error": rejected}
-    stamp = out_dir / STAMP
-    if out_dir.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != cmd[1:]):
+    stamp = _stamp(cfg, settings)
+    if _complete(out_dir, cfg.num_samples, stamp):
+        return {"dir": str(out_dir), "status": "ok", "seconds": None, "reused": True}
+    if out_dir.exists() and _read_stamp(out_dir) != stamp:
         shutil.rmtree(out_dir)  # other settings: the sampler's resume would keep stale batches
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(cmd[1:]))
+    cmd = [*launcher(cfg), *write_config(settings, out_dir / SETTINGS)]
+    (out_dir / STAMP).write_text(json.dumps(stamp))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     log(f"[sweep] {mode.name}: {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = round(time.perf_counter() - t0, 1)
-    if proc.returncode == 0 and _complete(out_dir, cfg.num_samples, cmd):
+    if proc.returncode == 0 and _complete(out_dir, cfg.num_samples, stamp):
         return {"dir": str(out_dir), "status": "ok", "seconds": seconds}
     error = _error_line(proc.stderr or proc.stdout)
     log(f"[sweep] {mode.name}: failed (exit {proc.returncode}): {error}")
@@ -128,9 +159,6 @@ def run_mode(cfg: SweepConfig, mode: Mode, log) -> dict:
 
 def real_floor(classifier, n: int, seed: int) -> dict:
     """Metrics of n real digits drawn without replacement: the floor of digits-FID at this n."""
-    from dice_ds.data import real_digits_uint8
-    from dice_ds.eval.metrics import SampleSet, evaluate_digits
-
     images, labels = real_digits_uint8()
     idx = np.random.default_rng(seed).choice(len(images), size=min(n, len(images)), replace=False)
     return evaluate_digits(SampleSet(images[idx], labels[idx], "real digits"), classifier)
@@ -138,8 +166,6 @@ def real_floor(classifier, n: int, seed: int) -> dict:
 
 def run_sweep(cfg: SweepConfig, classifier, log=print) -> dict:
     """Sample and evaluate every selected mode; returns the JSON-able result."""
-    from dice_ds.eval.metrics import evaluate_digits, load_sample_set, paired_fid_difference
-
     modes = [m for m in MODES if m.name in cfg.modes]
     runs = {m.name: run_mode(cfg, m, log) for m in modes}
     sync = runs.get("sync EP")

@@ -3,13 +3,17 @@
 Owns sampling sync EP, DICE's fixed policy, the tuned policy and every mode of ``EVIDENCE_MODES``
 (``dice_ds.modes``: all layers async, and each selective-sync layer set) with the same seeds through
 the quality sweep's runner (``dice_ds.eval.sweep.run_mode``: one ``torchrun --nproc_per_node W`` per
-policy, reused when complete; ``tuned`` and the modes are settings), and scoring each against the
+policy, reused when complete; ``tuned`` and the modes are settings, merged over the sweep's job and
+handed to the sampler as a ``settings.json`` tree, never as flags), and scoring each against the
 sync run: PSNR / MSE (the same metric as docs/quality.md), digits-FID and class accuracy, next to
 the predicted PSNR.
 """
 
 from __future__ import annotations
 
+from dice_ds.eval.classifier import load_classifier
+from dice_ds.eval.metrics import evaluate_digits, load_sample_set
+from dice_ds.eval.sweep import SweepConfig, run_mode
 from dice_ds.modes import DICE, Mode, by_key
 
 EVIDENCE_MODES = ("interweaved", "iw-deep-sync", "iw-shallow-sync", "iw-staggered", "iw-low")
@@ -19,10 +23,6 @@ EVIDENCE_MODES = ("interweaved", "iw-deep-sync", "iw-shallow-sync", "iw-staggere
 def run(ckpt: str, tuned: dict, n: int, steps: int, cfg_scale: float, world: int,
         work_dir: str = "samples/tune_evidence", log=print,
         extra: tuple[str, ...] = EVIDENCE_MODES, also: tuple = ()) -> list[dict]:
-    from dice_ds.eval.classifier import load_classifier
-    from dice_ds.eval.metrics import evaluate_digits, load_sample_set
-    from dice_ds.eval.sweep import SweepConfig, run_mode
-
     cfg = SweepConfig(ckpt=ckpt, num_samples=n, steps=steps, batch=-(-n // world), nproc=world,
                       cfg_scale=cfg_scale, work_dir=work_dir)
     modes = [by_key("sync"), Mode("dice", "DICE (fixed)", DICE), Mode("tuned", "tuned", tuned),

@@ -189,7 +189,7 @@ def test_eval_cli_digits_and_errors(tmp_path, real, capsys):
 
 
 def test_sweep_report_and_ordering(tmp_path):
-    from dice_ds.eval.sweep import MODES, SweepConfig, ordering_statement, sample_command, write_report
+    from dice_ds.eval.sweep import SweepConfig, ordering_statement, write_report
 
     rows = [{"mode": m, "flags": "", "note": "", "status": "ok", "digits_fid": f,
              "class_accuracy": 0.9, "psnr_db": p, "mse": 0.0, "fid_delta_vs_sync": f - 1.0,
@@ -212,10 +212,6 @@ def test_sweep_report_and_ordering(tmp_path):
     assert text.startswith("# Title") and text.endswith("tail text\n") and "old" not in text
     assert "| DICE |" in text and "∞" in text and "not available" in text
     assert json.loads(js.read_text())["command"] == "dice-ds eval --sweep"
-    dice = next(m for m in MODES if m.name == "DICE")
-    cmd = sample_command(cfg, dice, tmp_path)
-    assert "--ep-async-pipeline" in cmd and cmd[cmd.index("--ep-async-skip-strategy") + 1] == "low"
-    assert cmd[cmd.index("--ep-async-mode") + 1] == "shallow"
 
 
 # ----------------------------------------------------------------------------- FID-50K path, end to end

@@ -350,9 +350,10 @@ def test_bench_extra_flags_set_the_workload_that_is_sampled_and_predicted(tmp_pa
     cli._check(a, p)
     assert a.job.cfg_scale == 1.0
     for mode in ("dp", "dice"):  # what each run samples: its settings.json
-        argv = cli.write_settings(cli.run_settings(a, a.job, mode), tmp_path / mode)
+        argv = cli.run_config(cli.run_settings(a, a.job, mode), tmp_path / mode)
         ran = parse_options(argv)
         assert ran.cfg_scale == 1.0 and ran.num_sampling_steps == 3
+        assert ran.sample_dir == str(tmp_path / mode / "samples")  # no --sample-dir flag
     assert parse_options(argv).ep_async  # the mode's settings over the job
     meta = {"settings": to_json(a.job), "job": " ".join(flags_of(given(a.job)))}
     w = workload_of({"meta": meta})

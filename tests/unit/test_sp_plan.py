@@ -36,15 +36,14 @@ def test_token_count_not_divisible_is_an_error():
 def test_sweep_sp_rows_pass_the_samplers_validation():
     from pathlib import Path
 
-    from dice_ds.eval.sweep import MODES, SweepConfig, rejected_by_sampler, sample_command
-    from dice_ds.options import build_plan, parse_options
+    from dice_ds.eval.sweep import MODES, SweepConfig, rejected_by_sampler
+    from dice_ds.options import build_plan
 
     ckpt = str(Path(__file__).parents[2] / "dice_ds" / "assets" / "digits_dit_moe.pt")
     for name, async_ in (("sync SP", False), ("displaced SP", True)):
         mode = next(m for m in MODES if m.name == name)
-        cmd = sample_command(SweepConfig(ckpt=ckpt), mode, Path("out"))
-        assert rejected_by_sampler(cmd) is None, name
-        opts = parse_options(cmd[cmd.index("dice_ds.sample") + 1:])
+        opts, rejected = rejected_by_sampler(SweepConfig(ckpt=ckpt), mode, Path("out"))
+        assert rejected is None, name
         plan = build_plan(opts, world_size=2, num_experts=8, depth=4)
         assert plan.sp_size == 2 and plan.sp_async == async_ and plan.ep_size == 1
 
