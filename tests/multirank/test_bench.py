@@ -35,6 +35,11 @@ def test_bench_tiny_end_to_end(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
+    # the bench's own command (plan --validate reads its --mode-config), not a run's --config
+    assert f"--mode-config iw0={cfg}" in data["meta"]["command"]
+    run_dir = out / "loopback" / "sync" / "r0"   # each run's settings: one tree, samples in it
+    ran = json.loads((run_dir / "settings.json").read_text())
+    assert ran["dice"]["output"]["sample_dir"] == str(run_dir / "samples")
     rows = {(row["link"], row["mode"]): row for row in data["rows"]}
     expect_links = link_arg.split(",")
     assert set(rows) == {(lk, m) for lk in expect_links
