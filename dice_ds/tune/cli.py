@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dice_ds.bench.links import rate_bits
 from dice_ds.config import ConfigError, get_flavor
-from dice_ds.ds_config import convert_flat, validate_data
+from dice_ds.ds_config import convert_flat, resolve_ckpt, validate_data
 from dice_ds.modes import Mode
 from dice_ds.options import given, parse_options
 from dice_ds.plan.costs import Workload, costs_from_flops, costs_from_phases
@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", default="docs/tune_sensitivity.json",
                    help="sensitivity table (JSON); with --measure it is written there")
     p.add_argument("--measure", action="store_true", help="measure the table first (one process)")
-    p.add_argument("--ckpt", default="dice_ds/assets/digits_dit_moe.pt")
+    p.add_argument("--ckpt", default="shipped:digits",
+                   help="checkpoint (shipped:digits: the package's, from any directory); the "
+                        "written config names it as given")
     p.add_argument("--model", default="digits")
     p.add_argument("--samples", type=int, default=64, help="--measure: samples in the run")
     p.add_argument("--steps", type=int, default=50)
@@ -142,9 +144,10 @@ def _fit(path: str, table: dict, w: Workload, world: int) -> quality.PsnrFit:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
+        ckpt = resolve_ckpt(a.ckpt)  # shipped:digits -> the package's file; written as given
         also = _also(a.evidence_also)
         if a.measure:
-            table = sensitivity.measure(a.ckpt, a.model, a.samples, a.steps, a.cfg_scale)
+            table = sensitivity.measure(ckpt, a.model, a.samples, a.steps, a.cfg_scale)
             sensitivity.save(table, a.sensitivity)
         table = sensitivity.load(a.sensitivity)
         cfg = get_flavor(a.model)
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.verify:
         cands = verify.shortlist(seen, d_max, a.verify_window, a.verify, keep=best)
         try:
-            got = verify.measure(cands, model=a.model, ckpt=a.ckpt, image_size=cfg.input_size * 8,
+            got = verify.measure(cands, model=a.model, ckpt=ckpt, image_size=cfg.input_size * 8,
                                  steps=a.steps, batch=a.batch, link=a.link,
                                  rounds=a.verify_rounds, out=a.verify_out,
                                  log=lambda m: print(m, file=sys.stderr))
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     report = _write(a, policy, speed, dev, fit, dice, dice_speed, dice_d, d_max, speed_src, seen,
                     table, verified)
     if a.evidence:
-        rows = evidence.run(a.ckpt, policy.settings(), a.evidence, a.steps, a.cfg_scale, a.world,
+        rows = evidence.run(ckpt, policy.settings(), a.evidence, a.steps, a.cfg_scale, a.world,
                             log=lambda m: print(m, file=sys.stderr), also=also)
         pred = {"DICE (fixed)": report["dice_fixed"], "tuned": report["chosen"]}
         for r in rows:

@@ -122,3 +122,16 @@ def test_regenerate_pos_embed_is_needed_and_noted(tmp_path):
     native = prepare_spec(parse_options(base[:-2]), 1)  # its own size: one assumption stated
     assert not native.regenerated_pos_embed
     assert [n.split(" (")[0] for n in native.checkpoint_notes] == ["input_size=16"]
+
+
+def test_the_tuner_writes_a_config_that_names_the_shipped_model(tmp_path, monkeypatch):
+    """``dice-ds tune`` (no measuring) writes configs/ds/digits_tuned.json's kind of file: its
+    checkpoint is ``shipped:digits``, so the written config works from any directory too."""
+    from dice_ds.tune.cli import main
+
+    monkeypatch.chdir(ROOT)  # the tuner's tables are docs/ files of the repository
+    out, report = tmp_path / "t.json", tmp_path / "r.json"
+    assert main(["--budget", "dice", "--out", str(out), "--report", str(report)]) == 0
+    assert json.load(open(out))["dice"]["model"]["ckpt"] == SHIPPED_PREFIX + "digits"
+    monkeypatch.chdir(tmp_path)
+    assert parse_options(["--config", str(out)]).ckpt == shipped_path("digits")
