@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 
 from dice_ds.config import ConfigError, ModelConfig, get_flavor
 from dice_ds.ds_config import (
@@ -43,6 +42,7 @@ from dice_ds.ds_config import (
     to_json,
     tree_of,
 )
+from dice_ds.error_line import print_error_line
 from dice_ds.parallel.plan import ParallelPlan
 
 RunOptions = Settings
@@ -55,14 +55,13 @@ def option_flags() -> list[str]:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``dice-ds sample: error: ...`` on rank 0 only, exit code 2.
+    """argparse with one-line errors: ``dice-ds sample: error: ...``, exit code 2.
 
-    Every rank of a launcher parses the same flags, so each exits 2 but only one line is printed."""
+    Every rank of a launcher parses the same flags; each rank that fails prints the line itself
+    (once per launcher: ``dice_ds.error_line``), so a launcher stopping the ranks cannot hide it."""
 
     def error(self, message: str):
-        if env_rank() == 0:
-            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr,
-                  flush=True)
+        print_error_line(self.prog, f"{message} (see {self.prog} --help)")
         raise SystemExit(2)
 
 
@@ -179,19 +178,32 @@ DEFAULT_STEPS = {"rf": 50, "ddpm": 250, "ddim": 250}
 DDPM_TRAIN_STEPS = 1000
 
 
+def _env_count(key: str, minimum: int) -> int:
+    """The launcher's ``key`` as an integer >= ``minimum``; else one ConfigError line."""
+    text = os.environ[key]
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(f"environment {key}={text!r} must be an integer >= {minimum} (set by the "
+                          f"launcher: torchrun, deepspeed, srun); unset it to run one process")
+    return value
+
+
 def env_world_size() -> int:
     """World size announced by the launcher (torchrun/deepspeed ``WORLD_SIZE``, slurm), else 1."""
     if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
+        return _env_count("WORLD_SIZE", 1)
     if "SLURM_NTASKS" in os.environ and "MASTER_ADDR" in os.environ:
-        return int(os.environ["SLURM_NTASKS"])
+        return _env_count("SLURM_NTASKS", 1)
     return 1
 
 
 def env_rank() -> int:
     for key in ("RANK", "SLURM_PROCID"):
         if key in os.environ:
-            return int(os.environ[key])
+            return _env_count(key, 0)
     return 0
 
 

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# torchrun -m dice_ds.sample "$@" with environment defaults.
+# torchrun -m dice_ds.sample "$@" with environment defaults, through dice_ds.torchrun: torchrun's own
+# code, but a rank's bad-input exit code 2 is this script's exit code (torchrun alone exits 1 for any
+# failed rank), and a failed launch ends with one line per failed rank instead of torchrun's report.
+# The rank that found a bad input prints its line itself (dice_ds/error_line.py).
 #
 #   NPROC        ranks per node (default 2; one per GPU on a GPU node)
 #   NNODES       nodes (default 1: --standalone rendezvous on this host)
@@ -25,7 +28,7 @@ else
     RDZV=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK}"
           --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "${MASTER_PORT:-29500}")
 fi
-CMD=("$PY" -m torch.distributed.run "${RDZV[@]}" --nproc_per_node "$NPROC" -m dice_ds.sample "$@")
+CMD=("$PY" -m dice_ds.torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" -m dice_ds.sample "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then
     echo "OMP_NUM_THREADS=$OMP_NUM_THREADS ${CMD[*]}"
     exit 0

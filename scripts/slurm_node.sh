@@ -2,7 +2,8 @@
 # The per-node part of a slurm job: what `srun` runs on every node of the allocation (one task per
 # node), and what tests/cluster runs in every emulated node with the SLURM_* variables a real
 # allocation sets. Resolves the job's layout from those variables, then runs scripts/launch.sh
-# (torchrun with NPROC ranks on this node). Arguments go to dice_ds.sample.
+# (torchrun with NPROC ranks on this node). Arguments go to dice_ds.sample. Exit code: launch.sh's
+# (2 when a rank refused a bad input, its line printed by that rank; 1 for other failures).
 #
 # From the SLURM_* variables: MASTER_ADDR = the first host of SLURM_JOB_NODELIST (`scontrol show
 # hostnames` when available, else a parser of lists like node[01-02],gpu7), NNODES = SLURM_NNODES,

@@ -15,8 +15,9 @@ ranks that hold the same experts, {r, r + ep, r + 2ep, ...}; SP groups stride ep
 of ep·sp ranks. World 4, ep 2, sp 2: EP [0,1] [2,3], expt-DP [0,2] [1,3], SP [0,2] [1,3]. Inside an
 EP group megatron places experts contiguously: EP rank k holds global experts [k·E/ep, (k+1)·E/ep).
 
-Timeout (bounded failure): one value, ``pg_timeout_seconds`` (``--pg-timeout``, else
-``$DICE_DS_PG_TIMEOUT`` seconds, else the legacy ``$DICE_DS_PG_TIMEOUT_MIN`` minutes, else 300 s),
+Timeout (bounded failure): one value, ``pg_timeout_seconds`` (``dice_ds/parallel/timeout.py``:
+``--pg-timeout``, else ``$DICE_DS_PG_TIMEOUT`` seconds, else the legacy ``$DICE_DS_PG_TIMEOUT_MIN``
+minutes, else 300 s),
 is fixed by ``init_distributed`` and applies to EVERY group of the run: the default group and each
 ``new_group`` here. A collective whose peer is stopped raises after that time; one whose peer died
 usually raises at once (gloo: connection closed).
@@ -38,27 +39,11 @@ import torch.distributed as dist
 
 from dice_ds.config import ConfigError
 from dice_ds.parallel.dims import ParallelDims
+from dice_ds.parallel.timeout import pg_timeout_seconds
 from dice_ds.patches.torch_elastic import attempt_store
 
-DEFAULT_TIMEOUT_SECONDS = 300.0
 _timeout: timedelta | None = None
 """The run's collective timeout, fixed by ``init_distributed`` (read by every group creation)."""
-
-
-def pg_timeout_seconds(seconds: float | None = None) -> float:
-    """The collective timeout: ``seconds`` (``--pg-timeout``), else ``$DICE_DS_PG_TIMEOUT`` (s), else
-    ``$DICE_DS_PG_TIMEOUT_MIN`` (minutes, legacy), else 300 s."""
-    if seconds is not None:
-        value, where = float(seconds), "--pg-timeout"
-    elif os.environ.get("DICE_DS_PG_TIMEOUT"):
-        value, where = float(os.environ["DICE_DS_PG_TIMEOUT"]), "DICE_DS_PG_TIMEOUT"
-    elif os.environ.get("DICE_DS_PG_TIMEOUT_MIN"):
-        value, where = 60.0 * float(os.environ["DICE_DS_PG_TIMEOUT_MIN"]), "DICE_DS_PG_TIMEOUT_MIN"
-    else:
-        return DEFAULT_TIMEOUT_SECONDS
-    if value <= 0:
-        raise ConfigError(f"{where} must be a positive number of seconds, got {value:g}")
-    return value
 
 
 def group_timeout() -> timedelta:

@@ -20,7 +20,7 @@ MODES = {"sync": ["--ep"],
 def _runs(rank, world, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from dice_ds.options import parse_options
-    from dice_ds.sample import prepare, run
+    from dice_ds.sample.job import prepare, run
 
     for name, flags in MODES.items():
         run(prepare(parse_options(COMMON + flags + ["--sample-dir", os.path.join(out_dir, name)])))

@@ -26,7 +26,7 @@ def _flags(sample_dir, vae):
 
 def _sample(rank, world, flags):
     from dice_ds.options import parse_options
-    from dice_ds.sample import prepare, run
+    from dice_ds.sample.job import prepare, run
 
     info = run(prepare(parse_options(flags), world_size=world))
     return None if info is None else {k: info[k] for k in ("world_size", "batches_run", "per_rank")}
@@ -57,7 +57,7 @@ def test_two_ranks_write_the_same_images_as_one(tmp_path):
 
 def _latents(rank, world, flags):
     from dice_ds.options import parse_options
-    from dice_ds.sample import prepare, run
+    from dice_ds.sample.job import prepare, run
 
     info = run(prepare(parse_options(flags), world_size=world))
     return None if info is None else (info["mode"], info["ep_size"])

@@ -42,7 +42,7 @@ DICE = SELECTIVE + ["--ep-async-noskip-step", "2", "--ep-async-skip-strategy", "
 def _cli_runs(rank, world, out_dir, modes):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from dice_ds.options import parse_options
-    from dice_ds.sample import prepare, run
+    from dice_ds.sample.job import prepare, run
 
     for name, flags in modes.items():
         run(prepare(parse_options(COMMON + flags + ["--sample-dir", os.path.join(out_dir, name)])))

@@ -47,7 +47,7 @@ def _example(*argv):
 
 def _cli(config, out, world):
     from dice_ds.options import parse_options
-    from dice_ds.sample import prepare, run
+    from dice_ds.sample.job import prepare, run
 
     run(prepare(parse_options(["--config", config, "--num-fid-samples", str(B),
                                "--per-proc-batch-size", str(B // world), "--num-sampling-steps",

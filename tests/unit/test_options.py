@@ -238,7 +238,8 @@ def test_main_exits_2_with_one_line_on_bad_input(capsys, tmp_path):
 def test_expert_count_disagreeing_with_the_checkpoint_is_a_config_error(tmp_path, capsys):
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model, init_weights
-    from dice_ds.sample import main, prepare
+    from dice_ds.sample import main
+    from dice_ds.sample.job import prepare
     from dice_ds.weights.save import save_checkpoint
 
     ckpt = tmp_path / "debug.pt"

@@ -59,7 +59,7 @@ def test_latents_only_directory(tmp_path):
 
 def _run(sample_dir, vae_path, *extra):
     from dice_ds.options import parse_options
-    from dice_ds.sample import prepare, run
+    from dice_ds.sample.job import prepare, run
 
     flags = ["--model", "debug", "--init", "random", "--vae", "sd", "--vae-path", vae_path,
              "--num-fid-samples", "5", "--per-proc-batch-size", "2", "--num-sampling-steps", "4",

@@ -159,7 +159,7 @@ def test_an_old_cache_entry_without_a_probe_is_hashed_again(tmp_path, monkeypatc
 
 def test_run_json_leads_with_what_a_reader_looks_for_and_summary_line(tmp_path):
     from dice_ds.runenv import summary_line
-    from dice_ds.sample import RUN_JSON_LEAD
+    from dice_ds.sample.job import RUN_JSON_LEAD
 
     out = SampleDir(str(tmp_path / "run")).create()
     info = {"z": 1, "args": {}, "model": "debug", "mode": "interweaved", "sampling_seconds": 2.0,

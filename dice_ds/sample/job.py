@@ -1,4 +1,4 @@
-"""``python -m dice_ds.sample`` / ``dice-ds sample``: the sample-directory job on ``DiTMoEPipeline``.
+"""The sample-directory job of ``dice-ds sample`` on ``DiTMoEPipeline`` (entry: ``dice_ds.sample.entry``).
 
 Owns the job: options -> ``prepare`` (``dice_ds.pipeline.prepare``'s checks plus the sample
 directory; every ConfigError is raised here, before any process group starts) -> ``run`` (process
@@ -11,7 +11,8 @@ which samples exactly what this loop sampled before the pipeline existed (bitwis
 Launch with ``torchrun --nproc_per_node W -m dice_ds.sample ...``, the deepspeed launcher
 (``deepspeed --num_gpus W --module dice_ds.sample ...``; its ``--local_rank=N`` is accepted), slurm
 (``srun`` with MASTER_ADDR/MASTER_PORT set), or plain ``python`` (one rank). Backend: gloo on CPU,
-NCCL on CUDA.
+NCCL on CUDA. This module imports torch; ``dice_ds.sample.entry`` imports it only after the flags
+and the environment passed their checks.
 
 Invariants:
 - Sample index j's noise and label come from a generator seeded by (global seed, j) (see
@@ -20,8 +21,8 @@ Invariants:
   The global torch RNG is still seeded DiT-style with ``global_seed·W + rank``; no draw uses it.
 - Every rank runs the same batches (EP ranks exchange tokens each step): a batch is skipped on resume
   only when its files exist on every rank (one all-reduce before the loop).
-- A failing rank prints its traceback with its rank and exits at once with ``os._exit(1)``; the
-  launcher (torchrun, deepspeed) then stops the other ranks instead of leaving them in a collective.
+- A failing rank ends at once (``dice_ds.sample.entry``); the launcher (torchrun, deepspeed) then
+  stops the other ranks instead of leaving them in a collective.
   Every collective has the run's timeout (``--pg-timeout``, ``dice_ds.parallel.groups``): a rank
   whose peer died or stopped prints one line naming itself, the step and the batch
   (``dice_ds.runenv.PeerFailure``) and exits 1 within that time, under any launcher.
@@ -37,7 +38,6 @@ import os
 import resource
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,10 +49,8 @@ from dice_ds.options import (
     RunOptions,
     auto_sample_dir,
     check_sample_dir,
-    env_rank,
     image_size_of,
     mode_name,
-    parse_options,
     sampler_of,
     steps_of,
 )
@@ -72,12 +70,9 @@ from dice_ds.pipeline.prepare import PipelineSpec, connect, prepare_spec
 from dice_ds.runenv import (
     PeerFailure,
     Progress,
-    configure_threads,
     is_peer_failure,
-    quiet_third_party,
     summary_line,
 )
-from dice_ds.startup import StartupLog, seconds_since_process_start
 
 
 @dataclass
@@ -367,80 +362,3 @@ def run(prep: Prepared) -> dict | None:
     elif rank == 0:
         print(summary_line(info, prep.sample_dir), flush=True)
     return info
-
-
-def _fail(e: BaseException) -> None:
-    """End this rank at once (never wait in a collective): 2 for bad input, 1 otherwise."""
-    rank = env_rank()
-    if isinstance(e, ConfigError):  # found after the process group started (e.g. the sample dir)
-        code, text = 2, f"dice-ds sample: error: {e}" if rank == 0 else None
-    elif isinstance(e, PeerFailure):
-        code, text = 1, f"dice-ds sample: error: {e}"
-    elif is_peer_failure(e):
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        code, text = 1, (f"dice-ds sample: error: rank {rank}: outside the sampling loop: peer "
-                         f"failed/timed out ({type(e).__name__}: {first})")
-    else:
-        code, text = 1, f"[rank {rank}] dice-ds sample failed:\n{traceback.format_exc()}"
-    if text:
-        print(text, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)
-
-
-def import_heavy_modules() -> None:
-    """Import what every run needs (torch, megatron-core's MoE layer) in one timed place."""
-    import torch  # noqa: F401
-
-    import dice_ds.mcore.layer  # noqa: F401  (megatron, behind its boundary dice_ds/mcore)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns 2 on bad input (before any process group), exits 1 if a rank fails.
-
-    The one place the program starts: sizes the thread pool (before torch is imported) and filters
-    third-party noise (``dice_ds.runenv``; ``--verbose`` keeps it).
-    """
-    before_main = seconds_since_process_start()
-    try:
-        opts = parse_options(argv)
-        configure_threads()
-        quiet_third_party(opts.verbose)
-        log = StartupLog()
-        with log.phase("imports"):  # torch and megatron-core: most of a rank's start-up
-            import_heavy_modules()
-        with log.phase("prepare"):  # options, checkpoint header, plan: no tensor read yet
-            prep = prepare(opts)
-        log.facts["before_main"] = before_main
-        prep.startup = log
-    except ConfigError as e:
-        if env_rank() == 0:
-            print(f"dice-ds sample: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        run(prep)
-    except BaseException as e:  # noqa: BLE001 - every failure must end this rank promptly
-        _fail(e)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-
-
-def exit_after(code: int) -> None:
-    """End a finished process without interpreter teardown.
-
-    Rarely (seen once in ~30 two-rank displaced-SP runs on loopback, not reproduced since) a rank
-    aborted AFTER its outputs were complete and its process group destroyed ("terminate called
-    without an active exception": a gloo thread still joinable during teardown). Every handle is
-    waited before that point (``KVCommManager.reset``), so nothing is lost by skipping teardown;
-    the exit code then is the run's, not the abort's. Only the command-line entry points call this
-    (``main()`` itself returns, for in-process callers)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    exit_after(main())
