@@ -1,6 +1,6 @@
 """The ``dice-ds`` console script: ``dice-ds sample|eval|bench|plan|tune|make-checkpoint ...``.
 
-Owns only the subcommand dispatch. ``sample`` is ``dice_ds.sample.main``; ``eval`` is
+Owns only the subcommand dispatch. ``sample`` is ``dice_ds.sample.entry.main``; ``eval`` is
 ``dice_ds.eval.cli.main`` (imported lazily, so sampling never imports the evaluation stack);
 ``make-checkpoint`` is ``dice_ds.weights.write.main``.
 Each subcommand parses its own flags (``dice-ds sample --help``).

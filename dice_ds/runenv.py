@@ -7,7 +7,7 @@ or the parallel runtime sees:
   this node, at least 1) unless the user set ``OMP_NUM_THREADS``; run before torch is imported.
 - ``quiet_third_party``: filters the third-party warnings that tell the user nothing (Transformer
   Engine/Apex fallbacks, DeepSpeed's accelerator detection, deprecations inside torch/megatron/
-  DeepSpeed/diffusers); ``--verbose`` keeps them. Installed by ``dice_ds.sample.main`` only, never
+  DeepSpeed/diffusers); ``--verbose`` keeps them. Installed by ``dice_ds.sample.entry.main`` only, never
   by library code, which may use ``quieter_third_party`` (the same warning filters, for one block).
 - ``PeerFailure`` and ``is_peer_failure``: the one-line error a rank prints when a collective
   fails because a peer died or timed out (the rank then exits 1; the step it names is the

@@ -13,10 +13,11 @@ import math
 import os
 
 from dice_ds.config import ConfigError
+from dice_ds.ds_config import MAX_PG_TIMEOUT
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
-MAX_TIMEOUT_SECONDS = 7 * 86400.0
-"""A week: longer waits are a mistake (and 1e300 s overflows ``datetime.timedelta``)."""
+MAX_TIMEOUT_SECONDS = MAX_PG_TIMEOUT
+"""The settings tree's bound of ``--pg-timeout`` (a week), for the environment's values too."""
 
 
 def _seconds(text: str, where: str, scale: float) -> float:
@@ -45,5 +46,5 @@ def pg_timeout_seconds(seconds: float | None = None) -> float:
         raise ConfigError(f"{where} must be a positive number of seconds, got {value:g}")
     if value > MAX_TIMEOUT_SECONDS:
         raise ConfigError(f"{where} {value:g} s is above the maximum {MAX_TIMEOUT_SECONDS:g} s (a "
-                          "week); a collective that waits longer is a hung run: give fewer seconds")
+                          "week: longer is a hang); give fewer seconds")
     return value

@@ -157,7 +157,9 @@ def test_real_processes_print_one_line_and_exit_2(args, expected, fixtures):
 
 
 def test_torchrun_bad_input_is_one_line_from_rank_0_and_no_worker_traceback(fixtures):
-    """Every rank validates before any process group and exits 2; only rank 0 prints its line.
+    """Every rank validates before any process group and exits 2; the line is printed once per
+    launcher by the first rank that finds it (dice_ds/error_line.py; the argparse path here, the
+    launchers tests/multirank/test_launcher_errors.py run repeatedly).
 
     torchrun's agent itself always reports a failed child with its own ChildFailedError summary
     (a traceback of torchrun's frames, once per launch; nothing a worker can suppress short of
