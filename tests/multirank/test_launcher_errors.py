@@ -10,9 +10,13 @@ itself, which exits 1 for any failed rank (checked, so that a torch that starts 
 is noticed). ``scripts/slurm_node.sh`` on a one-node fake allocation runs once per input: exit 2.
 
 REPEAT is ``$DICE_DS_LAUNCHER_REPEAT`` (the issue's 10), else 2. Both inputs are refused before a
-rank imports torch, so a launch costs about what the launcher itself costs.
+rank imports torch, so a launch costs about what the launcher itself costs. One input is refused
+after the heavy imports, on rank 1 only, while rank 0 goes on into the rendezvous: a relative
+``--ckpt`` that rank 1 resolves in another directory (torchrun and launch.sh, once each, or
+REPEAT times when ``$DICE_DS_LAUNCHER_REPEAT`` is set).
 """
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,7 +30,10 @@ BIN = os.path.dirname(sys.executable)
 REPEAT = int(os.environ.get("DICE_DS_LAUNCHER_REPEAT", "2"))
 SITECUSTOMIZE = """import os
 if os.environ.get("RANK", "0") == os.environ.get("DICE_DS_TEST_BAD_RANK"):
-    os.environ["DICE_DS_PG_TIMEOUT"] = "abc"
+    if os.environ.get("DICE_DS_TEST_BAD_CWD"):  # relative paths resolve elsewhere on this rank
+        os.chdir(os.environ["DICE_DS_TEST_BAD_CWD"])
+    else:
+        os.environ["DICE_DS_PG_TIMEOUT"] = "abc"
 """
 INPUTS = {  # name: (extra flags, the rank whose environment is bad, excerpt of the line)
     "all_ranks": (["--num-sampling-steps", "0"], None, "--num-sampling-steps 0 must be >= 1"),
@@ -44,7 +51,8 @@ def _free_port() -> int:
 
 
 def _command(launcher: str, flags: list[str]) -> list[str]:
-    args = ["dice_ds.sample", "--config", CONFIG, *flags]
+    """``launcher`` starting ``dice_ds.sample flags`` (2 ranks, except python alone)."""
+    args = ["dice_ds.sample", *flags]
     if launcher == "python":
         return [sys.executable, "-m", *args]
     if launcher == "torchrun":
@@ -110,7 +118,8 @@ def test_the_error_line_is_seen_every_time(launcher, case, tmp_path):
     env = _env(tmp_path, bad_rank)
     failures, seconds = [], []
     for i in range(REPEAT):
-        code, out, took = _launch(_command(launcher, flags), tmp_path, env)
+        code, out, took = _launch(_command(launcher, ["--config", CONFIG, *flags]), tmp_path,
+                                 env)
         seconds.append(took)
         why = _check(launcher, code, out, excerpt, bad_rank, LAUNCHERS[launcher])
         if why:
@@ -129,5 +138,19 @@ def test_slurm_node_script_exits_2_with_the_line(case, tmp_path):
     env.update(SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_NODEID="0",
                SLURM_SUBMIT_DIR=str(tmp_path), MASTER_PORT=str(_free_port()),
                PATH=BIN + os.pathsep + "/usr/bin:/bin")  # no scontrol: the script's own parser
-    code, out, _ = _launch(_command("slurm_node", flags), tmp_path, env)
+    code, out, _ = _launch(_command("slurm_node", ["--config", CONFIG, *flags]), tmp_path, env)
     assert _check("slurm_node", code, out, excerpt, bad_rank, 2) is None, out[-3000:]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "launch_sh"])
+def test_a_checkpoint_missing_on_one_rank_is_reported_by_that_rank(launcher, tmp_path):
+    shutil.copy(os.path.join(ROOT, "dice_ds", "assets", "digits_dit_moe.pt"), tmp_path / "d.pt")
+    (tmp_path / "elsewhere").mkdir()
+    env = _env(tmp_path, "1")
+    env["DICE_DS_TEST_BAD_CWD"] = str(tmp_path / "elsewhere")
+    cmd = _command(launcher, ["--model", "digits", "--vae", "identity", "--ckpt", "d.pt"])
+    runs = REPEAT if "DICE_DS_LAUNCHER_REPEAT" in os.environ else 1
+    for _ in range(runs):
+        code, out, _ = _launch(cmd, tmp_path, env)
+        why = _check(launcher, code, out, "--ckpt d.pt: no such file", "1", LAUNCHERS[launcher])
+        assert why is None, f"{why}\n{out[-3000:]}"
