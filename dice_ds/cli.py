@@ -1,8 +1,7 @@
 """The ``dice-ds`` console script: ``dice-ds sample|eval|bench|plan|tune|make-checkpoint ...``.
 
 Owns only the subcommand dispatch. ``sample`` is ``dice_ds.sample.entry.main``; ``eval`` is
-``dice_ds.eval.cli.main`` (imported lazily, so sampling never imports the evaluation stack);
-``make-checkpoint`` is ``dice_ds.weights.write.main``.
+``dice_ds.eval.cli.main``; ``make-checkpoint`` is ``dice_ds.weights.write.main``.
 Each subcommand parses its own flags (``dice-ds sample --help``).
 """
 
@@ -11,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from dice_ds.bench.cli import main as bench_main
+from dice_ds.eval.cli import main as eval_main
 from dice_ds.plan.cli import main as plan_main
 from dice_ds.sample import exit_after
 from dice_ds.sample import main as sample_main
@@ -47,11 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     if command == "make-checkpoint":
         return make_checkpoint_main(rest)
     if command == "eval":
-        try:
-            from dice_ds.eval.cli import main as eval_main
-        except ImportError as e:
-            print(f"dice-ds eval: not available in this build ({e})", file=sys.stderr)
-            return 2
         return eval_main(rest)
     print(f"dice-ds: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dice_ds.vae import to_uint8_nhwc
+
 DIGITS_SIZE = 16
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2
@@ -60,8 +62,6 @@ def load_digits_tensors(split: str = "all", size: int = DIGITS_SIZE
 
 def to_uint8(x_NCHW: torch.Tensor) -> np.ndarray:
     """[-1, 1] pixels -> uint8 [N, H, W, 3], exactly as ``--vae identity`` writes samples."""
-    from dice_ds.vae import to_uint8_nhwc
-
     return to_uint8_nhwc(x_NCHW)
 
 

@@ -35,6 +35,8 @@ import socket
 import sys
 import time
 
+from dice_ds.config import ConfigError
+
 LOCK_FILE = ".run.lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 _HELD: dict[str, "RunLock"] = {}  # real path of the directory -> this process's lock on it
@@ -148,8 +150,6 @@ class RunLock:
 
 
 def _busy(directory: str, holder: dict | None, checked: bool) -> Exception:
-    from dice_ds.config import ConfigError
-
     tail = ("wait for it to finish, or use another --sample-dir" if checked else
             f"wait for it to finish, or use another --sample-dir (this file system has no flock: "
             f"if that run is gone, delete {os.path.join(directory, LOCK_FILE)})")
@@ -205,8 +205,6 @@ def acquire(directory: str) -> RunLock:
         lock = RunLock(fd, directory, info)
         _HELD[key] = lock
         return lock
-    from dice_ds.config import ConfigError
-
     raise ConfigError(f"{directory}: could not take the run lock {path} (it keeps being replaced)")
 
 

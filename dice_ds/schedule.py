@@ -43,12 +43,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 from dice_ds.ds_config import ASYNC_LAYER_SETS
-
-if TYPE_CHECKING:
-    from dice_ds.parallel.plan import ParallelPlan
 
 AsyncLayersSpec = Union[str, tuple[int, ...], list[int]]
 
@@ -138,9 +135,11 @@ def is_skip_step(step: int, skip_period: int) -> bool:
     return skip_period > 1 and step % skip_period != 0
 
 
-def step_skips(step: int, num_steps: int, plan: "ParallelPlan") -> bool:
+def step_skips(step: int, num_steps: int, plan) -> bool:
     """True iff ``step`` skips one slot per token in every MoE layer: EP is enabled,
-    ``is_skip_step`` names the step, and it is not the first step (no slot cache yet)."""
+    ``is_skip_step`` names the step, and it is not the first step (no slot cache yet).
+    ``plan`` is a ``ParallelPlan`` (dice_ds/parallel/plan.py), as in ``Layout.of`` and
+    ``Schedule.build``: read, not imported, since the parallel runtimes import this module."""
     if not plan.ep_enabled or not is_skip_step(step, plan.skip_period):
         return False
     return step != num_steps

@@ -19,9 +19,16 @@ import json
 import math
 import shlex
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
+
 from dice_ds.config import ConfigError
+from dice_ds.eval.classifier import CLASSIFIER_PATH, DIGITS_SIZE, load_classifier
+from dice_ds.eval.fid import full_scale_metrics
+from dice_ds.eval.metrics import evaluate_digits, load_sample_set
+from dice_ds.eval.sweep import MODES, SweepConfig, run_sweep, write_report
 from dice_ds.options import from_overrides
 
 
@@ -63,13 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _digits(args) -> dict:
-    from dice_ds.eval.classifier import load_classifier
-    from dice_ds.eval.metrics import evaluate_digits, load_sample_set
-
     if args.samples is None:
         raise ConfigError("give a sample directory or samples.npz (or --sweep)")
-    from dice_ds.eval.classifier import DIGITS_SIZE
-
     samples = _load(load_sample_set, args.samples, "samples")
     check_sample_set(samples, f"samples {args.samples}", DIGITS_SIZE)
     reference = _load(load_sample_set, args.reference, "--reference") if args.reference else None
@@ -85,8 +87,6 @@ def _digits(args) -> dict:
 
 
 def _load(fn, path, flag):
-    import zipfile
-
     if path is not None and Path(path).is_file() and Path(path).stat().st_size == 0:
         raise ConfigError(f"{flag} {path}: is empty (0 bytes)")
     try:
@@ -100,8 +100,6 @@ def _load(fn, path, flag):
 
 def check_sample_set(s, flag: str, digits_size: int | None = None) -> None:
     """One ConfigError line unless ``s`` holds N >= 1 uint8 images [N, H, W, 1 or 3] (+ N labels)."""
-    import numpy as np
-
     images = np.asarray(s.images)
     if images.dtype != np.uint8:
         raise ConfigError(f"{flag}: arr_0 must be uint8 images, got dtype {images.dtype}")
@@ -119,9 +117,6 @@ def check_sample_set(s, flag: str, digits_size: int | None = None) -> None:
 
 
 def _sweep(args, argv: list[str]) -> dict:
-    from dice_ds.eval.classifier import CLASSIFIER_PATH, load_classifier
-    from dice_ds.eval.sweep import MODES, SweepConfig, run_sweep, write_report
-
     ckpt = args.ckpt or str(CLASSIFIER_PATH.parent / "digits_dit_moe.pt")
     if not Path(ckpt).is_file():
         raise ConfigError(f"--ckpt {ckpt}: no such file (default: the shipped digits model; "
@@ -167,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.fid and args.samples is None:
             raise ConfigError("--fid needs a sample directory or samples.npz")
         if args.fid:
-            from dice_ds.eval.fid import full_scale_metrics
-
             result = {"samples": args.samples, "reference": args.reference,
                       **full_scale_metrics(args.samples, args.reference, args.inception_weights,
                                            args.device, args.batch_size)}

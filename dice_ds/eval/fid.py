@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dice_ds.config import ConfigError
+from dice_ds.eval.metrics import frechet_distance, gaussian_stats
 
 ADM_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
                      "imagenet/256/VIRTUAL_imagenet256_labeled.npz")
@@ -120,8 +121,6 @@ def inception_features(extractor, images_NHWC: np.ndarray, device: str, batch: i
 def full_scale_metrics(samples: str, reference: str, weights: str, device: str = "cpu",
                        batch: int = 200) -> dict:
     """FID (+ IS, precision/recall) of ``samples`` against ``reference``; see the module docstring."""
-    from dice_ds.eval.metrics import frechet_distance, gaussian_stats
-
     check_inputs(samples, reference, weights)
     ref = read_reference(reference)
     with np.load(samples) as npz:

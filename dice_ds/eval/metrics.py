@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dice_ds.data import from_uint8, real_digits_uint8
+from dice_ds.eval.classifier import classify
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,6 @@ _REAL_STATS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 def real_digit_stats(classifier) -> tuple[np.ndarray, np.ndarray]:
     """Feature statistics of all real digits (cached per classifier object)."""
-    from dice_ds.eval.classifier import classify
-
     key = str(id(classifier))
     if key not in _REAL_STATS:
         images, _ = real_digits_uint8()
@@ -148,8 +147,6 @@ def real_digit_stats(classifier) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_digits(samples: SampleSet, classifier, reference: SampleSet | None = None) -> dict:
     """digits-FID vs real digits, class accuracy (when labels exist), PSNR/MSE vs ``reference``."""
-    from dice_ds.eval.classifier import classify
-
     feats, pred = classify(classifier, from_uint8(samples.images))
     mu, sigma = gaussian_stats(feats.numpy())
     out: dict = {"num_samples": len(samples), "digits_fid": frechet_distance(
@@ -162,8 +159,6 @@ def evaluate_digits(samples: SampleSet, classifier, reference: SampleSet | None 
 
 
 def _features(samples: SampleSet, classifier) -> np.ndarray:
-    from dice_ds.eval.classifier import classify
-
     return classify(classifier, from_uint8(samples.images))[0].numpy()
 
 

@@ -19,6 +19,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from dice_ds import mcore
+from dice_ds.config import get_flavor
+from dice_ds.diffusion import draw_conditions, step_rule
+from dice_ds.models import build_model
+from dice_ds.parallel.groups import init_distributed
+from dice_ds.pipeline.denoise import denoise
+from dice_ds.weights.check import config_for_checkpoint
+from dice_ds.weights.load import load_into_model
+from dice_ds.weights.read import open_checkpoint
+
 
 def _tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -26,19 +38,6 @@ def _tensor(out):
 
 def measure(ckpt: str, model_name: str = "digits", num_samples: int = 64, steps: int = 50,
             cfg_scale: float = 1.5, seed: int = 0) -> dict:
-    # torch and the model are needed by --measure only: the tuner's search stays torch-free
-    import torch
-
-    from dice_ds import mcore
-    from dice_ds.config import get_flavor
-    from dice_ds.diffusion import draw_conditions, step_rule
-    from dice_ds.models import build_model
-    from dice_ds.parallel.groups import init_distributed
-    from dice_ds.pipeline.denoise import denoise
-    from dice_ds.weights.check import config_for_checkpoint
-    from dice_ds.weights.load import load_into_model
-    from dice_ds.weights.read import open_checkpoint
-
     mcore.prepare("cpu")  # an entry point: megatron's CPU patches, a 1-rank world
     init_distributed("cpu")
     with open_checkpoint(ckpt) as reader:  # names and shapes first, then this model's tensors
