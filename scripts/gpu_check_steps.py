@@ -254,8 +254,8 @@ def _ep_case(case: dict, modes: list[str], rank: int, dev: str) -> dict:
     from dice_ds.parallel.dims import ParallelDims
     from dice_ds.parallel.groups import build_groups, local_model_groups
     from dice_ds.parallel.plan import ParallelPlan
-    from dice_ds.plan.costs import Workload
     from dice_ds.plan.predict import build_plan
+    from dice_ds.workload import Workload
 
     cfg = get_flavor(case["model"]).replace(**case.get("replace", {}))
     dtype = getattr(torch, case["dtype"])
@@ -465,9 +465,10 @@ def _te_experts(cfg, dev: str, dtype):
 
 def _plan(cfg, batch: int, flavor_cfg) -> dict:
     """dice-ds plan's numbers for this model and batch: one GPU (dp), H100 preset, bf16, CFG."""
-    from dice_ds.plan.costs import Workload, costs_from_flops, layer_flops
+    from dice_ds.plan.costs import costs_from_flops, layer_flops
     from dice_ds.plan.predict import predict
     from dice_ds.plan.presets import DEVICES, EFFICIENCY, LINKS
+    from dice_ds.workload import Workload
 
     w = Workload(cfg, images_per_rank=batch, cfg_guidance=True, steps=50, dtype="bf16")
     h100 = DEVICES["h100"]

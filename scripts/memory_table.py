@@ -19,10 +19,10 @@ GIB = 2**30
 
 def rows(models, worlds, dtypes, batches, overhead_gib):
     from dice_ds.config import get_flavor
-    from dice_ds.plan.costs import Workload
     from dice_ds.plan.memory import memory
     from dice_ds.plan.predict import build_plan
     from dice_ds.schedule import Schedule
+    from dice_ds.workload import Workload
 
     for name in models:
         cfg = get_flavor(name)

@@ -74,9 +74,9 @@ def plan_peak_bytes(flags: list[str], ranks: int, overhead: float) -> dict:
     per-process overhead (the first row's peak): the predicted peak resident bytes per rank."""
     from dice_ds.config import get_flavor
     from dice_ds.options import build_plan, image_size_of, parse_options, steps_of
-    from dice_ds.plan.costs import Workload
     from dice_ds.plan.memory import memory
     from dice_ds.schedule import Schedule
+    from dice_ds.workload import Workload
 
     opts = parse_options([*flags, *COMMON, *([] if "--image-size" in flags
                                               else ["--image-size", "128"])])

@@ -36,8 +36,7 @@ from dice_ds.config import ConfigError
 from dice_ds.ds_config import Settings, load_tree, to_json, write_config
 from dice_ds.modes import MESH_MODES, by_key
 from dice_ds.options import flags_of, from_overrides, from_tree, given, parse_options
-from dice_ds.plan.costs import messages
-from dice_ds.plan.validate import workload_of_settings
+from dice_ds.workload import messages, workload_of_settings
 
 DEFAULT_MODES = "dp,sync,displaced,interweaved,dice,dice-bf16,sp,sp-async"
 MAX_RANKS = 16

@@ -17,10 +17,11 @@ from pathlib import Path
 from dice_ds.config import ConfigError, get_flavor
 from dice_ds.ds_config import DTYPES
 from dice_ds.plan import report
-from dice_ds.plan.costs import Workload, costs_from_flops
+from dice_ds.plan.costs import costs_from_flops
 from dice_ds.plan.predict import PLAN_MODES, Topology, predict_all
 from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
 from dice_ds.plan.validate import cpu_device, fit_emulation, load, save_loads, validate
+from dice_ds.workload import Workload
 
 DEFAULT_SCENARIOS = "rtx4090:pcie4,a100:pcie4,h100:nvlink-h100"
 PAPER = {"model": "DiT-XL/2", "gpus": 8, "scenario": "rtx4090:pcie4", "reported": 1.26}

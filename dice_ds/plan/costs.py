@@ -1,47 +1,20 @@
-"""Per-layer compute seconds and per-layer message bytes of one rank, for ``dice_ds.plan``.
+"""Per-layer compute seconds of one rank, for ``dice_ds.plan``.
 
-Owns ``Workload`` (what one rank runs: model config, images per rank, CFG, steps, dtypes),
-``LayerCosts`` (seconds per MoE layer call at mean expert load: attention+rest, router, shared
+Owns ``LayerCosts`` (seconds per MoE layer call at mean expert load: attention+rest, router, shared
 expert, routed experts, local permute/unpermute) built from FLOPs and a throughput
-(``costs_from_flops``) or from the DP row of a ``dice-ds bench`` JSON (``costs_from_phases``), and
-``Messages`` (bytes a rank sends off-rank per layer call: dispatch, combine, counts; K/V and x
-for sequence parallelism).
+(``costs_from_flops``) or from the DP row of a ``dice-ds bench`` JSON (``costs_from_phases``).
+What a rank computes and the bytes it sends per layer call (``Workload``, ``messages``) are
+``dice_ds.workload``'s, shared with the bench.
 
-Conventions: N = model rows per MoE call on one rank = images per rank x (2 with CFG) x tokens;
-each row has top_k slots; with W ranks a uniform router sends (W-1)/W of a rank's slots to other
-ranks. A dispatch row carries the hidden vector and its fp32 router prob packed as extra columns
-(``dice_ds.moe.payload``: 1 column at 4-byte elements, 2 at 2-byte ones); a combine row the
-hidden vector. SwiGLU experts cost 6*h*F FLOPs per row (F = expert FFN size).
+Conventions: ``dice_ds.workload``'s (N rows per MoE call on one rank, top_k slots per row). SwiGLU
+experts cost 6*h*F FLOPs per row (F = expert FFN size).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dice_ds.config import ModelConfig
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-@dataclass(frozen=True)
-class Workload:
-    cfg: ModelConfig
-    images_per_rank: int = 32
-    cfg_guidance: bool = True
-    steps: int = 50
-    dtype: str = "fp16"
-    """activation dtype (payload default)."""
-    tokens: int | None = None
-    """tokens per image (None: the flavor's native size)."""
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.tokens if self.tokens is not None else self.cfg.num_tokens
-
-    @property
-    def rows(self) -> int:
-        """N: rows of one MoE layer call on one rank."""
-        return self.images_per_rank * (2 if self.cfg_guidance else 1) * self.tokens_per_image
+from dice_ds.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -99,31 +72,3 @@ def costs_from_phases(dp_row: dict, depth: int, steps: int) -> LayerCosts:
                       router=(ph.get("router", 0) + ph.get("preprocess", 0)) / calls,
                       shared=ph.get("shared", 0) / calls, experts=ph.get("experts", 0) / calls,
                       post=local / calls)
-
-
-@dataclass(frozen=True)
-class Messages:
-    """Bytes one rank sends to other ranks per layer call (full rows, mean load)."""
-
-    dispatch: float
-    combine: float
-    counts: float
-    kv: float = 0.0
-    """SP: this rank's K/V chunk to every other SP rank (one layer)."""
-    x: float = 0.0
-    """SP: the final all-gather of x (once per step)."""
-
-
-def messages(w: Workload, ep: int, sp: int = 1, payload: str | None = None) -> Messages:
-    """Message sizes for EP size ``ep`` and SP size ``sp`` (rows per rank as in DP)."""
-    c = w.cfg
-    h, k, n = c.hidden_size, c.top_k, w.rows
-    b = DTYPE_BYTES[payload or w.dtype]
-    act = DTYPE_BYTES[w.dtype]
-    remote = (ep - 1) / ep
-    slots = n * k * remote
-    kv = 2 * n * h * act * (sp - 1) if sp > 1 else 0.0
-    return Messages(dispatch=slots * (h + 4 // b) * b if ep > 1 else 0.0,
-                    combine=slots * h * b if ep > 1 else 0.0,
-                    counts=4.0 * c.num_experts if ep > 1 else 0.0,
-                    kv=kv, x=n * h * act * (sp - 1) if sp > 1 else 0.0)

@@ -20,8 +20,8 @@ and layer, k slots, h hidden, F expert FFN, F_s shared FFN, b payload bytes, c p
 
 from __future__ import annotations
 
-from dice_ds.plan.costs import DTYPE_BYTES, Workload
 from dice_ds.schedule import Schedule
+from dice_ds.workload import DTYPE_BYTES, Workload
 
 
 def dense_params(cfg) -> int:

@@ -19,11 +19,12 @@ from dice_ds.ds_config import Settings
 from dice_ds.modes import by_key
 from dice_ds.options import build_plan as options_plan
 from dice_ds.options import flags_of, from_overrides
-from dice_ds.plan.costs import LayerCosts, Workload, messages
+from dice_ds.plan.costs import LayerCosts
 from dice_ds.plan.memory import memory
 from dice_ds.plan.presets import Link
 from dice_ds.plan.sim import Loads, simulate
 from dice_ds.schedule import Schedule
+from dice_ds.workload import Workload, messages
 
 PLAN_MODES = ("dp", "sync", "displaced", "interweaved", "dice", "dice-bf16", "sp", "sp-async",
               "hybrid")

@@ -52,9 +52,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from dice_ds.plan.costs import LayerCosts, Messages
+from dice_ds.plan.costs import LayerCosts
 from dice_ds.plan.presets import Link, cpu_bound
 from dice_ds.schedule import Schedule
+from dice_ds.workload import Messages
 
 Loads = Callable[[int, int], list]
 """(step, layer) -> per-rank expert-row multiplier (1.0 = mean load)."""

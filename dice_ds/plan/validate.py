@@ -32,12 +32,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from dice_ds.bench.modeconfig import mode_configs_of
-from dice_ds.config import get_flavor
-from dice_ds.ds_config import Settings, load_config
-from dice_ds.options import from_tree, parse_options, steps_of, tokens_of
-from dice_ds.plan.costs import Workload, costs_from_phases, layer_flops
+from dice_ds.ds_config import load_config
+from dice_ds.options import from_tree, parse_options
+from dice_ds.plan.costs import costs_from_phases, layer_flops
 from dice_ds.plan.predict import predict
 from dice_ds.plan.presets import LINKS, Device, Link, calibrated_link, parse_link
+from dice_ds.workload import Workload, workload_of_settings
 
 
 def load(path: str) -> dict:
@@ -75,15 +75,6 @@ def workload_of(bench: dict) -> Workload:
     if "settings" in meta:
         return workload_of_settings(from_tree(meta["settings"]))
     return workload_of_settings(parse_options(shlex.split(meta["job"])))
-
-
-def workload_of_settings(s: Settings) -> Workload:
-    """What a run with these settings computes per rank: the model, images, guidance (a doubled
-    batch when ``cfg_scale`` > 1), dtype, steps and tokens of an image."""
-    cfg = get_flavor(s.model)
-    cfg = cfg.replace(depth=s.depth or cfg.depth, num_experts=s.num_experts or cfg.num_experts)
-    return Workload(cfg=cfg, images_per_rank=s.per_proc_batch_size, cfg_guidance=s.cfg_scale > 1,
-                    dtype=s.dtype, steps=steps_of(s), tokens=tokens_of(s))
 
 
 def config_modes(bench: dict) -> dict[str, str]:

@@ -20,12 +20,13 @@ from dice_ds.config import ConfigError, get_flavor
 from dice_ds.ds_config import convert_flat, resolve_ckpt, validate_data
 from dice_ds.modes import Mode
 from dice_ds.options import given, parse_options
-from dice_ds.plan.costs import Workload, costs_from_flops, costs_from_phases
+from dice_ds.plan.costs import costs_from_flops, costs_from_phases
 from dice_ds.plan.predict import build_plan, predict_plan
 from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
 from dice_ds.plan.validate import fit_emulation, link_of, load, row, workload_of
 from dice_ds.schedule import Schedule
 from dice_ds.tune import evidence, quality, search, sensitivity, verify
+from dice_ds.workload import Workload
 
 DICE_FIXED = search.Policy("interweaved", (), 0, 0, 0, 2)
 """DICE's fixed policy; its layers are the shallow half (filled in for the model's depth)."""

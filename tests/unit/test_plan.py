@@ -10,19 +10,13 @@ import pytest
 
 from dice_ds.config import ModelConfig
 from dice_ds.parallel.plan import ParallelPlan
-from dice_ds.plan.costs import (
-    LayerCosts,
-    Messages,
-    Workload,
-    costs_from_phases,
-    layer_flops,
-    messages,
-)
+from dice_ds.plan.costs import LayerCosts, costs_from_phases, layer_flops
 from dice_ds.plan.memory import memory
 from dice_ds.plan.predict import Topology, group_link, predict, sizes
 from dice_ds.plan.presets import Link, parse_link
 from dice_ds.plan.sim import lone_exchange, simulate
 from dice_ds.schedule import Schedule
+from dice_ds.workload import Messages, Workload, messages
 
 CFG = ModelConfig("t", depth=2, hidden_size=8, num_heads=2, num_experts=4, input_size=4)
 W = Workload(CFG, images_per_rank=1, cfg_guidance=True, steps=3, dtype="fp32")

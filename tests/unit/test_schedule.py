@@ -10,7 +10,7 @@ from dice_ds import schedule as schedule_mod
 from dice_ds.config import ModelConfig
 from dice_ds.lifecycle import BatchLifecycle, RuntimeStack, StepRuntime
 from dice_ds.parallel.plan import ParallelPlan
-from dice_ds.plan.costs import LayerCosts, Workload, messages
+from dice_ds.plan.costs import LayerCosts
 from dice_ds.plan.memory import memory
 from dice_ds.plan.presets import Link
 from dice_ds.plan.sim import simulate
@@ -24,6 +24,7 @@ from dice_ds.schedule import (
     sync_steps,
 )
 from dice_ds.tune import quality
+from dice_ds.workload import Workload, messages
 
 PLANS = [
     ParallelPlan(),
