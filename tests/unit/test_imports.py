@@ -19,6 +19,9 @@ ALLOWED_LAZY: dict[tuple[str, str], str] = {
     ("dice_ds.moe.runtime", "dice_ds.moe"):
         "dice_ds.moe.dispatcher subclasses megatron's dispatcher (dice_ds.mcore), so importing it "
         "imports megatron: loaded when an EP runtime is built, not when the runtime is imported",
+    ("dice_ds.sample.entry", "dice_ds.sample"):
+        "dice_ds.sample.job (torch, the pipeline) is imported after the flags and the launcher's "
+        "environment are checked, so that a bad input fails before torch loads",
 }
 """(importing module, imported module) -> why the import waits until it is needed."""
 
