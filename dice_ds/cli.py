@@ -1,21 +1,29 @@
 """The ``dice-ds`` console script: ``dice-ds sample|eval|bench|plan|tune|make-checkpoint ...``.
 
-Owns only the subcommand dispatch. ``sample`` is ``dice_ds.sample.entry.main``; ``eval`` is
-``dice_ds.eval.cli.main``; ``make-checkpoint`` is ``dice_ds.weights.write.main``.
+Owns only the subcommand dispatch: ``COMMANDS`` names each subcommand's module, whose ``main(argv)``
+runs it (``sample`` is ``dice_ds.sample.entry.main``; ``eval`` is ``dice_ds.eval.cli.main``;
+``make-checkpoint`` is ``dice_ds.weights.write.main``). Only the chosen module is imported, so
+``dice-ds --help`` and a bad ``dice-ds sample`` flag answer before torch loads (the sample entry
+checks its flags first: dice_ds/sample/entry.py).
 Each subcommand parses its own flags (``dice-ds sample --help``).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-from dice_ds.bench.cli import main as bench_main
-from dice_ds.eval.cli import main as eval_main
-from dice_ds.plan.cli import main as plan_main
 from dice_ds.sample import exit_after
-from dice_ds.sample import main as sample_main
-from dice_ds.tune.cli import main as tune_main
-from dice_ds.weights.write import main as make_checkpoint_main
+
+COMMANDS = {
+    "sample": "dice_ds.sample.entry",
+    "eval": "dice_ds.eval.cli",
+    "bench": "dice_ds.bench.cli",
+    "plan": "dice_ds.plan.cli",
+    "tune": "dice_ds.tune.cli",
+    "make-checkpoint": "dice_ds.weights.write",
+}
+"""subcommand -> the module whose ``main(argv)`` runs it (imported when chosen)."""
 
 USAGE = """usage: dice-ds {sample,eval,bench,plan,tune,make-checkpoint} [options]
 
@@ -36,18 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "sample":
-        return sample_main(rest)
-    if command == "bench":
-        return bench_main(rest)
-    if command == "plan":
-        return plan_main(rest)
-    if command == "tune":
-        return tune_main(rest)
-    if command == "make-checkpoint":
-        return make_checkpoint_main(rest)
-    if command == "eval":
-        return eval_main(rest)
+    if command in COMMANDS:
+        return importlib.import_module(COMMANDS[command]).main(rest)
     print(f"dice-ds: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

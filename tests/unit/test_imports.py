@@ -3,8 +3,9 @@
 Read from the source with ``ast`` (nothing is imported): a *unit* is a top-level module of
 dice_ds (``dice_ds.schedule``) or a subpackage (``dice_ds.moe``); an arrow joins two units when a
 module of one imports a module of the other, at the top of a file or inside a function. A
-function-level import of dice_ds's own modules is allowed only where ``ALLOWED_LAZY`` names it with
-its reason (an optional heavy dependency behind it, or an entry point choosing what to load).
+function-level import of dice_ds's own modules, or an ``importlib.import_module`` call (a module
+chosen by name at run time), is allowed only where ``ALLOWED_LAZY`` names it with its reason (an
+optional heavy dependency behind it, or an entry point choosing what to load).
 """
 import ast
 import os
@@ -14,11 +15,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PKG = os.path.join(ROOT, "dice_ds")
 MEGATRON_PACKAGE = "dice_ds.mcore"
+DYNAMIC = "importlib.import_module"
 
 ALLOWED_LAZY: dict[tuple[str, str], str] = {
     ("dice_ds.moe.runtime", "dice_ds.moe"):
         "dice_ds.moe.dispatcher subclasses megatron's dispatcher (dice_ds.mcore), so importing it "
         "imports megatron: loaded when an EP runtime is built, not when the runtime is imported",
+    ("dice_ds", DYNAMIC):
+        "``dice_ds.DiTMoEPipeline`` is imported on first access, so that ``import dice_ds`` loads "
+        "no torch (tests/unit/test_pipeline.py)",
+    ("dice_ds.cli", DYNAMIC):
+        "one table names each subcommand's module and only the chosen one is imported, so that "
+        "``dice-ds --help`` and a bad ``dice-ds sample`` flag answer before torch loads",
     ("dice_ds.sample.entry", "dice_ds.sample"):
         "dice_ds.sample.job (torch, the pipeline) is imported after the flags and the launcher's "
         "environment are checked, so that a bad input fails before torch loads",
@@ -55,6 +63,13 @@ def _imports(mod, path, is_init):
             yield name, node.lineno, id(node) in top
 
 
+def _dynamic_imports(path):
+    """Lines of the ``importlib.import_module(...)`` calls in ``path``."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"]
+
+
 def _unit(mod: str) -> str:
     return ".".join(mod.split(".")[:2])
 
@@ -89,6 +104,9 @@ def test_function_level_imports_of_our_modules_are_few_and_explained():
         for name, line, at_top in _imports(mod, path, init):
             if not at_top and name.startswith("dice_ds") and _unit(name) != MEGATRON_PACKAGE:
                 lazy.setdefault((mod, name), []).append(line)
+        if _unit(mod) != MEGATRON_PACKAGE:
+            for line in _dynamic_imports(path):
+                lazy.setdefault((mod, DYNAMIC), []).append(line)
     unexplained = sorted(f"{m} -> {n} (line {lines[0]})" for (m, n), lines in lazy.items()
                          if (m, n) not in ALLOWED_LAZY)
     assert not unexplained, "function-level imports of dice_ds modules:\n" + "\n".join(unexplained)
@@ -99,4 +117,20 @@ def test_importing_dice_ds_and_its_runtime_imports_no_megatron():
     code = ("import sys, dice_ds, dice_ds.models, dice_ds.moe.runtime, dice_ds.parallel.apply, "
             "dice_ds.schedule; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('megatron', 'deepspeed')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_dice_ds_help_and_a_bad_sample_flag_answer_before_torch_loads():
+    code = ("import contextlib, io, sys\n"
+            "from dice_ds.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['--help']) == 0\n"
+            "with contextlib.redirect_stderr(io.StringIO()) as err:\n"
+            "    try:\n"
+            "        code = main(['sample', '--model', 'nope'])\n"
+            "    except SystemExit as e:\n"
+            "        code = e.code\n"
+            "assert code == 2 and 'nope' in err.getvalue(), (code, err.getvalue())\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'deepspeed')]\n"
+            "assert not bad, bad[:5]\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
