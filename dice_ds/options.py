@@ -178,35 +178,6 @@ DEFAULT_STEPS = {"rf": 50, "ddpm": 250, "ddim": 250}
 DDPM_TRAIN_STEPS = 1000
 
 
-def _env_count(key: str, minimum: int) -> int:
-    """The launcher's ``key`` as an integer >= ``minimum``; else one ConfigError line."""
-    text = os.environ[key]
-    try:
-        value = int(text.strip())
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise ConfigError(f"environment {key}={text!r} must be an integer >= {minimum} (set by the "
-                          f"launcher: torchrun, deepspeed, srun); unset it to run one process")
-    return value
-
-
-def env_world_size() -> int:
-    """World size announced by the launcher (torchrun/deepspeed ``WORLD_SIZE``, slurm), else 1."""
-    if "WORLD_SIZE" in os.environ:
-        return _env_count("WORLD_SIZE", 1)
-    if "SLURM_NTASKS" in os.environ and "MASTER_ADDR" in os.environ:
-        return _env_count("SLURM_NTASKS", 1)
-    return 1
-
-
-def env_rank() -> int:
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            return _env_count(key, 0)
-    return 0
-
-
 def sampler_of(opts: Settings) -> str:
     return opts.sampler or get_flavor(opts.model).sampler
 

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from dice_ds.config import ConfigError
+from dice_ds.launch_env import env_rank_world
 from dice_ds.parallel.dims import ParallelDims
 from dice_ds.parallel.timeout import pg_timeout_seconds
 from dice_ds.patches.torch_elastic import attempt_store
@@ -53,15 +54,6 @@ def group_timeout() -> timedelta:
 
 def _new_group(ranks) -> dist.ProcessGroup:
     return dist.new_group(list(ranks), timeout=group_timeout())
-
-
-def _env_rank_world() -> tuple[int, int] | None:
-    """Rank and world size from torchrun/deepspeed (RANK, WORLD_SIZE) or slurm (SLURM_PROCID)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and "MASTER_ADDR" in os.environ:
-        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
-    return None
 
 
 def default_backend(device: torch.device | str) -> str:
@@ -86,7 +78,7 @@ def init_distributed(device: torch.device | str = "cpu", init_method: str | None
         dist.init_process_group(backend, init_method=init_method, rank=rank,
                                 world_size=world_size, timeout=_timeout)
     else:
-        env = _env_rank_world()
+        env = env_rank_world()
         if env is None:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=_timeout)

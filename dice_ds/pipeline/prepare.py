@@ -37,7 +37,8 @@ from dice_ds.ds_config import (
     shipped_path,
     tree_of,
 )
-from dice_ds.options import env_world_size, latent_side, validate, validate_options
+from dice_ds.launch_env import env_world_size
+from dice_ds.options import latent_side, validate, validate_options
 from dice_ds.parallel.apply import parallelize_dit_moe
 from dice_ds.parallel.groups import init_distributed
 from dice_ds.startup import StartupLog

@@ -25,7 +25,8 @@ import traceback
 
 from dice_ds.config import ConfigError
 from dice_ds.error_line import print_error_line
-from dice_ds.options import RunOptions, env_rank, env_world_size, parse_options
+from dice_ds.launch_env import env_rank, env_world_size
+from dice_ds.options import RunOptions, parse_options
 from dice_ds.parallel.timeout import pg_timeout_seconds
 from dice_ds.runenv import PeerFailure, configure_threads, is_peer_failure, quiet_third_party
 from dice_ds.startup import StartupLog, seconds_since_process_start
