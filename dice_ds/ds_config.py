@@ -30,7 +30,9 @@ so a config naming it works from any working directory; every other path is kept
 (relative to the working directory, in a file as on the command line). No path setting may be
 empty or hold a NUL byte, and the names that become part of the automatic sample directory
 (``extra_name``, ``extra_folder_name``) stay inside ``samples/``. Upper bounds (``MAX_SAMPLES``,
-``MAX_BATCH``, ``MAX_PG_TIMEOUT``) carry their reason (a leaf's ``cap``) into the range error.
+``MAX_BATCH``, ``MAX_PG_TIMEOUT``, ``CFG_SCALE_MAX``) carry their reason (a leaf's ``cap``) into the
+range error; ``MAX_STEPS`` depends on the sampler, so ``dice_ds.options`` checks it with the
+sampler (and ``dice_ds.pipeline.call`` for ``num_inference_steps``).
 
 Invariants: nothing here imports torch; every error is a one-line ``ConfigError`` naming the JSON
 path (``dice.async.mode``) or the flag, and the allowed values.
@@ -56,6 +58,13 @@ from dice_ds.config import FLAVORS, ConfigError, get_flavor
 
 DTYPES = ("fp32", "bf16", "fp16")
 SAMPLERS = ("rf", "ddpm", "ddim")
+MAX_STEPS = {"rf": 10_000, "ddpm": 1000, "ddim": 1000}
+"""The most sampling steps each sampler takes (``--num-sampling-steps``, ``num_inference_steps``).
+DDPM/DDIM: the 1000 training timesteps (a respaced schedule keeps a subset of them;
+dice_ds/diffusion/gaussian.py). RF: 10000, 200 times the released 50: an Euler step moves z by
+v / S, and at S = 1e4 a step's change (1e-4 of |v|) is below the resolution of a bf16 or fp16
+activation (3.9e-3, 9.8e-4 relative), so more steps cannot change an image, only the run time
+(linear in S: 10**12 steps would run for ever)."""
 VAES = ("sd", "identity", "none")
 INITS = ("random", "dit")
 DEVICES = ("cpu", "cuda")
@@ -79,6 +88,10 @@ SHIPPED_FILES = {"digits": "digits_dit_moe.pt"}
 """Checkpoints shipped inside the package, by name: ``--ckpt shipped:digits`` (and a config's
 ``dice.model.ckpt``) is ``dice_ds/assets/digits_dit_moe.pt`` of the installed package, whatever the
 working directory."""
+CFG_SCALE_MAX = 1e4
+"""``--cfg-scale`` / ``guidance_scale`` at most: useful scales are 1-20 (DiT samples at 1.5 and 4.0);
+1e4 keeps the guided prediction ``uncond + s·(cond − uncond)`` finite in fp32/bf16 for any finite
+forward, where 1e300 overflows on the first step (black images; dice_ds/pipeline/call.py)."""
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -207,7 +220,9 @@ class Sampling(_Section):
                                    "rf, 250 for ddpm/ddim); honoured on every path",
                                    bound="a count")
     cfg_scale: float = leaf(1.5, "cfg_scale", "classifier-free guidance scale (>= 1; 1 skips the "
-                            "doubled batch)", bound="1 disables guidance", ge=1.0)
+                            "doubled batch)", bound="1 disables guidance", ge=1.0,
+                            le=CFG_SCALE_MAX, cap="useful scales are 1-20; larger ones overflow "
+                            "the guided prediction")
     image_size: Count | None = leaf(None, "image_size", "image side in pixels (default: the "
                                     "flavor's native size: latent side x 8, or x 1 with --vae "
                                     "identity)", bound="pixels")

@@ -31,6 +31,7 @@ from dice_ds.config import ConfigError, ModelConfig, get_flavor
 from dice_ds.ds_config import (
     ALIASES,
     LEAVES,
+    MAX_STEPS,
     NAMES,
     Settings,
     check_tree,
@@ -175,7 +176,6 @@ def flags_of(values: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 
 DEFAULT_STEPS = {"rf": 50, "ddpm": 250, "ddim": 250}
-DDPM_TRAIN_STEPS = 1000
 
 
 def sampler_of(opts: Settings) -> str:
@@ -294,9 +294,9 @@ def _validate_weights_and_vae(opts: Settings) -> None:
 def _validate_sampling(opts: Settings) -> None:
     flavor = get_flavor(opts.model)
     sampler, steps = sampler_of(opts), steps_of(opts)
-    if sampler != "rf" and steps > DDPM_TRAIN_STEPS:
-        raise ConfigError(f"--num-sampling-steps {steps} must be in [1, {DDPM_TRAIN_STEPS}] for "
-                          f"{sampler} (>= 1 for rf)")
+    if steps > MAX_STEPS[sampler]:  # the reasons: dice_ds/ds_config.py
+        raise ConfigError(f"--num-sampling-steps {steps} must be in [1, {MAX_STEPS[sampler]}] for "
+                          f"{sampler} ({', '.join(f'{k}: {v}' for k, v in MAX_STEPS.items())})")
     if opts.num_experts is not None and opts.num_experts < flavor.top_k:
         raise ConfigError(f"--num-experts {opts.num_experts} must be >= top-k {flavor.top_k}")
     unit = pixels_per_latent(opts) * flavor.patch_size

@@ -5,6 +5,22 @@ Owns ``CallArgs`` (the normalised arguments), ``check_call`` (one ``ConfigError`
 argument), ``agree`` (the collective argument check), ``conditions`` (noise, label and generator of
 the positions a rank samples) and ``replay`` (keeps user generators in step on every rank).
 
+Bounds (each refused in one line naming the argument, before anything runs):
+
+- ``guidance_scale`` in [1, ``GUIDANCE_MAX`` = 1e4] (the tree's ``cfg_scale`` bound,
+  dice_ds/ds_config.py): useful scales are 1-20 (DiT samples at 1.5 and 4.0); 1e4 keeps the guided
+  prediction ``uncond + s·(cond − uncond)`` finite in fp32/bf16 for any finite forward (|cond −
+  uncond| up to 3e34), where 1e300 overflows to inf on the first step (NaN images);
+- ``latents``: floating point (complex, bool and integer tensors are refused, not cast), finite,
+  |x| <= ``LATENTS_MAX`` = 1e4: the initial noise is N(0, 1) (a draw beyond 10 has probability
+  1e-23), so 1e4 is a thousand standard deviations, and keeps the first forward far from fp32
+  overflow (1e38 overflows in the patch embedding);
+- ``num_inference_steps`` in [1, ``MAX_STEPS[sampler]``] (1000 for DDPM/DDIM, 10000 for RF;
+  the reasons: dice_ds/ds_config.py);
+- integers (steps, seed, batch_size, first_index, local_limit, class ids) may be Python or numpy
+  integers, guidance a Python or numpy real; ``seed`` and ``generator`` are exclusive (a generator
+  decides every draw, so a seed given with it would be silently ignored).
+
 Where a sample's randomness comes from (position j of the call, index = first_index + j):
 
 - ``generator`` (a list of B CPU generators, or one, which is split into B by drawing B seeds from
@@ -29,17 +45,25 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dice_ds.config import ConfigError
 from dice_ds.diffusion import draw_from, sample_generators
-from dice_ds.options import DDPM_TRAIN_STEPS, steps_of
+from dice_ds.ds_config import CFG_SCALE_MAX, MAX_STEPS
+from dice_ds.options import steps_of
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 OUTPUT_RANKS = ("rank0", "all", "local")
 _SEED_MAX = 2**63 - 1
+GUIDANCE_MAX = CFG_SCALE_MAX
+"""The largest ``guidance_scale`` (module docstring; the settings tree's ``cfg_scale`` bound)."""
+LATENTS_MAX = 1e4
+"""The largest |value| of ``latents`` (module docstring)."""
 
 
 @dataclass
@@ -92,9 +116,16 @@ def _show_list(values: list) -> str:
     return f"{len(values)} labels sha256 {_digest(repr(values).encode())}"
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy integer (bools of either kind are not integers here)."""
+    return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(
+        value, (bool, np.bool_))
+
+
 def _int(name: str, value, low: int, high: int = _SEED_MAX) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise ConfigError(f"{name}={value!r}: must be an integer")
+    value = operator.index(value)
     if not low <= value <= high:
         raise ConfigError(f"{name}={value} must be in [{low}, {high}]")
     return value
@@ -103,8 +134,8 @@ def _int(name: str, value, low: int, high: int = _SEED_MAX) -> int:
 def _labels(class_labels, num_classes: int) -> torch.Tensor | None:
     if class_labels is None:
         return None
-    if isinstance(class_labels, int) and not isinstance(class_labels, bool):
-        class_labels = [class_labels]
+    if _is_int(class_labels):
+        class_labels = [operator.index(class_labels)]
     try:
         t = torch.as_tensor(class_labels)
     except (TypeError, ValueError, RuntimeError):
@@ -152,39 +183,80 @@ def _batch_size(labels, batch_size, latents, gens, kind) -> int:
 def _latents(latents, channels: int, side: int) -> torch.Tensor | None:
     if latents is None:
         return None
-    t = torch.as_tensor(latents).detach().to("cpu", torch.float32)
+    try:
+        t = torch.as_tensor(latents).detach()
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"latents: a {type(latents).__name__} is not a tensor; pass a float "
+                          f"tensor or array [B, {channels}, {side}, {side}]") from None
+    if not t.is_floating_point():  # complex, bool, integers: refused rather than cast
+        raise ConfigError(f"latents: dtype {str(t.dtype).removeprefix('torch.')}; pass "
+                          "floating-point noise (float32, bfloat16, float16 or float64)")
+    t = t.to("cpu", torch.float32)
     if t.dim() != 4 or tuple(t.shape[1:]) != (channels, side, side):
         raise ConfigError(f"latents: shape {list(t.shape)}, expected [B, {channels}, {side}, {side}]")
     if not torch.isfinite(t).all():
         raise ConfigError("latents: must be finite (no NaN or inf)")
+    if t.numel() and float(t.abs().max()) > LATENTS_MAX:
+        raise ConfigError(f"latents: |value| up to {float(t.abs().max()):g}, must be <= "
+                          f"{LATENTS_MAX:g} (initial noise is N(0, 1); larger values overflow)")
     return t.contiguous()
 
 
 def _guidance(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating,
+                                                                     np.integer)):
+        raise ConfigError(f"guidance_scale={value!r}: must be a finite number")
+    value = float(value)
+    if not math.isfinite(value):
         raise ConfigError(f"guidance_scale={value!r}: must be a finite number")
     if value < 1:
         raise ConfigError(f"guidance_scale={value} must be >= 1 (1 disables guidance)")
-    return float(value)
+    if value > GUIDANCE_MAX:
+        raise ConfigError(f"guidance_scale={value:g} must be <= {GUIDANCE_MAX:g} (useful scales "
+                          "are 1-20; larger ones overflow the guided prediction)")
+    return value
 
 
 def _steps(value, sampler: str) -> int:
-    high = _SEED_MAX if sampler == "rf" else DDPM_TRAIN_STEPS
-    return _int("num_inference_steps", value, 1, high)
+    return _int("num_inference_steps", value, 1, MAX_STEPS[sampler])
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name}={value!r}: must be True or False")
+    return bool(value)
+
+
+def check_local(return_dict, reset_stats, local_limit, output_ranks: str) -> int | None:
+    """The call's rank-local keywords (they may differ between ranks: the CLI's ``local_limit``);
+    one ConfigError line naming the argument."""
+    _flag("return_dict", return_dict)
+    _flag("reset_stats", reset_stats)
+    if local_limit is None:
+        return None
+    if output_ranks != "local" or not _is_int(local_limit) or local_limit < 0:
+        raise ConfigError(f"local_limit={local_limit!r}: only with output_ranks='local', and an "
+                          "integer >= 0 (this rank's first N positions)")
+    return operator.index(local_limit)
 
 
 def check_call(pipe, class_labels, batch_size, num_inference_steps, guidance_scale, generator,
                seed, latents, first_index, output_type, output_ranks) -> CallArgs:
     """The normalised arguments (``pipe``'s defaults filled in); raises one ConfigError line."""
     opts, cfg = pipe.spec.opts, pipe.spec.model_cfg
-    if output_type not in OUTPUT_TYPES:
+    if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
         raise ConfigError(f"output_type={output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
     if output_type != "latent" and pipe.decoder is None:
         raise ConfigError(f"output_type={output_type!r} needs a decoder, and this pipeline has "
                           "vae='none': use output_type='latent', or build it with vae='identity' "
                           "(pixel-space models) or vae='sd' and vae_path=DIR")
-    if output_ranks not in OUTPUT_RANKS:
+    if not isinstance(output_ranks, str) or output_ranks not in OUTPUT_RANKS:
         raise ConfigError(f"output_ranks={output_ranks!r}: use one of {', '.join(OUTPUT_RANKS)}")
+    if seed is not None and generator is not None:
+        raise ConfigError("seed and generator both decide the draws: pass one of them (a "
+                          "generator's draws do not depend on seed)")
+    if batch_size is not None:
+        batch_size = _int("batch_size", batch_size, 1)
     labels = _labels(class_labels, cfg.num_classes)
     z = _latents(latents, cfg.in_channels, cfg.input_size)
     gens, kind = _generators(generator)

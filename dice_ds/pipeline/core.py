@@ -10,6 +10,11 @@ A call builds its schedule once (``dice_ds.schedule.Schedule``: it knows the ste
 step rule (``dice_ds.diffusion.step_rule``), and runs every sub-batch through the denoising loop
 (``dice_ds.pipeline.denoise``) with that schedule handed to the runtime.
 
+A step that produces NaN/inf stops the call with one ``NonFiniteOutputError`` line on every rank
+(``dice_ds.pipeline.denoise``: ranks that exchange every step agree at that step; at the call's
+end one all-reduce of a flag, over the world, makes every rank raise the same line, whichever rank
+found it); nothing of the batch is returned, so ``dice-ds sample`` writes nothing of it.
+
 Invariants: every ConfigError of the settings is raised before a process group starts; the model
 and the runtime are built once and reused by every call (each sub-batch is one
 ``runtime.batch(schedule)``, which resets at entry and finishes, or on an exception aborts, every
@@ -24,6 +29,7 @@ import math
 import time
 
 import torch
+import torch.distributed as dist
 
 from dice_ds import mcore
 from dice_ds.config import ConfigError
@@ -31,17 +37,18 @@ from dice_ds.diffusion import noise_draws, step_rule
 from dice_ds.options import mode_name, sampler_of
 from dice_ds.parallel.dims import ParallelDims
 from dice_ds.parallel.groups import build_groups
-from dice_ds.parallel.sp_batches import call_sub_batches
+from dice_ds.parallel.sp_batches import call_sub_batches, sp_group_ranks
 from dice_ds.pipeline.build import build_model_and_runtime, time_first_step
 from dice_ds.pipeline.call import (
     OUTPUT_RANKS,
     agree,
     check_call,
+    check_local,
     conditions,
     draw_generators,
     replay,
 )
-from dice_ds.pipeline.denoise import LoopPosition, denoise
+from dice_ds.pipeline.denoise import FiniteCheck, LoopPosition, NonFiniteOutputError, denoise
 from dice_ds.pipeline.output import (
     DiTMoEPipelineOutput,
     deliver,
@@ -162,6 +169,19 @@ class DiTMoEPipeline:
         self.sampler_name = sampler_of(opts)
         self.position = LoopPosition()
         """The step the denoising loop is in (what a rank reports when a collective fails)."""
+        self.finite_check = self._finite_check()
+
+    def _finite_check(self) -> FiniteCheck:
+        """Who agrees on each step's finiteness: the ranks whose loops exchange every step (with
+        EP every rank samples the same padded sub-batches, so the world; SP: the SP group); with
+        DP a rank's loop exchanges nothing and it stops alone (the call agrees at its end)."""
+        plan, rank, world = self.spec.plan, self.rank, self.world_size
+        if world > 1 and plan.ep_size > 1:
+            return FiniteCheck(dist.group.WORLD, world, rank)
+        if world > 1 and plan.sp_enabled:
+            members = sp_group_ranks(plan, rank, world)
+            return FiniteCheck(self.groups.sp, len(members), members.index(rank), members)
+        return FiniteCheck(ranks=[rank])
 
     @property
     def device(self) -> str:
@@ -176,19 +196,22 @@ class DiTMoEPipeline:
                  output_ranks: str | None = None, reset_stats: bool = True,
                  local_limit: int | None = None):
         """Sample B images (class docstring); collective under W ranks."""
-        call = self._agreed_call(class_labels, batch_size, num_inference_steps, guidance_scale,
-                                 generator, seed, latents, first_index, output_type,
-                                 output_ranks or self.output_ranks)
-        if local_limit is not None and (call.output_ranks != "local" or local_limit < 0):
-            raise ConfigError(f"local_limit={local_limit}: only with output_ranks='local', and "
-                              ">= 0 (this rank's first N positions)")
+        call, local_limit = self._agreed_call(
+            (return_dict, reset_stats, local_limit), class_labels, batch_size,
+            num_inference_steps, guidance_scale, generator, seed, latents, first_index,
+            output_type, output_ranks or self.output_ranks)
         if reset_stats and self.runtime is not None:
             self.runtime.reset_stats()
+        failure = None
         with quieter_third_party(self.spec.opts.verbose):
-            positions, x, seconds, cpu = self._sample(call)
-            if local_limit is not None and positions:
-                positions, x = positions[:local_limit], x[:local_limit]
-            rows = encode(x, call.output_type, self.decoder) if positions else None
+            try:
+                positions, x, seconds, cpu = self._sample(call)
+                if local_limit is not None and positions:
+                    positions, x = positions[:local_limit], x[:local_limit]
+                rows = encode(x, call.output_type, self.decoder) if positions else None
+            except NonFiniteOutputError as e:
+                failure = e
+        self._agree_finite(failure)
         stats = self._stats(call, seconds, cpu)
         got = deliver(positions, rows, call.output_ranks, self.rank, self.world_size,
                       call.batch_size)
@@ -197,17 +220,40 @@ class DiTMoEPipeline:
             return (images,)
         return DiTMoEPipelineOutput(images=images, stats=stats, indices=indices)
 
-    def _agreed_call(self, *args):
-        """Check the arguments here, then agree on them with every rank (one all-gather)."""
+    def _agreed_call(self, local: tuple, *args):
+        """Check the arguments here, then agree on them with every rank (one all-gather); returns
+        the call and this rank's ``local_limit`` (``local``: the rank-local keywords)."""
+        limit = None
         try:
             call = check_call(self, *args)
+            limit = check_local(*local, call.output_ranks)
             summary, error = call.summary(), None
         except ConfigError as e:
             call, summary, error = None, None, str(e)
         agree(summary, error, self.world_size)
         cfg = self.spec.model_cfg
         draw_generators(call, cfg.in_channels, cfg.input_size, cfg.num_classes)
-        return call
+        return call, limit
+
+    def _agree_finite(self, failure: NonFiniteOutputError | None) -> None:
+        """Every rank raises the same ``NonFiniteOutputError`` line if any rank's batch was
+        non-finite: one all-reduce of a flag per call (W > 1), then, only on failure, an
+        all-gather of the lines (the first rank that found it names itself)."""
+        if self.world_size == 1:
+            if failure is not None:
+                raise failure
+            return
+        device = "cuda" if self.spec.device == "cuda" else "cpu"
+        flag = torch.tensor([int(failure is not None)], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not int(flag.item()):
+            return
+        lines: list = [None] * self.world_size
+        dist.all_gather_object(lines, None if failure is None else
+                               (failure.found_here, str(failure)))
+        found = [(r, item) for r, item in enumerate(lines) if item]
+        rank, (_, text) = next(((r, item) for r, item in found if item[0]), found[0])
+        raise NonFiniteOutputError(f"rank {rank}: {text}", found_here=rank == self.rank)
 
     def _padded(self, batch_size: int) -> int:
         """With EP every rank must sample: B rounded up to a multiple of W (filler positions)."""
@@ -230,7 +276,9 @@ class DiTMoEPipeline:
             t0, c0 = time.perf_counter(), time.process_time()
             x = denoise(rule, self.model, z.to(device), y.to(device), call.guidance,
                         runtime=self.runtime, schedule=schedule, generators=gens,
-                        position=self.position)
+                        position=self.position, check=self.finite_check,
+                        what=f"the latents of {len(positions)} samples from index "
+                             f"{call.first_index + positions[0]}")
             _sync(device)
             seconds.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
@@ -248,8 +296,6 @@ class DiTMoEPipeline:
         mine = (sum(seconds), *rank_exchange(rt))
         parts = [mine]
         if call.output_ranks != "local" and self.world_size > 1:
-            import torch.distributed as dist
-
             parts = [None] * self.world_size
             dist.all_gather_object(parts, mine)
         return {"mode": mode_name(self.spec.plan), "world_size": self.world_size,

@@ -1,7 +1,8 @@
 """The denoising loop: one batch of samples through a step rule, driving the parallel runtime.
 
-Owns ``denoise`` (the only loop over sampling steps in dice_ds) and ``LoopPosition`` (where the
-loop is: what a rank reports when a collective fails mid-batch). The step rules say what a step
+Owns ``denoise`` (the only loop over sampling steps in dice_ds), ``LoopPosition`` (where the
+loop is: what a rank reports when a collective fails mid-batch), ``FiniteCheck`` and
+``NonFiniteOutputError`` (a step whose output holds NaN/inf stops the batch). The step rules say what a step
 computes (dice_ds/diffusion: timesteps, noise draws, update); the schedule says what each runtime
 does at each step (dice_ds/schedule.py); this loop puts them together:
 
@@ -11,9 +12,19 @@ does at each step (dice_ds/schedule.py); this loop puts them together:
             out = predict(model, x, t, y, cfg)
             noise = per-sample draws if rule.draws_noise(i)
             x = rule.update(i, x, out, noise)
+            check(x, out)                   # NaN/inf anywhere (agreed by the group): stop
 
 Invariant: a batch never leaves exchanges in flight, also when a forward raises
 (``dice_ds.lifecycle.BatchLifecycle``), so the next batch on the same runtime starts clean.
+
+Non-finite outputs: after every step the new state is checked (``torch.isfinite(x).all()``: one
+reduction over the batch's latents, a few microseconds next to a forward). The ranks whose loops
+run in lockstep (an EP or SP group exchanges every step) agree on it with one all-reduce of W
+small integers per step, so they all stop at the same step and none waits in an exchange its
+peers never join; ranks that exchange nothing (DP) stop alone and the pipeline's call agrees at
+its end (dice_ds/pipeline/core.py). Only the step is named, with whether the model's prediction
+was already non-finite or the update overflowed: finding the layer would need a check per layer
+and step (or a re-run), and the check stays on the step's output to cost nothing measurable.
 """
 
 from __future__ import annotations
@@ -23,8 +34,22 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
+from dice_ds.config import ConfigError
 from dice_ds.diffusion import StepRule, per_sample_randn, predict
+
+
+class NonFiniteOutputError(ConfigError):
+    """A sampling step produced NaN/inf: the batch stops, nothing of it is returned or written.
+
+    A ``ConfigError`` (one line, exit code 2 in the CLI): what makes a run non-finite is its input
+    (weights, dtype, guidance scale, latents), never a transient fault. ``found_here``: this
+    rank's own state was non-finite (False: a peer's, learnt from the step's agreement)."""
+
+    def __init__(self, message: str, found_here: bool = True):
+        super().__init__(message)
+        self.found_here = found_here
 
 
 @dataclass
@@ -49,16 +74,55 @@ class LoopPosition:
         return f"step {self.num_steps - self.step + 1}/{self.num_steps}"
 
 
+class FiniteCheck:
+    """Per step: does any rank of ``group`` (a process group of ``size`` ranks, this one at
+    ``index``; None: this rank alone) hold a non-finite state? Raises ``NonFiniteOutputError`` on
+    every member alike (module docstring)."""
+
+    def __init__(self, group=None, size: int = 1, index: int = 0, ranks: list[int] | None = None):
+        self.group, self.size, self.index = group, size, index
+        self.ranks = ranks if ranks is not None else list(range(size))
+        """Global rank of each member (the error names the rank that found it)."""
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, position: "LoopPosition",
+                 what: str) -> None:
+        bad = not bool(torch.isfinite(x).all())
+        if self.group is not None and self.size > 1:
+            flags = torch.zeros(self.size, dtype=torch.int32, device=x.device)
+            flags[self.index] = int(bad)
+            dist.all_reduce(flags, group=self.group)  # one per step, only when the loop is shared
+            failed = [self.ranks[r] for r, f in enumerate(flags.tolist()) if f]
+        else:
+            failed = [self.ranks[self.index]] if bad else []
+        if not failed:
+            return
+        if bad:
+            n = int((~torch.isfinite(x)).sum())
+            cause = ("the model's prediction was already non-finite" if not bool(
+                torch.isfinite(out).all()) else "the model's prediction was finite, the update "
+                "overflowed")
+            detail = f"{n} of {x.numel()} values of {what} are NaN/inf ({cause})"
+        else:
+            detail = f"rank {failed[0]} found NaN/inf in {what}"
+        raise NonFiniteOutputError(
+            f"non-finite output at {position.describe()}: {detail}; the batch is stopped and "
+            "nothing of it is written. Check the weights, the dtype (fp16 overflows: use bf16 or "
+            "fp32), the guidance scale and the latents (only the step is named: the check runs "
+            "on each step's output, not per layer)", found_here=bad)
+
+
 @torch.no_grad()
 def denoise(rule: StepRule, model, z_NCHW: torch.Tensor, y_N: torch.Tensor,
             cfg_scale: float = 1.0, *, runtime=None, schedule=None, generators=None,
-            position: LoopPosition | None = None) -> torch.Tensor:
+            position: LoopPosition | None = None, check: FiniteCheck | None = None,
+            what: str = "the batch's latents") -> torch.Tensor:
     """Run ``rule`` from noise ``z`` with labels ``y``; returns fp32 [N, C, H, W].
 
     ``runtime`` (a ``dice_ds.lifecycle.StepRuntime`` or None) runs the batch under ``schedule``
     (the call's ``dice_ds.schedule.Schedule``, required with a runtime, of the rule's step count).
     ``generators``: one per sample, continuing the stream of its initial noise; required when the
-    rule draws noise. ``position`` is updated before every forward.
+    rule draws noise. ``position`` is updated before every forward. ``check``: the finiteness
+    check of every step (default: this rank alone); ``what`` names the batch in its error.
     """
     shape = tuple(z_NCHW.shape[1:])
     steps = rule.timesteps()
@@ -70,6 +134,7 @@ def denoise(rule: StepRule, model, z_NCHW: torch.Tensor, y_N: torch.Tensor,
         raise ValueError(f"denoise: a runtime needs the call's schedule of {rule.num_steps} steps "
                          f"(got {None if schedule is None else schedule.num_steps})")
     position = position if position is not None else LoopPosition()
+    check = check if check is not None else FiniteCheck()
     position.begin(rule.num_steps)
     x = z_NCHW.float()
     with runtime.batch(schedule) if runtime is not None else nullcontext():
@@ -81,4 +146,5 @@ def denoise(rule: StepRule, model, z_NCHW: torch.Tensor, y_N: torch.Tensor,
             out = predict(model, x, t_N, y_N, cfg_scale, guided_channels=rule.guided_channels)
             noise = per_sample_randn(generators, shape, x.device) if rule.draws_noise(i) else None
             x = rule.update(i, x, out, noise)
+            check(x, out, position, what)
     return x

@@ -11,6 +11,9 @@ digits model the image in [-1, 1]); ``pt``: decoded images as a fp32 tensor [B, 
 same as a numpy array [B, H, W, C]; ``pil``: a list of RGB ``PIL.Image`` whose pixels are the
 bytes ``dice-ds sample`` writes (``dice_ds.vae.to_uint8_nhwc``: clamp(127.5·x + 128) truncated,
 grayscale repeated to RGB).
+
+A decoded image that holds NaN/inf (an SD VAE overflowing in fp16 on finite latents) raises
+``NonFiniteOutputError`` in ``encode``, before anything is sent or written.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from dice_ds.pipeline.denoise import NonFiniteOutputError
+from dice_ds.vae import to_uint8_nhwc
 
 
 @dataclass
@@ -39,9 +45,15 @@ def encode(x_NCHW: torch.Tensor, output_type: str, decoder) -> np.ndarray:
     """What a rank sends for its sampled latents: uint8 NHWC (pil) or fp32 NCHW (the others)."""
     if output_type == "latent":
         return x_NCHW.detach().to("cpu", torch.float32).numpy()
+    image = decoder.decode_float(x_NCHW)  # decode() is to_uint8_nhwc(decode_float()): same bytes
+    if not bool(torch.isfinite(image).all()):
+        n = int((~torch.isfinite(image)).sum())
+        raise NonFiniteOutputError(f"non-finite output of the decoder: {n} of {image.numel()} "
+                                   "values are NaN/inf on finite latents; nothing of the batch is "
+                                   "written. Run the VAE in fp32 (fp16 overflows)")
     if output_type == "pil":
-        return decoder.decode(x_NCHW)
-    return (decoder.decode_float(x_NCHW) / 2 + 0.5).clamp(0, 1).cpu().numpy()
+        return to_uint8_nhwc(image)
+    return (image / 2 + 0.5).clamp(0, 1).cpu().numpy()
 
 
 def finish(arrays: list[np.ndarray], output_type: str):

@@ -1,0 +1,63 @@
+"""A step that produces NaN/inf on one rank stops the call on every rank with the same one line
+(dice_ds/pipeline/denoise.py ``FiniteCheck``, dice_ds/pipeline/core.py ``_agree_finite``): on 2
+ranks, rank 1's block 1 output turns NaN at step 3 of 6 in DP (no exchange in the loop: rank 1
+stops alone, the call's end agrees), DICE (EP: the ranks agree at that step) and displaced SP
+(the NaN reaches both ranks through K/V); no rank hangs, nothing is in flight afterwards, and the
+next call on the same pipeline gives the golden latents bit for bit (tests/golden_modes.py)."""
+import numpy as np
+from distributed import run_ranks
+from golden_modes import FIXTURES, LABELS, SEED, _pipeline, cases
+
+CASES = ("dp", "dice", "sp-async")
+NAN_AT = 3  # the third forward of block 1: step 3 of 6
+
+
+def _nan_on_rank_1_then_sample(rank, world):
+    import torch
+
+    from dice_ds.pipeline.denoise import NonFiniteOutputError
+
+    out = {}
+    for key in CASES:
+        pipe = _pipeline(cases(world)[f"debug/{key}"])
+        calls = [0]
+
+        def nan(module, args, output, calls=calls):
+            calls[0] += 1
+            if rank == 1 and calls[0] == NAN_AT:
+                return torch.full_like(output, float("nan"))
+            return output
+
+        hook = pipe.model.blocks[1].register_forward_hook(nan)
+        try:
+            pipe(class_labels=LABELS["debug"], seed=SEED, output_type="latent")
+            raised = None
+        except NonFiniteOutputError as e:
+            raised = str(e)
+        hook.remove()
+        runtime = pipe.runtime
+        after = (runtime.inflight_handles() if hasattr(runtime, "inflight_handles") else 0,
+                 runtime.held_bytes() if hasattr(runtime, "held_bytes") else 0)
+        got = pipe(class_labels=LABELS["debug"], seed=SEED, output_type="latent")
+        out[key] = {"raised": raised, "after": after, "forwards": calls[0],
+                    "latents": got.images.numpy() if rank == 0 else None}
+        runtime.detach() if hasattr(runtime, "detach") else None
+    return out
+
+
+def test_nan_on_one_rank_stops_every_rank_with_one_line_and_the_next_call_is_golden(tmp_path):
+    golden = np.load(FIXTURES[2])
+    results = run_ranks(_nan_on_rank_1_then_sample, 2, tmp_path, timeout=300)
+    for key in CASES:
+        lines = [res[key]["raised"] for res in results]
+        assert lines[0] is not None and lines[0] == lines[1], (key, lines)
+        assert "\n" not in lines[0] and "non-finite output at step 3/6" in lines[0], lines[0]
+        assert "NaN/inf" in lines[0] and "nothing of it is written" in lines[0], lines[0]
+        if key != "sp-async":  # with SP the NaN reaches rank 0 too (K/V); it names rank 0
+            assert lines[0].startswith("rank 1: "), (key, lines[0])
+        for rank, res in enumerate(results):
+            assert res[key]["after"] == (0, 0), (rank, key, res[key]["after"])
+        # the loops stopped at step 3 (no forward after it); DP's rank 0 ran its batch to the end
+        forwards = [res[key]["forwards"] for res in results]
+        assert forwards == ([6, 3] if key == "dp" else [3, 3]), (key, forwards)
+        assert np.array_equal(results[0][key]["latents"], golden[f"debug/{key}"]), key
