@@ -284,6 +284,9 @@ class Runtime(_Section):
                                     "default: $DICE_DS_PG_TIMEOUT or 300)", bound="seconds",
                                     gt=0, le=MAX_PG_TIMEOUT, cap="a week: longer is a hang")
     verbose: bool = leaf(False, "verbose", "show third-party warnings and per-rank logs")
+    skip_memory_check: bool = leaf(False, "skip_memory_check", "build even when the planned "
+                                   "memory per rank (dice-ds plan's count) exceeds what this "
+                                   "machine has available (dice_ds/pipeline/resources.py)")
 
 
 def _async_layers(v: Any) -> str | list[int]:

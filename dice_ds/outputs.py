@@ -1,6 +1,8 @@
 """The sample directory: where every rank writes its samples and rank 0 assembles the results.
 
-Owns the global sample index, the per-file atomic writes and the end-of-run assembly.
+Owns the global sample index, the per-file atomic writes and the end-of-run assembly. A write
+that finds the disk full raises ``DiskFullError``: one line naming the file (its temporary is
+removed; the files written before stay, and a rerun resumes from them).
 
 Layout of a sample directory::
 
@@ -40,6 +42,7 @@ another fingerprint (or none) with one line naming the first differing setting a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -68,15 +71,24 @@ def num_batches(num_samples: int, world_size: int, per_proc: int) -> int:
     return math.ceil(num_samples / (per_proc * world_size))
 
 
+class DiskFullError(ConfigError):
+    """No space left where a file is written: one line naming it (not a traceback)."""
+
+
 def _atomic_write(path: str, write) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
             write(fh)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{path}: no space left on the device of {os.path.dirname(path)} "
+                                f"({os.strerror(e.errno)}); free space there or write elsewhere "
+                                "(--sample-dir): the files written so far are kept and a rerun "
+                                "resumes from them") from None
         raise
 
 

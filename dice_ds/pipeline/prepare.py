@@ -41,6 +41,7 @@ from dice_ds.launch_env import env_world_size
 from dice_ds.options import latent_side, validate, validate_options
 from dice_ds.parallel.apply import parallelize_dit_moe
 from dice_ds.parallel.groups import init_distributed
+from dice_ds.pipeline.resources import check_memory
 from dice_ds.startup import StartupLog
 from dice_ds.vae import check_decoder
 from dice_ds.weights.check import (
@@ -144,6 +145,7 @@ def prepare_spec(opts: Settings, world_size: int | None = None) -> PipelineSpec:
     cfg, reader, notes = model_config(opts)
     check_decoder(opts.vae, opts.vae_path, cfg.in_channels)
     plan = validate(opts, world, cfg)
+    check_memory(opts, cfg, plan, device)  # before anything is built: one line if it cannot fit
     return PipelineSpec(opts, cfg, plan, world, device, reader, parallelize_fn(plan),
                         startup=StartupLog(), checkpoint_notes=notes)
 
@@ -196,6 +198,10 @@ def _weights_of(name) -> dict:
     """Settings naming the weights of ``from_pretrained``'s first argument."""
     if name is None:
         return {}
+    if not isinstance(name, (str, os.PathLike)):
+        raise ConfigError(f"from_pretrained({name!r}): pass a checkpoint path, a shipped model "
+                          f"({', '.join(SHIPPED)}) or a model flavor name (a str; got "
+                          f"{type(name).__name__})")
     name = os.fspath(name)
     if name in SHIPPED:
         return dict(SHIPPED[name], init=None)
@@ -261,6 +267,10 @@ def pipeline_options(name=None, config=None, device=None, dtype=None, **override
             given.discard("init_seed")  # a config's --init seed: unused once weights are named
         tree = merge(tree, check_tree(tree_of(values), "keywords", flags=True))
         given |= set(values)
+    if not given & {"model", "ckpt"}:  # no default flavor behind None (the CLI's DiT-XL/2)
+        raise ConfigError(f"from_pretrained({name!r}) names no model: pass a checkpoint file, a "
+                          f"shipped model ({', '.join(SHIPPED)}) or a flavor (e.g. 'debug', "
+                          "'DiT-XL/2' with init='random'), or model=... / a config naming one")
     return settings_of(tree, explicit=given)
 
 
