@@ -199,7 +199,7 @@ class DiTMoEPipeline:
         call, local_limit = self._agreed_call(
             (return_dict, reset_stats, local_limit), class_labels, batch_size,
             num_inference_steps, guidance_scale, generator, seed, latents, first_index,
-            output_type, output_ranks or self.output_ranks)
+            output_type, self.output_ranks if output_ranks is None else output_ranks)
         if reset_stats and self.runtime is not None:
             self.runtime.reset_stats()
         failure = None
