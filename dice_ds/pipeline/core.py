@@ -11,9 +11,10 @@ step rule (``dice_ds.diffusion.step_rule``), and runs every sub-batch through th
 (``dice_ds.pipeline.denoise``) with that schedule handed to the runtime.
 
 A step that produces NaN/inf stops the call with one ``NonFiniteOutputError`` line on every rank
-(``dice_ds.pipeline.denoise``: ranks that exchange every step agree at that step; at the call's
-end one all-reduce of a flag, over the world, makes every rank raise the same line, whichever rank
-found it); nothing of the batch is returned, so ``dice-ds sample`` writes nothing of it.
+(``dice_ds.pipeline.denoise``: a rank that exchanges nothing stops at the step, an EP/SP group runs
+its sub-batches to the end; then one all-reduce of a flag per call, over the world, makes every
+rank raise the same line, naming the rank that found it); nothing of the batch is returned, so
+``dice-ds sample`` writes nothing of it.
 
 Invariants: every ConfigError of the settings is raised before a process group starts; the model
 and the runtime are built once and reused by every call (each sub-batch is one
@@ -37,7 +38,7 @@ from dice_ds.diffusion import noise_draws, step_rule
 from dice_ds.options import mode_name, sampler_of
 from dice_ds.parallel.dims import ParallelDims
 from dice_ds.parallel.groups import build_groups
-from dice_ds.parallel.sp_batches import call_sub_batches, sp_group_ranks
+from dice_ds.parallel.sp_batches import call_sub_batches
 from dice_ds.pipeline.build import build_model_and_runtime, time_first_step
 from dice_ds.pipeline.call import (
     OUTPUT_RANKS,
@@ -169,19 +170,13 @@ class DiTMoEPipeline:
         self.sampler_name = sampler_of(opts)
         self.position = LoopPosition()
         """The step the denoising loop is in (what a rank reports when a collective fails)."""
-        self.finite_check = self._finite_check()
+        self.finite_check = FiniteCheck(stop=not self._exchanges_every_step())
 
-    def _finite_check(self) -> FiniteCheck:
-        """Who agrees on each step's finiteness: the ranks whose loops exchange every step (with
-        EP every rank samples the same padded sub-batches, so the world; SP: the SP group); with
-        DP a rank's loop exchanges nothing and it stops alone (the call agrees at its end)."""
-        plan, rank, world = self.spec.plan, self.rank, self.world_size
-        if world > 1 and plan.ep_size > 1:
-            return FiniteCheck(dist.group.WORLD, world, rank)
-        if world > 1 and plan.sp_enabled:
-            members = sp_group_ranks(plan, rank, world)
-            return FiniteCheck(self.groups.sp, len(members), members.index(rank), members)
-        return FiniteCheck(ranks=[rank])
+    def _exchanges_every_step(self) -> bool:
+        """Whether this rank's loop exchanges with other ranks at every step (EP, SP): then it
+        cannot stop alone at a non-finite step (``dice_ds.pipeline.denoise``)."""
+        plan = self.spec.plan
+        return self.world_size > 1 and (plan.ep_size > 1 or plan.sp_enabled)
 
     @property
     def device(self) -> str:
@@ -238,7 +233,7 @@ class DiTMoEPipeline:
     def _agree_finite(self, failure: NonFiniteOutputError | None) -> None:
         """Every rank raises the same ``NonFiniteOutputError`` line if any rank's batch was
         non-finite: one all-reduce of a flag per call (W > 1), then, only on failure, an
-        all-gather of the lines (the first rank that found it names itself)."""
+        all-gather of the lines (the lowest rank that found it names itself)."""
         if self.world_size == 1:
             if failure is not None:
                 raise failure
@@ -249,11 +244,9 @@ class DiTMoEPipeline:
         if not int(flag.item()):
             return
         lines: list = [None] * self.world_size
-        dist.all_gather_object(lines, None if failure is None else
-                               (failure.found_here, str(failure)))
-        found = [(r, item) for r, item in enumerate(lines) if item]
-        rank, (_, text) = next(((r, item) for r, item in found if item[0]), found[0])
-        raise NonFiniteOutputError(f"rank {rank}: {text}", found_here=rank == self.rank)
+        dist.all_gather_object(lines, None if failure is None else str(failure))
+        rank, text = next((r, text) for r, text in enumerate(lines) if text)
+        raise NonFiniteOutputError(f"rank {rank}: {text}")
 
     def _padded(self, batch_size: int) -> int:
         """With EP every rank must sample: B rounded up to a multiple of W (filler positions)."""
@@ -268,6 +261,7 @@ class DiTMoEPipeline:
         rule = step_rule(self.sampler_name, call.steps)
         schedule = Schedule.build(self.spec.plan, call.steps, cfg.depth)  # one per call
         own, rows, seconds, cpu, computed = [], [], [], [], set()
+        self.finite_check.failure = None  # a group's first non-finite step, raised after the loop
         for positions, mine in call_sub_batches(self.spec.plan, self._padded(call.batch_size),
                                                 self.rank, self.world_size):
             z, y, gens = conditions(call, positions, cfg.in_channels, cfg.input_size,
@@ -286,6 +280,8 @@ class DiTMoEPipeline:
             kept = [j for j in positions[mine] if j < call.batch_size]  # fillers come last
             own += kept
             rows.append(x[mine][:len(kept)])
+        if self.finite_check.failure is not None:
+            raise self.finite_check.failure
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         replay(call, computed, noise_draws(rule), shape)
         return own, (torch.cat(rows) if own else None), seconds, cpu

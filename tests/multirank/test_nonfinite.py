@@ -1,9 +1,10 @@
 """A step that produces NaN/inf on one rank stops the call on every rank with the same one line
 (dice_ds/pipeline/denoise.py ``FiniteCheck``, dice_ds/pipeline/core.py ``_agree_finite``): on 2
 ranks, rank 1's block 1 output turns NaN at step 3 of 6 in DP (no exchange in the loop: rank 1
-stops alone, the call's end agrees), DICE (EP: the ranks agree at that step) and displaced SP
-(the NaN reaches both ranks through K/V); no rank hangs, nothing is in flight afterwards, and the
-next call on the same pipeline gives the golden latents bit for bit (tests/golden_modes.py)."""
+stops at the step), DICE (EP: the ranks exchange every step, so both run to the end) and
+displaced SP (the NaN reaches both ranks through K/V); the call's end agrees; no rank hangs,
+nothing is in flight afterwards, and the next call on the same pipeline gives the golden latents
+bit for bit (tests/golden_modes.py)."""
 import numpy as np
 from distributed import run_ranks
 from golden_modes import FIXTURES, LABELS, SEED, _pipeline, cases
@@ -57,7 +58,7 @@ def test_nan_on_one_rank_stops_every_rank_with_one_line_and_the_next_call_is_gol
             assert lines[0].startswith("rank 1: "), (key, lines[0])
         for rank, res in enumerate(results):
             assert res[key]["after"] == (0, 0), (rank, key, res[key]["after"])
-        # the loops stopped at step 3 (no forward after it); DP's rank 0 ran its batch to the end
+        # DP's rank 1 stopped at step 3 (no forward after it); an EP/SP group cannot stop alone
         forwards = [res[key]["forwards"] for res in results]
-        assert forwards == ([6, 3] if key == "dp" else [3, 3]), (key, forwards)
+        assert forwards == ([6, 3] if key == "dp" else [6, 6]), (key, forwards)
         assert np.array_equal(results[0][key]["latents"], golden[f"debug/{key}"]), key
