@@ -25,10 +25,10 @@ import torch
 
 from dice_ds.config import ConfigError
 from dice_ds.options import steps_of
-from dice_ds.plan.costs import DTYPE_BYTES, Workload
 from dice_ds.plan.memory import dense_params, memory
 from dice_ds.runenv import local_world_size
 from dice_ds.schedule import Schedule
+from dice_ds.workload import DTYPE_BYTES, Workload
 
 _CGROUP_V2 = "/sys/fs/cgroup"
 _CGROUP_V1 = "/sys/fs/cgroup/memory"
