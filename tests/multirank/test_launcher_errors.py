@@ -9,7 +9,7 @@ launcher) and end with the launcher's code: 2 from python, deepspeed and launch.
 itself, which exits 1 for any failed rank (checked, so that a torch that starts passing the code on
 is noticed). ``scripts/slurm_node.sh`` on a one-node fake allocation runs once per input: exit 2.
 
-REPEAT is ``$DICE_DS_LAUNCHER_REPEAT`` (the issue's 10), else 2. Both inputs are refused before a
+REPEAT is ``$DICE_DS_LAUNCHER_REPEAT`` (the issue's 10), else 1 (suite time). Both inputs are refused before a
 rank imports torch, so a launch costs about what the launcher itself costs. One input is refused
 after the heavy imports, on rank 1 only, while rank 0 goes on into the rendezvous: a relative
 ``--ckpt`` that rank 1 resolves in another directory (torchrun and launch.sh, once each, or
@@ -27,7 +27,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "ds", "debug_dp.json")
 BIN = os.path.dirname(sys.executable)
-REPEAT = int(os.environ.get("DICE_DS_LAUNCHER_REPEAT", "2"))
+REPEAT = int(os.environ.get("DICE_DS_LAUNCHER_REPEAT", "1"))
 SITECUSTOMIZE = """import os
 if os.environ.get("RANK", "0") == os.environ.get("DICE_DS_TEST_BAD_RANK"):
     if os.environ.get("DICE_DS_TEST_BAD_CWD"):  # relative paths resolve elsewhere on this rank

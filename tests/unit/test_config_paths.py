@@ -26,7 +26,7 @@ def test_the_regenerate_flag_named_by_the_checker_is_the_trees():
 @pytest.mark.parametrize("name", DIGITS_CONFIGS)
 def test_shipped_configs_name_the_model_inside_the_package_from_any_directory(name, tmp_path,
                                                                              monkeypatch):
-    from dice_ds.sample import prepare
+    from dice_ds.sample.job import prepare
 
     config = os.path.join(ROOT, "configs", "ds", name)
     assert json.load(open(config))["dice"]["model"]["ckpt"] == SHIPPED_PREFIX + "digits"
@@ -96,7 +96,7 @@ def test_init_seed_with_a_checkpoint_is_refused_but_a_configs_seed_is_not_the_us
 
 
 def test_a_dangling_symlink_as_the_automatic_sample_root_is_one_line(tmp_path, monkeypatch):
-    from dice_ds.sample import prepare
+    from dice_ds.sample.job import prepare
 
     monkeypatch.chdir(tmp_path)
     os.symlink("gone", tmp_path / "samples")
