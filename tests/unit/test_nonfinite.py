@@ -3,7 +3,7 @@ one line naming the step (dice_ds/pipeline/denoise.py) and ``dice-ds sample`` wr
 that batch; the call's bounds and types (dice_ds/pipeline/call.py); ``from_pretrained``'s
 arguments (dice_ds/pipeline/prepare.py); the memory check before building
 (dice_ds/pipeline/resources.py); a full disk (dice_ds/outputs.py). Several ranks:
-tests/multirank/test_nonfinite.py."""
+tests/multirank/test_nonfinite_ranks.py."""
 import errno
 import os
 import subprocess
