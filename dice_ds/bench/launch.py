@@ -26,7 +26,8 @@ FAILED_RANK_GRACE_S = 5.0
 """Seconds the other ranks get to end on their own after one failed, before they are killed."""
 
 
-def _kill(procs: list[subprocess.Popen]) -> None:
+def kill_sessions(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL each process's whole session (started with ``start_new_session``) and reap it."""
     for p in procs:
         if p.poll() is None:
             try:
@@ -62,7 +63,7 @@ def run_ranks(links: Links, link: str, port: int, module_argv: list[str], run_di
                 break
             time.sleep(0.1)
     finally:
-        _kill(procs)
+        kill_sessions(procs)
     codes = [p.returncode for p in procs]
     return all(c == 0 for c in codes), f"exit codes {codes}"
 

@@ -18,13 +18,13 @@ code, log and the wall time. The fabric is ``dice_ds.bench.nodes.Nodes``.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dice_ds.bench.launch import kill_sessions
 from dice_ds.bench.nodes import Nodes, node_name
 
 LAUNCHERS = ("torchrun", "deepspeed", "slurm")
@@ -99,14 +99,7 @@ def start_node(launcher: str, nodes: Nodes, node: int, args: list[str], port: in
 
 def stop(procs: list[subprocess.Popen]) -> None:
     """Kill every launcher's whole session (its ranks too) and reap them."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for p in procs:
-        p.wait()
+    kill_sessions(procs)
 
 
 def run_on_nodes(launcher: str, nodes: Nodes, args: list[str], port: int, workdir: Path,

@@ -56,6 +56,17 @@ def test_from_pretrained_merges_defaults_config_weights_and_overrides():
     (("digits",), {"config": {"dice": {"sampling": {"cfg_scale": "2"}}}}, "(cfg_scale)"),
     (("digits",), {"config": DICE}, "needs expert parallelism"),  # interweaved EP on one rank
     (("digits",), {"output_ranks": "rank1"}, "output_ranks='rank1': use one of"),
+    # the API edges of issue 21 (tests/unit/test_nonfinite.py has the call's)
+    ((123,), {}, "from_pretrained(123): pass a checkpoint path, a shipped model (digits) or a "
+                 "model flavor name (a str; got int)"),
+    ((None,), {"init": "random"}, "from_pretrained(None) names no model: pass a checkpoint"),
+    (("debug",), {"init": "bogus"}, "init 'bogus': Input should be 'random' or 'dit'"),
+    (("debug",), {"init": "random", "sampler": "bogus"},
+     "sampler 'bogus': Input should be 'rf', 'ddpm' or 'ddim'"),
+    (("debug",), {"init": "random", "cfg_scale": 1e300}, "cfg_scale 1e+300 must be <= 10000"),
+    (("debug",), {"init": "random", "vae": "none", "num_sampling_steps": 10**12},
+     "num_sampling_steps 1000000000000 must be in [1, 10000] for rf"),
+    (("DiT-XL/2",), {"init": "random", "vae": "none", "depth": 10**8}, "per rank (weights alone"),
 ])
 def test_bad_settings_are_one_line_before_any_process_group(monkeypatch, args, kwargs, needle):
     import dice_ds.pipeline.core as core
