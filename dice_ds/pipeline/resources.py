@@ -25,7 +25,7 @@ import torch
 
 from dice_ds.config import ConfigError
 from dice_ds.options import steps_of
-from dice_ds.plan.memory import dense_params, memory
+from dice_ds.plan.memory import dense_params, expert_params, memory
 from dice_ds.runenv import local_world_size
 from dice_ds.schedule import Schedule
 from dice_ds.workload import DTYPE_BYTES, Workload
@@ -89,9 +89,7 @@ def _workload(opts, cfg) -> Workload:
 def weight_bytes(opts, cfg, plan) -> float:
     """Parameter bytes per rank: ``memory``'s ``expert_weights + dense_weights`` (routed experts
     split over the EP group), without the per-layer schedule its caches need."""
-    experts = cfg.depth * (cfg.num_experts // max(plan.ep_size, 1)) * 3 * cfg.hidden_size \
-        * cfg.expert_ffn_size
-    return float((experts + dense_params(cfg)) * DTYPE_BYTES[opts.dtype])
+    return float((expert_params(cfg, plan.ep_size) + dense_params(cfg)) * DTYPE_BYTES[opts.dtype])
 
 
 def planned_bytes(opts, cfg, plan) -> dict[str, float]:

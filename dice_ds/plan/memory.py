@@ -35,6 +35,11 @@ def dense_params(cfg) -> int:
     return cfg.depth * block + top
 
 
+def expert_params(cfg, ep: int) -> int:
+    """Routed-expert parameters one rank holds: its E / ep experts of every layer (3 matrices)."""
+    return cfg.depth * (cfg.num_experts // max(ep, 1)) * 3 * cfg.hidden_size * cfg.expert_ffn_size
+
+
 def activation_bytes(w: Workload, sp: int = 1) -> float:
     """Largest transient of one layer call on one rank (module doc); SP splits the tokens."""
     c = w.cfg
@@ -55,7 +60,7 @@ def memory(w: Workload, sched: Schedule, ep: int, sp: int, payload: str | None) 
     stale = float(sum(x.dispatch * disp + x.combine * comb for x in held))
     skip = n * 2 * h * act * L if sched.skip_steps else 0.0
     kv = (L * 2 * n * sp * h * act + L * 2 * n * h * act) if sched.sp_async else 0.0
-    experts = L * (c.num_experts // max(ep, 1)) * 3 * h * c.expert_ffn_size * act
+    experts = expert_params(c, ep) * act
     return {"expert_weights": float(experts), "dense_weights": float(dense_params(c) * act),
             "activations": activation_bytes(w, sp), "stale_cache": float(stale),
             "skip_cache": float(skip), "kv_cache": float(kv)}
