@@ -60,6 +60,27 @@ def _pipeline(case):
                           output_ranks="rank0")
 
 
+def interrupted_then_again(pipe, hook, error: type[Exception], rank: int) -> dict:
+    """Call ``pipe`` on the debug labels with ``hook`` installed on block 1 (a handle-returning
+    ``register_forward_*hook`` of that block), catching ``error``; then call it again without it.
+    Returns the caught line ("raised"), what the runtime still holds afterwards ("after":
+    in-flight handles, held bytes), the step the pipeline reports it was in ("position") and the
+    second call's latents on rank 0 ("latents")."""
+    handle = hook(pipe.model.blocks[1])
+    try:
+        pipe(class_labels=LABELS["debug"], seed=SEED, output_type="latent")
+        raised = None
+    except error as e:
+        raised = str(e)
+    handle.remove()
+    after = (pipe.runtime.inflight_handles(), pipe.runtime.held_bytes())
+    position = pipe.position.describe()
+    got = pipe(class_labels=LABELS["debug"], seed=SEED, output_type="latent")
+    pipe.runtime.detach()
+    return {"raised": raised, "after": after, "position": position,
+            "latents": got.images.numpy() if rank == 0 else None}
+
+
 def run_cases(rank: int, world: int) -> dict[str, np.ndarray] | None:
     """Every case on this rank (collective); rank 0 returns name -> latents."""
     out = {}

@@ -5,7 +5,7 @@ raises, nothing is in flight or held afterwards, the pipeline reports the step i
 next call on the same pipeline gives the golden latents bit for bit (tests/golden_modes.py)."""
 import numpy as np
 from distributed import run_ranks
-from golden_modes import FIXTURES, LABELS, SEED, _pipeline, cases
+from golden_modes import FIXTURES, _pipeline, cases, interrupted_then_again
 
 CASES = ("dice", "sp-async")
 FAIL_AT = 3  # the third forward of block 1: step 4 of 6, an async step in both modes
@@ -22,19 +22,8 @@ def _fail_then_sample(rank, world):
             if calls[0] == FAIL_AT:
                 raise RuntimeError("injected failure mid-batch")
 
-        hook = pipe.model.blocks[1].register_forward_pre_hook(fail)
-        try:
-            pipe(class_labels=LABELS["debug"], seed=SEED, output_type="latent")
-            raised = None
-        except RuntimeError as e:
-            raised = str(e)
-        hook.remove()
-        after = (pipe.runtime.inflight_handles(), pipe.runtime.held_bytes(),
-                 pipe.position.describe())
-        got = pipe(class_labels=LABELS["debug"], seed=SEED, output_type="latent")
-        out[key] = {"raised": raised, "after": after,
-                    "latents": got.images.numpy() if rank == 0 else None}
-        pipe.runtime.detach()
+        out[key] = interrupted_then_again(
+            pipe, lambda block: block.register_forward_pre_hook(fail), RuntimeError, rank)
     return out
 
 
@@ -44,6 +33,6 @@ def test_an_exception_mid_batch_aborts_and_the_next_call_is_golden(tmp_path):
         for key in CASES:
             r = res[key]
             assert r["raised"] == "injected failure mid-batch", (rank, key)
-            assert r["after"] == (0, 0, "step 3/6"), (rank, key, r["after"])
+            assert (*r["after"], r["position"]) == (0, 0, "step 3/6"), (rank, key, r)
             if rank == 0:
                 assert np.array_equal(r["latents"], golden[f"debug/{key}"]), key

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 from distributed import run_ranks
-from golden_modes import FIXTURES, LABELS, SEED, _pipeline, cases
+from golden_modes import FIXTURES, _pipeline, cases, interrupted_then_again
 
 CASES = (("dp", "dice", "sp-async") if os.environ.get("DICE_DS_NONFINITE_ALL") == "1"
          else ("dp",))
@@ -37,20 +37,9 @@ def _nan_on_rank_1_then_sample(rank, world):
                 return torch.full_like(output, float("nan"))
             return output
 
-        hook = pipe.model.blocks[1].register_forward_hook(nan)
-        try:
-            pipe(class_labels=LABELS["debug"], seed=SEED, output_type="latent")
-            raised = None
-        except NonFiniteOutputError as e:
-            raised = str(e)
-        hook.remove()
-        runtime = pipe.runtime
-        after = (runtime.inflight_handles() if hasattr(runtime, "inflight_handles") else 0,
-                 runtime.held_bytes() if hasattr(runtime, "held_bytes") else 0)
-        got = pipe(class_labels=LABELS["debug"], seed=SEED, output_type="latent")
-        out[key] = {"raised": raised, "after": after, "forwards": calls[0],
-                    "latents": got.images.numpy() if rank == 0 else None}
-        runtime.detach() if hasattr(runtime, "detach") else None
+        out[key] = interrupted_then_again(
+            pipe, lambda block: block.register_forward_hook(nan), NonFiniteOutputError, rank)
+        out[key]["forwards"] = calls[0]
     return out
 
 
