@@ -17,7 +17,9 @@ Invariants:
   runtime; the loop passes i to ``runtime.begin_step(i)`` before every model call (pitfall 6).
 
 Rules: ``rf.RectifiedFlow`` (rectified flow, Euler), ``gaussian.Gaussian`` (DDPM, and DDIM with
-eta 0); ``step_rule(name, S)`` maps the CLI name to the rule.
+eta 0); ``step_rule(name, S)`` maps the CLI name to the rule. ``schedulers`` (imported only where
+a diffusers scheduler is used: it loads diffusers) wraps the rules as diffusers scheduler objects
+and any diffusers scheduler as a rule.
 
 Shape legend: N batch, C latent channels, H/W latent side.
 """
@@ -116,9 +118,18 @@ class StepRule(Protocol):
     name: str
     guided_channels: int | None
     """Channels guidance applies to (None: all)."""
+    draws_own_noise: bool
+    """True: a noisy step's update gets the samples' generators (it draws itself, as a diffusers
+    scheduler does), not a drawn tensor."""
 
     def timesteps(self) -> list[tuple[int, float]]:
         """(i, timestep fed to the model) in sampling order, i = S..1."""
+
+    def begin(self, z: torch.Tensor) -> torch.Tensor:
+        """A batch starts from noise z: reset any per-batch state; the initial state."""
+
+    def model_input(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        """What the model is fed at step i (diffusers' ``scale_model_input``)."""
 
     def draws_noise(self, step: int) -> bool:
         """Whether step i's update takes one standard-normal draw per sample."""

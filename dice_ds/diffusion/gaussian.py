@@ -143,6 +143,13 @@ class Gaussian:
     num_steps: int
     stochastic: bool = True
     guided_channels = GUIDED_CHANNELS
+    draws_own_noise = False
+
+    def begin(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def model_input(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     @property
     def name(self) -> str:

@@ -29,9 +29,16 @@ class RectifiedFlow:
     num_steps: int
     name = "rf"
     guided_channels = None
+    draws_own_noise = False
 
     def timesteps(self) -> list[tuple[int, float]]:
         return rf_times(self.num_steps)
+
+    def begin(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def model_input(self, step: int, z: torch.Tensor) -> torch.Tensor:
+        return z
 
     def draws_noise(self, step: int) -> bool:
         return False

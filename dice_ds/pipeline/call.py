@@ -86,6 +86,8 @@ class CallArgs:
     output_ranks: str
     drawn: tuple | None = None
     """(z [B, C, s, s], y [B]) drawn from ``generators`` at the start of the call."""
+    step_callback: tuple = (None, ())
+    """(``callback_on_step_end``, its tensor inputs): run on rank 0 (``dice_ds.pipeline.core``)."""
 
     def summary(self) -> dict:
         """What every rank must agree on (``agree``), in a form cheap to gather and to print."""
@@ -95,6 +97,7 @@ class CallArgs:
             "num_inference_steps": self.steps, "guidance_scale": self.guidance, "seed": self.seed,
             "first_index": self.first_index, "output_type": self.output_type,
             "output_ranks": self.output_ranks,
+            "callback_on_step_end": self.step_callback[0] is not None,  # its stop is collective
             "latents": None if self.latents is None else
             f"{list(self.latents.shape)} sha256 {_digest(self.latents.numpy().tobytes())}",
             "generator": None if self.generators is None else

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from dice_ds import mcore
 from dice_ds.config import ConfigError
-from dice_ds.diffusion import noise_draws, step_rule
+from dice_ds.diffusion import noise_draws
 from dice_ds.options import mode_name, sampler_of
 from dice_ds.parallel.dims import ParallelDims
 from dice_ds.parallel.groups import build_groups
@@ -50,6 +50,7 @@ from dice_ds.pipeline.call import (
     replay,
 )
 from dice_ds.pipeline.denoise import FiniteCheck, LoopPosition, NonFiniteOutputError, denoise
+from dice_ds.pipeline.diffusers_api import DiffusersWords, StepEnd, check_callback
 from dice_ds.pipeline.output import (
     DiTMoEPipelineOutput,
     deliver,
@@ -71,7 +72,7 @@ from dice_ds.schedule import Schedule
 from dice_ds.vae import build_decoder
 
 
-class DiTMoEPipeline:
+class DiTMoEPipeline(DiffusersWords):
     """Class-conditional sampling of a DiT-MoE on one process or W ranks (DP, EP/DICE, SP).
 
     Build it with ``DiTMoEPipeline.from_pretrained(weights, config=None, device=None, dtype=None,
@@ -156,6 +157,16 @@ class DiTMoEPipeline:
             raise ConfigError(keyword_message(str(e))) from None
         return cls(opts, output_ranks=output_ranks, world_size=world_size)
 
+    def _rebuild(self, opts) -> None:
+        """The one-process pipeline again from ``opts`` (``to()``: another device or dtype)."""
+        try:
+            spec = prepare_spec(opts, 1)
+        except ConfigError as e:
+            raise ConfigError(keyword_message(str(e))) from None
+        self.spec, self.startup = spec, spec.startup
+        self.rank, self.world_size = connect(spec)
+        self._build()
+
     def _build(self) -> None:
         spec, opts = self.spec, self.spec.opts
         with quieter_third_party(opts.verbose):  # megatron's import-time fallback notes
@@ -178,10 +189,6 @@ class DiTMoEPipeline:
         plan = self.spec.plan
         return self.world_size > 1 and (plan.ep_size > 1 or plan.sp_enabled)
 
-    @property
-    def device(self) -> str:
-        return self.spec.device
-
     # -- the call ----------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, class_labels=None, num_inference_steps: int | None = None,
@@ -189,25 +196,28 @@ class DiTMoEPipeline:
                  latents=None, output_type: str = "pil", return_dict: bool = True, *,
                  batch_size: int | None = None, first_index: int = 0,
                  output_ranks: str | None = None, reset_stats: bool = True,
-                 local_limit: int | None = None):
+                 local_limit: int | None = None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: list[str] | None = None):
         """Sample B images (class docstring); collective under W ranks."""
+        self._interrupt = False
         call, local_limit = self._agreed_call(
             (return_dict, reset_stats, local_limit), class_labels, batch_size,
             num_inference_steps, guidance_scale, generator, seed, latents, first_index,
-            output_type, self.output_ranks if output_ranks is None else output_ranks)
+            output_type, self.output_ranks if output_ranks is None else output_ranks,
+            (callback_on_step_end, callback_on_step_end_tensor_inputs))
         if reset_stats and self.runtime is not None:
             self.runtime.reset_stats()
         failure = None
         with quieter_third_party(self.spec.opts.verbose):
             try:
-                positions, x, seconds, cpu = self._sample(call)
+                positions, x, seconds, cpu, sampler = self._sample(call)
                 if local_limit is not None and positions:
                     positions, x = positions[:local_limit], x[:local_limit]
                 rows = encode(x, call.output_type, self.decoder) if positions else None
             except NonFiniteOutputError as e:
                 failure = e
         self._agree_finite(failure)
-        stats = self._stats(call, seconds, cpu)
+        stats = self._stats(call, seconds, cpu, sampler)
         got = deliver(positions, rows, call.output_ranks, self.rank, self.world_size,
                       call.batch_size)
         images, indices = (finish(got[0], call.output_type), got[1]) if got else (None, None)
@@ -217,11 +227,14 @@ class DiTMoEPipeline:
 
     def _agreed_call(self, local: tuple, *args):
         """Check the arguments here, then agree on them with every rank (one all-gather); returns
-        the call and this rank's ``local_limit`` (``local``: the rank-local keywords)."""
+        the call and this rank's ``local_limit`` (``local``: the rank-local keywords; the last
+        of ``args``: the step callback and its tensor inputs)."""
         limit = None
+        *args, (callback, tensor_inputs) = args
         try:
             call = check_call(self, *args)
             limit = check_local(*local, call.output_ranks)
+            call.step_callback = (callback, check_callback(callback, tensor_inputs))
             summary, error = call.summary(), None
         except ConfigError as e:
             call, summary, error = None, None, str(e)
@@ -258,21 +271,27 @@ class DiTMoEPipeline:
         """This rank's sub-batches: (its own positions < B, their sampled rows, seconds per
         sub-batch, this process's CPU seconds per sub-batch: every thread, gloo's too)."""
         cfg, device = self.spec.model_cfg, self.spec.device
-        rule = step_rule(self.sampler_name, call.steps)
-        schedule = Schedule.build(self.spec.plan, call.steps, cfg.depth)  # one per call
+        rule = self.step_rule(call.steps)  # the scheduler's steps: S = its timesteps' count
+        schedule = Schedule.build(self.spec.plan, rule.num_steps, cfg.depth)  # one per call
         own, rows, seconds, cpu, computed = [], [], [], [], set()
         self.finite_check.failure = None  # a group's first non-finite step, raised after the loop
-        for positions, mine in call_sub_batches(self.spec.plan, self._padded(call.batch_size),
-                                                self.rank, self.world_size):
+        padded = self._padded(call.batch_size)
+        subs = call_sub_batches(self.spec.plan, padded, self.rank, self.world_size)
+        ticks = max(len(call_sub_batches(self.spec.plan, padded, r, self.world_size))
+                    for r in range(self.world_size)) * rule.num_steps
+        end = StepEnd(self, *call.step_callback, self.rank, ticks, len(subs) * rule.num_steps,
+                      self.world_size > 1, device)
+        for positions, mine in subs:
             z, y, gens = conditions(call, positions, cfg.in_channels, cfg.input_size,
                                     cfg.num_classes)
             _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            x = denoise(rule, self.model, z.to(device), y.to(device), call.guidance,
-                        runtime=self.runtime, schedule=schedule, generators=gens,
-                        position=self.position, check=self.finite_check,
-                        what=f"the latents of {len(positions)} samples from index "
-                             f"{call.first_index + positions[0]}")
+            x = z.to(device) if end.stopped else denoise(
+                rule, self.model, z.to(device), y.to(device), call.guidance,
+                runtime=self.runtime, schedule=schedule, generators=gens,
+                position=self.position, check=self.finite_check,
+                what=f"the latents of {len(positions)} samples from index "
+                     f"{call.first_index + positions[0]}", on_step_end=end)
             _sync(device)
             seconds.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
@@ -280,13 +299,14 @@ class DiTMoEPipeline:
             kept = [j for j in positions[mine] if j < call.batch_size]  # fillers come last
             own += kept
             rows.append(x[mine][:len(kept)])
+        end.finish()
         if self.finite_check.failure is not None:
             raise self.finite_check.failure
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         replay(call, computed, noise_draws(rule), shape)
-        return own, (torch.cat(rows) if own else None), seconds, cpu
+        return own, (torch.cat(rows) if own else None), seconds, cpu, rule.name
 
-    def _stats(self, call, seconds: list[float], cpu: list[float]) -> dict:
+    def _stats(self, call, seconds: list[float], cpu: list[float], sampler: str) -> dict:
         """The call's measurements (class docstring); collective unless ``local`` or W = 1."""
         rt = self.runtime.stats() if self.runtime is not None else None
         mine = (sum(seconds), *rank_exchange(rt))
@@ -295,7 +315,7 @@ class DiTMoEPipeline:
             parts = [None] * self.world_size
             dist.all_gather_object(parts, mine)
         return {"mode": mode_name(self.spec.plan), "world_size": self.world_size,
-                "sampler": self.sampler_name, "num_images": call.batch_size,
+                "sampler": sampler, "num_images": call.batch_size,
                 "num_inference_steps": call.steps, "guidance_scale": call.guidance,
                 "seconds": max(p[0] for p in parts), "sub_batch_seconds": seconds,
                 "sub_batch_cpu_seconds": cpu,

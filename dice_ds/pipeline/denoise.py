@@ -6,13 +6,21 @@ loop is: what a rank reports when a collective fails mid-batch), ``FiniteCheck``
 computes (dice_ds/diffusion: timesteps, noise draws, update); the schedule says what each runtime
 does at each step (dice_ds/schedule.py); this loop puts them together:
 
+    x = rule.begin(z)                      # a fresh scheduler state; the initial state
     with runtime.batch(schedule):          # reset at entry; finish, or abort on an exception
-        for i, t in rule.timesteps():      # i = S..1
+        for i, t in rule.timesteps():      # i = S..1 (position in the scheduler's timesteps)
             runtime.begin_step(i)
-            out = predict(model, x, t, y, cfg)
-            noise = per-sample draws if rule.draws_noise(i)
+            out = predict(model, rule.model_input(i, x), t, y, cfg)
+            noise = per-sample draws if rule.draws_noise(i)   # (or the generators themselves)
             x = rule.update(i, x, out, noise)
             check(x, out)                   # NaN/inf: stop (or, in an EP/SP group, note it)
+            x, stop = on_step_end(k, t, x)  # callbacks, progress; stop: leave the loop
+
+Every sampler runs here: the hand-written rules (dice_ds/diffusion/rf.py, gaussian.py) and any
+diffusers scheduler (``dice_ds.diffusion.schedulers.SchedulerRule``), so the runtime's step i and
+the schedule come from the rule's timesteps whatever the scheduler. ``on_step_end`` (the
+pipeline's step callback and progress bar) may replace the latents and end the batch early: the
+runtime's batch then finishes normally (nothing is in flight after a completed step).
 
 Invariant: a batch never leaves exchanges in flight, also when a forward raises
 (``dice_ds.lifecycle.BatchLifecycle``), so the next batch on the same runtime starts clean.
@@ -107,7 +115,7 @@ class FiniteCheck:
 def denoise(rule: StepRule, model, z_NCHW: torch.Tensor, y_N: torch.Tensor,
             cfg_scale: float = 1.0, *, runtime=None, schedule=None, generators=None,
             position: LoopPosition | None = None, check: FiniteCheck | None = None,
-            what: str = "the batch's latents") -> torch.Tensor:
+            what: str = "the batch's latents", on_step_end=None) -> torch.Tensor:
     """Run ``rule`` from noise ``z`` with labels ``y``; returns fp32 [N, C, H, W].
 
     ``runtime`` (a ``dice_ds.lifecycle.StepRuntime`` or None) runs the batch under ``schedule``
@@ -115,6 +123,8 @@ def denoise(rule: StepRule, model, z_NCHW: torch.Tensor, y_N: torch.Tensor,
     ``generators``: one per sample, continuing the stream of its initial noise; required when the
     rule draws noise. ``position`` is updated before every forward. ``check``: the finiteness
     check of every step (default: this rank alone); ``what`` names the batch in its error.
+    ``on_step_end(k, t, x) -> (x, stop)``: after step k (0-based, forwards) at model time t; it
+    may replace x, and ``stop`` ends the loop.
     """
     shape = tuple(z_NCHW.shape[1:])
     steps = rule.timesteps()
@@ -128,15 +138,23 @@ def denoise(rule: StepRule, model, z_NCHW: torch.Tensor, y_N: torch.Tensor,
     position = position if position is not None else LoopPosition()
     check = check if check is not None else FiniteCheck()
     position.begin(rule.num_steps)
-    x = z_NCHW.float()
+    x = rule.begin(z_NCHW.float())
     with runtime.batch(schedule) if runtime is not None else nullcontext():
-        for i, t in steps:
+        for k, (i, t) in enumerate(steps):
             t_N = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
             position.at(i)
             if runtime is not None:
                 runtime.begin_step(i)
-            out = predict(model, x, t_N, y_N, cfg_scale, guided_channels=rule.guided_channels)
-            noise = per_sample_randn(generators, shape, x.device) if rule.draws_noise(i) else None
+            out = predict(model, rule.model_input(i, x), t_N, y_N, cfg_scale,
+                          guided_channels=rule.guided_channels)
+            noise = None
+            if rule.draws_noise(i):
+                noise = generators if rule.draws_own_noise else per_sample_randn(
+                    generators, shape, x.device)
             x = rule.update(i, x, out, noise)
             check(x, out, position, what)
+            if on_step_end is not None:
+                x, stop = on_step_end(k, t, x)
+                if stop:
+                    break
     return x

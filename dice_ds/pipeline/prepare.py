@@ -25,12 +25,12 @@ import torch.distributed as dist
 from dice_ds.config import ConfigError, ModelConfig, get_flavor
 from dice_ds.ds_config import (
     ALIASES,
-    DTYPES,
     LEAVES,
     NAMES,
     Settings,
     check_tree,
     config_values,
+    dtype_name,
     load_config,
     merge,
     settings_of,
@@ -60,8 +60,6 @@ JOB_OPTIONS = ("sample_dir", "extra_name", "extra_folder_name", "trim_samples", 
                "num_fid_samples", "per_proc_batch_size")
 """Options of the ``dice-ds sample`` job (sample directory, batch loop), not of the model or
 the run: a config file's values are ignored by the pipeline, a keyword naming one is refused."""
-DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
-               "fp16": "fp16", "float16": "fp16", "half": "fp16", "float": "fp32"}
 
 
 @dataclass
@@ -223,14 +221,6 @@ def _device_name(device) -> str:
         raise ConfigError(f"device={device!r}: use 'cpu' or 'cuda'") from None
 
 
-def _dtype_name(dtype) -> str:
-    text = str(dtype).removeprefix("torch.")
-    if text not in DTYPE_NAMES:
-        raise ConfigError(f"dtype={dtype!r}: use {', '.join(DTYPES[:-1])} or {DTYPES[-1]} (or the "
-                          "torch dtype)")
-    return DTYPE_NAMES[text]
-
-
 def _check_overrides(overrides: dict) -> None:
     kinds = {x.name: x.kind for x in (*LEAVES, *ALIASES.values())}
     for key, value in overrides.items():
@@ -256,7 +246,7 @@ def pipeline_options(name=None, config=None, device=None, dtype=None, **override
     if device is not None:
         call["device"] = _device_name(device)
     if dtype is not None:
-        call["dtype"] = _dtype_name(dtype)
+        call["dtype"] = dtype_name(dtype)
     call.update(overrides)
     weights = _weights_of(name)
     sources = (SHIPPED_DEFAULTS.get(key, {}) if isinstance(key, str) else {}, config_values,

@@ -27,6 +27,9 @@ ALLOWED_LAZY: dict[tuple[str, str], str] = {
     ("dice_ds.cli", DYNAMIC):
         "one table names each subcommand's module and only the chosen one is imported, so that "
         "``dice-ds --help`` and a bad ``dice-ds sample`` flag answer before torch loads",
+    ("dice_ds.pipeline.diffusers_api", "dice_ds.diffusion.schedulers"):
+        "dice_ds.diffusion.schedulers imports diffusers (seconds): loaded only when a pipeline's "
+        "scheduler object is read or set, so that dice-ds sample and import dice_ds never load it",
     ("dice_ds.sample.entry", "dice_ds.sample"):
         "dice_ds.sample.job (torch, the pipeline) is imported after the flags and the launcher's "
         "environment are checked, so that a bad input fails before torch loads",

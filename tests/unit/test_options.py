@@ -67,7 +67,7 @@ def test_every_keyword_is_one_place_of_the_tree_and_flat_configs_convert(tmp_pat
     s = Settings()
     for lf in LEAVES:
         assert tree_of({lf.name: lf.default}) and getattr(s, lf.name) == lf.default, lf.name
-    assert set(ALIASES) == {"dtype", "ep_async_pipeline", "ep_async_mode", "ep_async_layers",
+    assert set(ALIASES) == {"dtype", "torch_dtype", "ep_async_pipeline", "ep_async_mode", "ep_async_layers",
                             "ep_score_use_latest"}
     dests = {a.dest for a in build_parser()._actions} - {"help", "config", "local_rank"}
     assert dests == NAMES  # the CLI is generated from the tree: one flag per keyword, no more
