@@ -346,6 +346,7 @@ def run(prep: Prepared) -> dict | None:
     fingerprint = _claim_sample_dir(prep, out, rank)  # before any weight is read
     torch.manual_seed(opts.global_seed * world + rank)
     pipe = DiTMoEPipeline(prep, output_ranks="local")  # groups, model, runtime, decoder: once
+    pipe.set_progress_bar_config(disable=True)  # the job's own Progress counts the batches
     mine = _sample_loop(prep, pipe, out, rank, world)
     mine.update(rank=rank, peak_memory_bytes=_peak_memory_bytes(prep.device),
                 runtime=pipe.runtime.stats() if pipe.runtime is not None else None,
