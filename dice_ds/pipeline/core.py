@@ -6,8 +6,9 @@ ranks). What a call's arguments mean and where its randomness comes from: ``dice
 the output types: ``dice_ds.pipeline.output``; which rank samples and owns which position:
 ``dice_ds.parallel.sp_batches``.
 
-A call builds its schedule once (``dice_ds.schedule.Schedule``: it knows the step count) and its
-step rule (``dice_ds.diffusion.step_rule``), and runs every sub-batch through the denoising loop
+A call builds its step rule once (the flavor's sampler, or the user's diffusers scheduler:
+``DiffusersWords.step_rule``) and its schedule of as many steps as the rule has timesteps
+(``dice_ds.schedule.Schedule``), and runs every sub-batch through the denoising loop
 (``dice_ds.pipeline.denoise``) with that schedule handed to the runtime.
 
 A step that produces NaN/inf stops the call with one ``NonFiniteOutputError`` line on every rank
@@ -94,14 +95,18 @@ class DiTMoEPipeline(DiffusersWords):
     SP group samples its members' positions together; with EP, B is padded to a multiple of W
     with filler samples (computed, never returned) so that every rank sends tokens.
 
+    diffusers' other words (``scheduler``, ``labels``/``id2label``/``get_label_ids``,
+    ``torch_dtype``, ``.to()``/``.device``/``.dtype``, the progress bar, ``callback_on_step_end``):
+    ``dice_ds.pipeline.diffusers_api``.
+
     Differences from diffusers' ``DiTPipeline`` (same names, same meaning otherwise):
 
     - construction: a dice_ds checkpoint / shipped model / flavor plus a ds_config and overrides,
-      not a diffusers repository; device, dtype and the parallel mode are fixed at construction
-      (no ``.to()``); the sampler is the config's (RF for XL/G and digits, DDPM for S/B; DDIM on
-      request), not a swappable scheduler;
-    - ``class_labels``: class ids (no ``get_label_ids``); ``None`` with ``batch_size=B`` draws the
-      labels per sample as ``dice-ds sample`` does;
+      not a diffusers repository; on W > 1 ranks the device, dtype and parallel mode are fixed at
+      construction (``.to()`` elsewhere is refused in one line); images go to rank 0 only unless
+      ``output_ranks="all"``;
+    - ``class_labels``: class ids (``get_label_ids`` turns words into them); ``None`` with
+      ``batch_size=B`` draws the labels per sample as ``dice-ds sample`` does;
     - ``guidance_scale``: default the config's ``cfg_scale`` (1.5), not 4.0; must be >= 1, and 1
       runs the plain conditional forward; RF guides all latent channels, DDPM/DDIM the first 3
       (DiT's legacy rule, ``dice_ds.diffusion``); both branches are evaluated on the conditional
@@ -116,8 +121,9 @@ class DiTMoEPipeline(DiffusersWords):
       (clamp(127.5·x + 128) truncated: the bytes ``dice-ds sample`` writes) rather than
       round(255·x); ``"np"``/``"pt"`` keep the decoder's channels (1 for the pixel-space digits
       model, whose "latents" are the images in [-1, 1]);
-    - the output also carries ``stats`` (mode, world_size, sampler, num_images,
-      num_inference_steps, guidance_scale, ``seconds``: sampler time, max over ranks;
+    - the output also carries ``stats`` (mode, world_size, sampler: 'rf'/'ddpm'/'ddim' or the
+      scheduler's class name, num_images, num_inference_steps, guidance_scale, ``seconds``:
+      sampler time, max over ranks;
       ``sub_batch_seconds``: this rank's, ``sub_batch_cpu_seconds`` its process's CPU seconds
       (all threads); ``bytes_exchanged`` (sum over ranks) and
       ``cache_peak_bytes`` (max) as in run.json, over every rank except with

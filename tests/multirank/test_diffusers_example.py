@@ -26,8 +26,9 @@ from distributed import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DICE = os.path.join(ROOT, "configs", "ds", "digits_dice.json")
-DIGITS_LINE = (f'pipe = DiTPipeline.from_pretrained("digits", config={DICE!r}, '
+DIGITS_LINE = ('pipe = DiTPipeline.from_pretrained("digits", config="configs/ds/digits_dice.json", '
                'torch_dtype=torch.float32, output_ranks="all")')
+"""The checkpoint line of the README's example (the config relative to the repository root)."""
 
 
 def diffusers_example(checkpoint_line: str, digits: bool) -> str:
@@ -91,12 +92,15 @@ def _run_example(code: str) -> dict:
 
 
 def _examples(rank, world, ckpt, vae):
-    return {"digits": _run_example(diffusers_example(
-                DIGITS_LINE if world > 1 else DIGITS_LINE.replace(f"config={DICE!r}, ", ""), True)),
+    line = DIGITS_LINE.replace('config="configs/ds/digits_dice.json", ',
+                               f"config={DICE!r}, " if world > 1 else "")
+    return {"digits": _run_example(diffusers_example(line, True)),
             "s2": _run_example(diffusers_example(s2_line(ckpt, vae, world), False))}
 
 
 def test_diffusers_ditpipeline_example_at_one_and_two_ranks_and_under_torchrun(tmp_path):
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert f"```python\n{diffusers_example(DIGITS_LINE, True)}```" in readme  # the README shows it
     ckpt, vae = s2_fixtures(str(tmp_path))
     r0, r1 = run_ranks(_examples, 2, tmp_path, ckpt, vae, timeout=400)
     (one,) = run_ranks(_examples, 1, tmp_path, ckpt, vae, timeout=400)
@@ -117,7 +121,7 @@ def test_diffusers_ditpipeline_example_at_one_and_two_ranks_and_under_torchrun(t
         f"    numpy.save({str(tmp_path / 'tr.npy')!r}, numpy.asarray(image))\n"
         f"    json.dump(output.stats['mode'], open({str(tmp_path / 'tr.json')!r}, 'w'))\n"))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(script)], cwd=tmp_path,
+                           "--nproc_per_node", "2", str(script)], cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
