@@ -16,16 +16,17 @@ from dice_ds.config import ModelConfig
 
 
 def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
-                       ep_size: int = 1) -> TransformerConfig:
+                       ep_size: int = 1, num_experts: int | None = None) -> TransformerConfig:
     """megatron ``TransformerConfig`` for the MoE layers of ``cfg`` at expert-parallel size
-    ``ep_size``."""
+    ``ep_size``; ``num_experts``: megatron's expert count when it is not ``cfg.num_experts`` (the
+    physical slots of an expert placement, ``dice_ds/moe/placement.py``)."""
     return TransformerConfig(
         num_layers=cfg.depth,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_heads,
         ffn_hidden_size=cfg.expert_ffn_size,
         moe_ffn_hidden_size=cfg.expert_ffn_size,
-        num_moe_experts=cfg.num_experts,
+        num_moe_experts=cfg.num_experts if num_experts is None else num_experts,
         moe_router_topk=cfg.top_k,
         moe_router_score_function="softmax",
         moe_router_pre_softmax=True,  # softmax over all E, then top-k: raw probabilities

@@ -3,10 +3,11 @@
 Owns ``DiTMoE`` (patch/timestep/class embeddings, adaLN-Zero blocks, final layer, unpatchify),
 ``forward_with_cfg`` (one merged forward on the doubled batch), ``build_model`` and ``init_weights``.
 Expert parallelism enters only through the process groups handed to ``build_model``: with an EP
-group of size W each MoE layer holds E/W experts (megatron's contiguous placement); everything else
-is replicated. DICE modes are installed afterwards by ``dice_ds.parallel.parallelize_dit_moe``;
-sequence parallelism enters through the ``sp_runtime`` seam (token shard after the embeddings,
-full-length gather before the final layer) and each attention's ``runtime`` (K/V).
+group of size W each MoE layer holds E/W experts (megatron's contiguous placement, or the slots of
+an expert ``placement``, ``dice_ds/moe/placement.py``); everything else is replicated. DICE modes
+are installed afterwards by ``dice_ds.parallel.parallelize_dit_moe``; sequence parallelism enters
+through the ``sp_runtime`` seam (token shard after the embeddings, full-length gather before the
+final layer) and each attention's ``runtime`` (K/V).
 
 Shape legend: N batch, T tokens, D hidden, C channels, S latent side.
 """
@@ -60,7 +61,8 @@ class DiTBlock(nn.Module):
 class DiTMoE(nn.Module):
     """Class-conditional DiT with MoE FFNs. forward(x [N,C,S,S], t [N], y [N]) -> [N, C_out, S, S]."""
 
-    def __init__(self, cfg: ModelConfig, pg_collection, params_dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, pg_collection, params_dtype: torch.dtype = torch.float32,
+                 placement=None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -73,7 +75,7 @@ class DiTMoE(nn.Module):
             sincos_pos_embed_2d(d, grid).unsqueeze(0), requires_grad=False
         )
         self.blocks = nn.ModuleList(
-            DiTBlock(cfg, mcore.build_moe_layer(cfg, pg_collection, i, params_dtype))
+            DiTBlock(cfg, mcore.build_moe_layer(cfg, pg_collection, i, params_dtype, placement))
             for i in range(cfg.depth)
         )
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
@@ -121,7 +123,7 @@ class DiTMoE(nn.Module):
 
 
 def build_model(cfg: ModelConfig, groups=None, params_dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> DiTMoE:
+                device: torch.device | str = "cpu", placement=None) -> DiTMoE:
     """Build a DiT-MoE on ``groups`` (a ``dice_ds.parallel.groups.ModelGroups``; None: a world of
     one rank, where every group is the default group), without
     allocating first: the module tree is built on the meta device, then every parameter is
@@ -132,6 +134,9 @@ def build_model(cfg: ModelConfig, groups=None, params_dtype: torch.dtype = torch
     A constructor without side effects: it starts no process group, checks no version and patches
     nothing: the entry point has started the default process group and called
     ``dice_ds.mcore.prepare(device)`` (the pipeline, the CLI and the tests' fixtures do).
+
+    ``placement``: a ``dice_ds.moe.placement.Placement`` for the groups' EP size (None: megatron's
+    contiguous placement).
     """
     if not mcore.prepared(device):
         raise RuntimeError(f"build_model on {device}: megatron-core is not prepared; call "
@@ -140,8 +145,11 @@ def build_model(cfg: ModelConfig, groups=None, params_dtype: torch.dtype = torch
     if groups is None and not (dist.is_initialized() and dist.get_world_size() == 1):
         raise RuntimeError("build_model without groups needs a started 1-rank world; pass "
                            "groups=local_model_groups() (dice_ds.parallel.groups) otherwise")
+    pgs = mcore.process_groups(groups)
+    if placement is not None:
+        placement.validate(num_experts=cfg.num_experts, ep_size=pgs.ep.size(), depth=cfg.depth)
     with torch.device("meta"):
-        model = DiTMoE(cfg, mcore.process_groups(groups), params_dtype).to(dtype=params_dtype)
+        model = DiTMoE(cfg, pgs, params_dtype, placement).to(dtype=params_dtype)
     model.to_empty(device=device)
     advise_huge_pages(model.parameters())  # before the first write (dice_ds/hugepages.py)
     fill_fixed_tables(model)
@@ -192,7 +200,7 @@ def init_weights(model: DiTMoE, mode: str = "random", seed: int = 0, std: float 
     # experts: one generator stream per (layer, global expert) so placement does not change values
     for li, moe in enumerate(model.moe_layers()):
         for local_i, weights in enumerate(expert_weight_views(moe.experts)):
-            global_e = moe.local_expert_indices[local_i]
+            global_e = moe.local_logical_experts[local_i]  # the logical expert of the slot
             egen = torch.Generator().manual_seed(seed * 1_000_003 + li * 1009 + global_e)
             for p in weights:
                 if mode == "dit":

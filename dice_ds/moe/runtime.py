@@ -246,8 +246,7 @@ class DiceRuntime(BatchLifecycle):
         if routing.slot_ids_T2 is None:
             return RecordExtras()
         rows_token_R = layer.token_dispatcher.reversed_local_input_permutation_mapping
-        experts = torch.arange(rmap_TE.shape[1], device=rmap_TE.device)
-        expert_R = torch.repeat_interleave(experts, rmap_TE.sum(dim=0))
+        expert_R = layer.row_experts(rmap_TE)  # logical experts, also under a placement
         row_slot_R = (expert_R != routing.slot_ids_T2[rows_token_R, 0]).to(torch.int8)
         return RecordExtras(row_slot_R=row_slot_R, slot_probs_T2=routing.slot_probs_T2,
                             skipped_slot_T=routing.skipped_slot_T)

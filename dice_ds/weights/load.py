@@ -2,8 +2,8 @@
 
 Owns ``load_into_model(model, source)``, the one path by which weights enter a ``DiTMoE`` (the
 source is a ``dice_ds/weights/read.py`` reader, or a state dict, read through ``InMemoryReader``),
-plus ``LoadResult``, ``CheckpointMismatchError``, ``local_expert_ids`` and ``time_plain_read`` (the
-I/O floor of a load, ``docs/scale.md``). For every model tensor it asks
+plus ``LoadResult``, ``CheckpointMismatchError``, ``local_expert_ids`` / ``layer_expert_ids`` and
+``time_plain_read`` (the I/O floor of a load, ``docs/scale.md``). For every model tensor it asks
 ``dice_ds/weights/keymap.py`` which released
 tensors fill which rows of it (``released_sources``) and where each released tensor lives in this
 checkpoint (``released_view``: itself, or a region of a dice_ds-layout tensor), checks the whole
@@ -14,10 +14,12 @@ all), then copies region by region with ``reader.read_into``: each routed expert
 its ``linear_fc1``), cast on the way; no mapped state dict, no stack, no second copy. Every
 region is refused if it holds NaN/inf as it is read (``dice_ds/weights/read.py``).
 
-Invariants: only this rank's experts are read (the others are counted as dropped); values are
-bitwise those of a ``load_state_dict`` of the mapped dict (a copy_ with the same cast); the only
-tensor ever skipped non-strictly is ``pos_embed`` at another image size, regenerated with a warning
-(pitfall 17 in docs/).
+Invariants: only this rank's experts are read (the others are counted as dropped): per MoE layer the
+logical experts of its local slots (``DiTMoELayer.local_logical_experts``: megatron's contiguous
+experts, or those an expert placement gives the rank, replicas included;
+``dice_ds/moe/placement.py``); values are bitwise those of a ``load_state_dict`` of the mapped dict
+(a copy_ with the same cast); the only tensor ever skipped non-strictly is ``pos_embed`` at another
+image size, regenerated with a warning (pitfall 17 in docs/).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dice_ds.weights.keymap import held_experts, is_dice_layout, released_source
 from dice_ds.weights.read import CheckpointReader, InMemoryReader, region
 
 _RELEASED_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _EXTRA = "._extra_state"
 
 
@@ -50,8 +53,9 @@ class CheckpointMismatchError(ConfigError):
 class LoadResult:
     """What a load did besides copying matching tensors."""
 
-    local_experts: tuple[int, ...]
-    """Global ids of the experts this model holds (per MoE layer, in local order)."""
+    local_experts: tuple
+    """Global ids of the experts this model holds, in local order: one tuple when every MoE
+    layer holds the same experts, else one tuple per layer (an expert placement)."""
     dropped_expert_keys: int = 0
     """Released expert tensors not read because another EP rank owns them."""
     regenerated_pos_embed: bool = False
@@ -62,20 +66,37 @@ class LoadResult:
     seconds: float = 0.0
 
 
+def layer_expert_ids(model: torch.nn.Module) -> tuple[tuple[int, ...], ...]:
+    """Per MoE layer, the logical (global) expert of each local slot, in local order."""
+    return tuple(tuple(_logical(moe)) for moe in model.moe_layers())
+
+
+def _logical(moe) -> tuple[int, ...]:
+    ids = getattr(moe, "local_logical_experts", None)
+    return tuple(int(i) for i in (moe.local_expert_indices if ids is None else ids))
+
+
 def local_expert_ids(model: torch.nn.Module) -> tuple[int, ...]:
     """Global ids of the experts held by every MoE layer of ``model`` (identical for all layers)."""
-    ids = {tuple(int(i) for i in moe.local_expert_indices) for moe in model.moe_layers()}
+    ids = set(layer_expert_ids(model))
     if len(ids) != 1:
         raise ValueError(f"MoE layers hold different expert sets: {sorted(ids)}")
     return ids.pop()
 
 
-def _checkpoint_view(reader: CheckpointReader, local: tuple[int, ...], num_experts: int) -> dict:
+def _uniform(per_layer: tuple) -> tuple[int, ...] | None:
+    """The one expert tuple of every layer, or None when layers differ."""
+    return per_layer[0] if per_layer and len(set(per_layer)) == 1 else None
+
+
+def _checkpoint_view(reader: CheckpointReader, per_layer: tuple, num_experts: int) -> dict:
     """Released name -> checkpoint region (a dice_ds shard holds this rank's experts in local
-    order: the caller saved its own state dict)."""
+    order: the caller saved its own state dict; only a model whose layers hold the same experts
+    reads one)."""
     shapes = {k: i.shape for k, i in reader.infos.items()}
     if not is_dice_layout(shapes):
         return {k: (k, None, None) for k in shapes}
+    local = _uniform(per_layer) or tuple(range(num_experts))
     shard = len(local) < num_experts and held_experts(shapes) == len(local)
     return released_view(shapes, expert_ids=local if shard else None)
 
@@ -98,13 +119,20 @@ def _dest_view(t: torch.Tensor, index, rows) -> torch.Tensor:
     return t
 
 
-def _plan(model, reader: CheckpointReader, view: dict, local: tuple[int, ...]) -> _Plan:
+def _block_experts(key: str, per_layer: tuple) -> tuple[int, ...]:
+    """The local experts of the block a model key belongs to (any tuple for non-block keys)."""
+    m = _BLOCK.match(key)
+    return per_layer[int(m.group(1))] if m and int(m.group(1)) < len(per_layer) else ()
+
+
+def _plan(model, reader: CheckpointReader, view: dict, per_layer: tuple) -> _Plan:
     plan = _Plan()
     for key, param in model.state_dict(keep_vars=True).items():
         if key.endswith(_EXTRA) or not torch.is_tensor(param):
             continue
         if param.is_meta:
             raise RuntimeError(f"{key} is still on the meta device: materialise the model first")
+        local = _block_experts(key, per_layer)
         for rkey, d_index, d_rows in released_sources(key, tuple(param.shape), local):
             plan.used.add(rkey)
             if rkey not in view:
@@ -128,14 +156,14 @@ def _plan(model, reader: CheckpointReader, view: dict, local: tuple[int, ...]) -
     return plan
 
 
-def _unexpected_and_dropped(view: dict, used: set, local: tuple[int, ...], num_experts: int):
+def _unexpected_and_dropped(view: dict, used: set, per_layer: tuple, num_experts: int):
     unexpected, dropped = [], 0
-    keep = set(local)
     for rkey in view:
         if rkey in used:
             continue
         m = _RELEASED_EXPERT.match(rkey)
-        if m and int(m.group(2)) < num_experts and int(m.group(2)) not in keep:
+        if m and int(m.group(2)) < num_experts \
+                and int(m.group(2)) not in _block_experts(rkey, per_layer):
             dropped += 1  # another EP rank's expert: never read
         else:
             unexpected.append(rkey)
@@ -166,18 +194,18 @@ def load_into_model(model, source: CheckpointReader | dict[str, torch.Tensor], s
     """Fill ``model`` (a materialised ``DiTMoE``) from ``source`` (a reader, or a state dict in
     released or dice_ds layout), in place, region by region (module doc).
 
-    Each MoE layer receives only the experts in its ``local_expert_indices``; the others are never
-    read. Raises ``CheckpointMismatchError`` naming every missing (``strict``), unexpected
+    Each MoE layer receives only the experts of its local slots (``local_logical_experts``); the
+    others are never read. Raises ``CheckpointMismatchError`` naming every missing (``strict``), unexpected
     (``strict``) or wrongly shaped tensor before anything is copied. A ``pos_embed`` for another
     image size is replaced by the model's own table, with a warning. ``progress``: a byte progress
     bar on stderr.
     """
     reader = source if isinstance(source, CheckpointReader) else InMemoryReader(source)
     t0 = time.perf_counter()
-    local, n_experts = local_expert_ids(model), model.cfg.num_experts
-    view = _checkpoint_view(reader, local, n_experts)
-    plan = _plan(model, reader, view, local)
-    unexpected, dropped = _unexpected_and_dropped(view, plan.used, local, n_experts)
+    per_layer, n_experts = layer_expert_ids(model), model.cfg.num_experts
+    view = _checkpoint_view(reader, per_layer, n_experts)
+    plan = _plan(model, reader, view, per_layer)
+    unexpected, dropped = _unexpected_and_dropped(view, plan.used, per_layer, n_experts)
     missing = _check(plan, unexpected, strict, model.cfg.name)
     if plan.regenerate:
         theirs = reader.infos[view["pos_embed"][0]].shape[1]
@@ -198,7 +226,7 @@ def load_into_model(model, source: CheckpointReader | dict[str, torch.Tensor], s
         warnings.warn(f"non-strict checkpoint load: {len(missing)} missing "
                       f"({listed(missing)}), {len(unexpected)} unexpected ({listed(unexpected)})",
                       stacklevel=2)
-    return LoadResult(local_experts=local, dropped_expert_keys=dropped,
+    return LoadResult(local_experts=_uniform(per_layer) or per_layer, dropped_expert_keys=dropped,
                       regenerated_pos_embed=plan.regenerate, missing=tuple(missing),
                       unexpected=tuple(unexpected), bytes_read=reader.bytes_read - before,
                       seconds=time.perf_counter() - t0)
@@ -257,9 +285,9 @@ def time_plain_read(model, reader: CheckpointReader) -> dict:
     the model's largest parameter (already resident, about to be overwritten by the load, and
     larger than any CPU cache), so the measurement neither adds to the peak nor writes into a
     cache-resident scratch. Returns bytes and seconds."""
-    local = local_expert_ids(model)
-    view = _checkpoint_view(reader, local, model.cfg.num_experts)
-    copies = _plan(model, reader, view, local).copies
+    per_layer = layer_expert_ids(model)
+    view = _checkpoint_view(reader, per_layer, model.cfg.num_experts)
+    copies = _plan(model, reader, view, per_layer).copies
     sizes = [reader.nbytes(s, i, r) for _, s, i, r in copies]
     big = max(model.parameters(), key=lambda p: p.numel() * p.element_size()).data
     ring = big.reshape(-1).view(torch.uint8) if big.device.type == "cpu" else None
