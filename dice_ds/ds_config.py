@@ -174,6 +174,20 @@ class Moe(_Section):
     num_experts: Count | None = leaf(None, "num_experts", "routed experts E; read from --ckpt (an "
                                      "explicit value must match it); without --ckpt the flavor's",
                                      bound="a count")
+    placement: str = leaf("contiguous", "expert_placement", "which experts each EP rank holds: "
+                          "contiguous (megatron's: rank r holds experts [rE/W, (r+1)E/W)) | "
+                          "balanced (computed at start-up from a calibration forward's routing: "
+                          "busiest rank's rows near the mean) | a placement file (dice-ds "
+                          "placement --out FILE); outputs equal the contiguous run up to float "
+                          "rounding")
+    replicas: NonNeg = leaf(0, "expert_replicas", "with --expert-placement balanced: extra expert "
+                            "slots per rank, holding copies of the hottest experts (memory: one "
+                            "expert's weights per slot and layer)", bound="a slot count")
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, v: str) -> str:
+        return _path_text(v, "give contiguous, balanced or a placement file")
 
 
 class Model(_Section):

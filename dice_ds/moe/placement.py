@@ -56,7 +56,7 @@ class Placement:
     num_experts: int
     ep_size: int
     layers: tuple[tuple[tuple[int, ...], ...], ...]
-    source: str = ""
+    source: str = field(default="", compare=False)
     """What the placement was computed from (a run.json, a bench loads file; free text)."""
     rows: Optional[tuple[tuple[float, ...], ...]] = field(default=None, compare=False)
     """The rows per logical expert and layer it was computed from (None: not known)."""
@@ -80,7 +80,7 @@ class Placement:
 
     @property
     def is_contiguous(self) -> bool:
-        return self == contiguous(self.num_experts, self.ep_size, self.depth)
+        return self == contiguous(self.num_experts, self.ep_size, self.depth)  # source, rows aside
 
     def rank_experts(self, layer: int, rank: int) -> tuple[int, ...]:
         """Logical experts of ``rank``'s slots in ``layer`` (the weights it loads)."""
@@ -334,6 +334,44 @@ def rows_from_loads(loads: dict, num_layers: Optional[int] = None) -> list[list[
     return [by_layer[l] for l in range(depth)]
 
 
+# -- what a run measured ----------------------------------------------------------------------
+
+def routing_counts(model) -> dict:
+    """This rank's rows per logical expert and per physical slot of every MoE layer, summed over
+    the calls so far (``DiTMoELayer.expert_rows_E`` / ``slot_rows_P``; empty lists before any)."""
+    def rows(layer, name):
+        value = getattr(layer, name, None)
+        return [] if value is None else [int(x) for x in value.tolist()]
+
+    layers = model.moe_layers()
+    return {"expert_rows": [rows(layer, "expert_rows_E") for layer in layers],
+            "slot_rows": [rows(layer, "slot_rows_P") for layer in layers]}
+
+
+def run_record(placement, ep_size: int, per_rank: Sequence[dict]) -> dict:
+    """run.json's ``expert_placement``: the placement used (``"contiguous"`` or its JSON), the
+    rows per logical expert (all ranks), the rows each EP rank's slots computed and, per layer,
+    the busiest EP rank's rows over the mean (``imbalance``; its max and median over layers).
+    ``per_rank``: each rank's ``routing_counts``."""
+    out: dict = {"placement": placement.to_json() if isinstance(placement, Placement)
+                 else "contiguous"}
+    if not per_rank or not per_rank[0].get("expert_rows") or ep_size < 1:
+        return out
+    experts = [[sum(col) for col in zip(*layer)] for layer in
+               zip(*(r["expert_rows"] for r in per_rank))]
+    slots = [[sum(col) for col in zip(*layer)] for layer in zip(*(r["slot_rows"] for r in per_rank))]
+    ranks = []
+    for layer in slots:
+        per = max(len(layer) // ep_size, 1)
+        ranks.append([sum(layer[r * per:(r + 1) * per]) for r in range(ep_size)])
+    ratios = sorted(imbalance(r) for r in ranks)
+    out.update(expert_rows=experts, ep_rank_rows=ranks,
+               imbalance=[round(imbalance(r), 4) for r in ranks],
+               imbalance_max=round(ratios[-1], 4),
+               imbalance_median=round(ratios[len(ratios) // 2], 4))
+    return out
+
+
 # -- routing onto physical slots --------------------------------------------------------------
 
 class SlotRouting:
@@ -388,6 +426,42 @@ class SlotRouting:
         slots = torch.arange(map_TP.shape[1], device=map_TP.device)
         slot_R = torch.repeat_interleave(slots, map_TP.sum(dim=0))
         return slot_R if self.identity else self._on(map_TP.device)[0][slot_R]
+
+
+BALANCED = "balanced"
+
+
+def placement_setting(setting: str, replicas: int, *, num_experts: int, ep_size: int, depth: int):
+    """What ``moe.placement`` / ``moe.replicas`` ask for, checked before any process group (one
+    ``ConfigError`` line each): None (megatron's contiguous placement), ``BALANCED`` (computed at
+    start-up) or the placement file's ``Placement``, validated against the run."""
+    if setting == "contiguous":
+        if replicas:
+            raise ConfigError(f"--expert-replicas {replicas} needs --expert-placement balanced "
+                              "(the contiguous placement has no replicas): add it or drop "
+                              "--expert-replicas")
+        return None
+    if ep_size <= 1:
+        raise ConfigError(f"--expert-placement {setting} places experts on expert-parallel ranks: "
+                          "add --ep (and --ep-size), or drop --expert-placement")
+    if setting == BALANCED:
+        check_replicas(replicas, num_experts, ep_size)
+        return BALANCED
+    where = f"--expert-placement {setting}"
+    placement = Placement.read(setting, "--expert-placement").validate(
+        num_experts=num_experts, ep_size=ep_size, depth=depth, where=where)
+    if replicas and replicas != placement.replicas:
+        raise ConfigError(f"{where} has {placement.replicas} extra slots per rank but "
+                          f"--expert-replicas {replicas} was given: drop --expert-replicas (the "
+                          "file decides)")
+    return None if placement.is_contiguous else placement
+
+
+def replicas_of(placement, replicas: int) -> int:
+    """Extra expert slots per rank of a ``placement_setting`` answer (``replicas`` when it is
+    still to be computed)."""
+    return placement.replicas if isinstance(placement, Placement) else (
+        replicas if placement == BALANCED else 0)
 
 
 def check_replicas(replicas: int, num_experts: int, ep_size: int) -> None:

@@ -38,6 +38,7 @@ from dice_ds.ds_config import (
     tree_of,
 )
 from dice_ds.launch_env import env_world_size
+from dice_ds.moe.placement import placement_setting, replicas_of
 from dice_ds.options import latent_side, validate, validate_options
 from dice_ds.parallel.apply import parallelize_dit_moe
 from dice_ds.parallel.groups import init_distributed
@@ -78,6 +79,10 @@ class PipelineSpec:
     """``dice_ds.parallel.apply.parallelize_dit_moe`` (None: the pipeline attaches no runtime)."""
     startup: object = None
     """This rank's ``dice_ds.startup.StartupLog`` (phases, bytes read, memory; run.json)."""
+    placement: object = None
+    """The expert placement (``dice_ds.moe.placement``: a ``Placement``, ``BALANCED`` to compute
+    at start-up, None for megatron's contiguous one); the build replaces ``BALANCED`` by the
+    computed ``Placement``."""
     checkpoint_notes: tuple[str, ...] = ()
     """What ``check_architecture`` had to assume about the checkpoint (a file without metadata:
     heads, image size) or replaced (``pos_embed`` with ``--regenerate-pos-embed``): stated once in
@@ -143,9 +148,13 @@ def prepare_spec(opts: Settings, world_size: int | None = None) -> PipelineSpec:
     cfg, reader, notes = model_config(opts)
     check_decoder(opts.vae, opts.vae_path, cfg.in_channels)
     plan = validate(opts, world, cfg)
-    check_memory(opts, cfg, plan, device)  # before anything is built: one line if it cannot fit
+    placement = placement_setting(opts.expert_placement, opts.expert_replicas,
+                                  num_experts=cfg.num_experts, ep_size=plan.ep_size,
+                                  depth=cfg.depth)
+    # before anything is built: one line if it cannot fit
+    check_memory(opts, cfg, plan, device, replicas_of(placement, opts.expert_replicas))
     return PipelineSpec(opts, cfg, plan, world, device, reader, parallelize_fn(plan),
-                        startup=StartupLog(), checkpoint_notes=notes)
+                        startup=StartupLog(), checkpoint_notes=notes, placement=placement)
 
 
 def state_checkpoint_notes(spec: PipelineSpec, rank: int) -> None:

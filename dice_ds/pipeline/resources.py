@@ -86,33 +86,37 @@ def _workload(opts, cfg) -> Workload:
                     cfg_guidance=opts.cfg_scale > 1, steps=steps_of(opts), dtype=opts.dtype)
 
 
-def weight_bytes(opts, cfg, plan) -> float:
+def weight_bytes(opts, cfg, plan, replicas: int = 0) -> float:
     """Parameter bytes per rank: ``memory``'s ``expert_weights + dense_weights`` (routed experts
-    split over the EP group), without the per-layer schedule its caches need."""
-    return float((expert_params(cfg, plan.ep_size) + dense_params(cfg)) * DTYPE_BYTES[opts.dtype])
+    split over the EP group, plus ``replicas`` expert slots per layer), without the per-layer
+    schedule its caches need."""
+    experts = expert_params(cfg, plan.ep_size, replicas)
+    return float((experts + dense_params(cfg)) * DTYPE_BYTES[opts.dtype])
 
 
-def planned_bytes(opts, cfg, plan) -> dict[str, float]:
+def planned_bytes(opts, cfg, plan, replicas: int = 0) -> dict[str, float]:
     """The plan's memory column for this run (dice_ds/plan/memory.py), bytes per rank."""
     sched = Schedule.build(plan, steps_of(opts), cfg.depth)
-    return memory(_workload(opts, cfg), sched, plan.ep_size, plan.sp_size, plan.payload_dtype)
+    return memory(_workload(opts, cfg), sched, plan.ep_size, plan.sp_size, plan.payload_dtype,
+                  replicas)
 
 
 def _gib(x: float) -> str:
     return f"{x / 2**30:.1f} GiB"
 
 
-def check_memory(opts, cfg, plan, device: str) -> None:
-    """Refuse a run whose planned memory exceeds what this machine has (module docstring)."""
+def check_memory(opts, cfg, plan, device: str, replicas: int = 0) -> None:
+    """Refuse a run whose planned memory exceeds what this machine has (module docstring);
+    ``replicas``: extra expert slots per rank and layer (an expert placement's)."""
     if opts.skip_memory_check:
         return
     available, what = available_bytes(device)
     if available is None:
         return
     ranks = 1 if device == "cuda" else local_world_size()
-    weights = weight_bytes(opts, cfg, plan)
+    weights = weight_bytes(opts, cfg, plan, replicas)
     if weights * ranks <= available:  # the weights fit: count the rest (needs the schedule)
-        total = sum(planned_bytes(opts, cfg, plan).values())
+        total = sum(planned_bytes(opts, cfg, plan, replicas).values())
         if total * ranks <= available:
             return
         needed, parts = total, "weights, activations and caches"
@@ -122,7 +126,8 @@ def check_memory(opts, cfg, plan, device: str) -> None:
     lower = ["--ep (experts split over the ranks)" if plan.ep_size == 1 else
              "a larger --ep-size", "--dtype bf16" if opts.dtype == "fp32" else None,
              "a smaller --per-proc-batch-size" if parts != "weights alone" else None,
-             "more ranks (nodes)", "a smaller --depth" if opts.depth else None]
+             "more ranks (nodes)", "a smaller --depth" if opts.depth else None,
+             "fewer --expert-replicas" if replicas else None]
     raise ConfigError(f"the run needs {_gib(needed)} per rank ({parts}, as dice-ds plan counts "
                       f"them){on} but {what} is {_gib(available)}: lower it with "
                       f"{', '.join(x for x in lower if x)}, or pass --skip-memory-check")

@@ -4,7 +4,8 @@ Owns the byte formulas (caches checked against the bench's measured ``ep_cache_p
 docs/plan.md; weights and activations against measured peaks in docs/scale.md). N rows per rank
 and layer, k slots, h hidden, F expert FFN, F_s shared FFN, b payload bytes, c prob columns:
 
-- routed expert weights: L x (E / ep) x 3 h F x act bytes (all E without EP);
+- routed expert weights: L x (E / ep + r) x 3 h F x act bytes (all E without EP; r: the extra
+  slots per rank of an expert placement with replicas, dice_ds/moe/placement.py);
 - dense weights: everything else (attention, adaLN, router, shared expert, embeddings, final
   layer; ``dense_params``), replicated on every rank;
 - activations: the largest transient of one layer call: the MoE layer's permuted rows and SwiGLU
@@ -35,9 +36,11 @@ def dense_params(cfg) -> int:
     return cfg.depth * block + top
 
 
-def expert_params(cfg, ep: int) -> int:
-    """Routed-expert parameters one rank holds: its E / ep experts of every layer (3 matrices)."""
-    return cfg.depth * (cfg.num_experts // max(ep, 1)) * 3 * cfg.hidden_size * cfg.expert_ffn_size
+def expert_params(cfg, ep: int, replicas: int = 0) -> int:
+    """Routed-expert parameters one rank holds: its E / ep experts of every layer, plus
+    ``replicas`` extra slots per layer (copies of hot experts), 3 matrices each."""
+    slots = cfg.num_experts // max(ep, 1) + replicas
+    return cfg.depth * slots * 3 * cfg.hidden_size * cfg.expert_ffn_size
 
 
 def activation_bytes(w: Workload, sp: int = 1) -> float:
@@ -49,7 +52,8 @@ def activation_bytes(w: Workload, sp: int = 1) -> float:
                  * DTYPE_BYTES[w.dtype])
 
 
-def memory(w: Workload, sched: Schedule, ep: int, sp: int, payload: str | None) -> dict:
+def memory(w: Workload, sched: Schedule, ep: int, sp: int, payload: str | None,
+           replicas: int = 0) -> dict:
     c = w.cfg
     h, k, n, L = c.hidden_size, c.top_k, w.rows, c.depth
     act = DTYPE_BYTES[w.dtype]
@@ -60,7 +64,7 @@ def memory(w: Workload, sched: Schedule, ep: int, sp: int, payload: str | None) 
     stale = float(sum(x.dispatch * disp + x.combine * comb for x in held))
     skip = n * 2 * h * act * L if sched.skip_steps else 0.0
     kv = (L * 2 * n * sp * h * act + L * 2 * n * h * act) if sched.sp_async else 0.0
-    experts = expert_params(c, ep) * act
+    experts = expert_params(c, ep, replicas) * act
     return {"expert_weights": float(experts), "dense_weights": float(dense_params(c) * act),
             "activations": activation_bytes(w, sp), "stale_cache": float(stale),
             "skip_cache": float(skip), "kv_cache": float(kv)}

@@ -45,6 +45,7 @@ import numpy as np
 import dice_ds
 from dice_ds.config import ConfigError
 from dice_ds.diffusion import labels_for
+from dice_ds.moe.placement import Placement, routing_counts, run_record
 from dice_ds.options import (
     RunOptions,
     auto_sample_dir,
@@ -222,6 +223,10 @@ def _fingerprint(prep: Prepared, ckpt_sha256: str | None, vae_sha256: str | None
         settings["depth"] = cfg.depth
     if prep.regenerated_pos_embed:  # likewise: only runs that replaced the checkpoint's table
         settings["regenerated_pos_embed"] = True
+    if prep.placement is not None:  # likewise: an expert placement (rounding may differ)
+        settings["expert_placement"] = (prep.placement.to_json()["layers"]
+                                        if isinstance(prep.placement, Placement)
+                                        else [prep.placement, opts.expert_replicas])
     return run_fingerprint(settings=settings, plan_fields=dataclasses.asdict(plan),
                            world_size=prep.world_size, per_proc_batch_size=opts.per_proc_batch_size)
 
@@ -284,6 +289,9 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
         # what was assumed about the checkpoint or replaced in it (dice_ds/weights/check.py)
         "checkpoint_notes": list(prep.checkpoint_notes),
         "regenerated_pos_embed": prep.regenerated_pos_embed,
+        # the expert placement used and the routing rows it met (dice_ds/moe/placement.py)
+        "expert_placement": run_record(prep.placement, plan.ep_size,
+                                       [r.get("routing") or {} for r in per_rank]),
     })
     info.update({
         "model": opts.model, "mode": mode_name(plan), "world_size": prep.world_size,
@@ -350,6 +358,7 @@ def run(prep: Prepared) -> dict | None:
     mine = _sample_loop(prep, pipe, out, rank, world)
     mine.update(rank=rank, peak_memory_bytes=_peak_memory_bytes(prep.device),
                 runtime=pipe.runtime.stats() if pipe.runtime is not None else None,
+                routing=routing_counts(pipe.model),
                 startup=prep.startup.as_dict(),
                 host=socket.gethostname(), start_time=start_time, threads=torch.get_num_threads())
     if rank == 0:

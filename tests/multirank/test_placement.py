@@ -87,3 +87,48 @@ def test_each_rank_holds_and_computes_its_slots(placed):
             assert per_expert.tolist() == base[l].tolist(), (name, l)
             if name == "replicas":
                 assert (sent[l] > 0).all(), (l, sent[l].tolist())
+
+
+def _pipeline_ranks(rank, world, placement_file):
+    """The pipeline from settings: contiguous, balanced at start-up (with replicas) and a placement
+    file, in sync EP and DICE."""
+    from golden_modes import DEBUG, LABELS, SEED, _pipeline
+
+    from dice_ds.modes import by_key
+
+    out = {}
+    for key in ("sync", "dice"):
+        for name, extra in (("contiguous", {}),
+                            ("balanced", {"expert_placement": "balanced", "expert_replicas": 1}),
+                            ("file", {"expert_placement": placement_file})):
+            pipe = _pipeline((DEBUG, {**by_key(key).settings, **extra}))
+            got = pipe(class_labels=LABELS["debug"], seed=SEED, output_type="latent")
+            out[name, key] = got.images.numpy() if rank == 0 else None
+            out[name, key, "placement"] = pipe.spec.placement
+            out[name, key, "local"] = [m.local_logical_experts for m in pipe.model.moe_layers()]
+            pipe.runtime.detach()
+    return out
+
+
+def test_pipeline_places_experts_from_its_settings(tmp_path):
+    from dice_ds.moe.placement import Placement
+
+    path = tmp_path / "placement.json"
+    Placement(4, 2, tuple(tuple(tuple(r) for r in lay) for lay in PLACEMENTS[2]["replicas"]),
+              source="test").write(str(path))
+    per_rank = run_ranks(_pipeline_ranks, 2, tmp_path, str(path), timeout=600)
+    for key in ("sync", "dice"):
+        want = torch.from_numpy(per_rank[0]["contiguous", key])
+        for name in ("balanced", "file"):
+            got = torch.from_numpy(per_rank[0][name, key])
+            err = ((got - want).norm() / want.norm()).item()
+            assert err <= REL_TOL, (name, key, err)
+        assert per_rank[0]["contiguous", key, "placement"] is None
+        computed = per_rank[0]["balanced", key, "placement"]
+        # every rank computed the same placement, with one extra slot per rank, and holds its slots
+        assert computed.replicas == 1 and all(r["balanced", key, "placement"] == computed
+                                              for r in per_rank)
+        for rank, res in enumerate(per_rank):
+            assert res["balanced", key, "local"] == [lay[rank] for lay in computed.layers]
+            assert [list(x) for x in res["file", key, "local"]] == \
+                [lay[rank] for lay in PLACEMENTS[2]["replicas"]]
