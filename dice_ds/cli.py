@@ -21,17 +21,20 @@ COMMANDS = {
     "bench": "dice_ds.bench.cli",
     "plan": "dice_ds.plan.cli",
     "tune": "dice_ds.tune.cli",
+    "placement": "dice_ds.moe.placement_cli",
     "make-checkpoint": "dice_ds.weights.write",
 }
 """subcommand -> the module whose ``main(argv)`` runs it (imported when chosen)."""
 
-USAGE = """usage: dice-ds {sample,eval,bench,plan,tune,make-checkpoint} [options]
+USAGE = """usage: dice-ds {sample,eval,bench,plan,tune,placement,make-checkpoint} [options]
 
   sample   sample images from a DiT-MoE (data or expert parallel, DICE); see dice-ds sample --help
   eval     evaluate a sample directory or .npz; see dice-ds eval --help
   bench    speed of every parallel mode on loopback and emulated links; see dice-ds bench --help
   plan     predicted step time of every mode on GPUs and links; see dice-ds plan --help
   tune     choose async layers, sync steps and skipping for a quality budget; see dice-ds tune --help
+  placement
+           balanced expert placement file from measured routing rows; see dice-ds placement --help
   make-checkpoint
            write a random released-layout checkpoint at real size (bounded memory);
            see dice-ds make-checkpoint --help
