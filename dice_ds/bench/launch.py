@@ -113,7 +113,20 @@ def record_of(info: dict, sample_dir: Path) -> dict:
         "sp_stats": [{k: v for k, v in r.items() if k.startswith("sp_")} for r in ranks],
         "latents": str(sample_dir / "latents.npz"),
         "sync_fraction": sync_fraction(ranks[0]) if ranks else None,
+        "expert_balance": expert_balance_of(info.get("expert_placement")),
     }
+
+
+def expert_balance_of(record: dict | None) -> dict | None:
+    """A run.json's ``expert_placement`` without its tables: the busiest EP rank's rows over the
+    mean (worst, median layer) and the placement's name (its source for a computed one)."""
+    if not record or record.get("imbalance_max") is None:
+        return None
+    placement = record.get("placement")
+    name = placement if isinstance(placement, str) else (
+        f"{placement.get('slots_per_rank')} slots/rank ({placement.get('source') or 'file'})")
+    return {"imbalance_max": record["imbalance_max"],
+            "imbalance_median": record["imbalance_median"], "placement": name}
 
 
 def probe_run(links: Links, link: str, port: int, bytes_per_call: int, calls: int,

@@ -34,7 +34,10 @@ Definitions (docs/benchmarks.md "Method"):
 - phases: rank 0's exclusive seconds per phase summed over the run, median over rounds;
 - bytes: remote all-to-all bytes per rank and their sum; cache: peak stale-exchange bytes (max rank);
 - PSNR: of the mode's latents against the sync EP latents of the same round and seeds, with the
-  sync latents' peak-to-peak range as the signal (inf when identical).
+  sync latents' peak-to-peak range as the signal (inf when identical);
+- expert balance (``expert_balance``): the busiest EP rank's expert rows over the mean, per MoE
+  layer, from the run's routing counts (run.json ``expert_placement``, dice_ds/moe/placement.py):
+  the worst and the median layer, and the placement the run used.
 """
 
 from __future__ import annotations
@@ -169,8 +172,31 @@ def summarise(runs: list[dict], probes: dict) -> list[dict]:
                 else None,
                 "seconds_all": secs,
             })
+            row.update(expert_balance(ok))
             rows.append(row)
     return rows
+
+
+def expert_balance(ok: list[dict]) -> dict:
+    """The busiest EP rank's expert rows over the mean (worst and median MoE layer) and the
+    placement of a mode's first successful run (the routing is the same in every round)."""
+    rec = ok[0].get("expert_balance") or {}
+    return {"expert_imbalance_max": rec.get("imbalance_max"),
+            "expert_imbalance_median": rec.get("imbalance_median"),
+            "expert_placement": rec.get("placement")}
+
+
+def balance_table(rows: list[dict], link: str) -> list[str]:
+    """Per mode: the busiest rank's expert rows over the mean (module doc)."""
+    mine = [r for r in rows if r["link"] == link and r.get("expert_imbalance_max") is not None]
+    if not mine:
+        return []
+    out = ["", "Expert balance: the busiest EP rank's routed rows over the mean, per MoE layer",
+           "", "| mode | placement | worst layer | median layer |", "|---|---|---:|---:|"]
+    for r in mine:
+        out.append(f"| {r['mode']} | {r['expert_placement'] or '-'} "
+                   f"| {r['expert_imbalance_max']:.2f}x | {r['expert_imbalance_median']:.2f}x |")
+    return out
 
 
 def _f(x, fmt="{:.2f}", none="-"):
@@ -218,6 +244,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                                                        "experts", "combine", "wait_dispatch",
                                                        "wait_combine", "wait_counts")) + " |")
         out += [""] + cpu_table(rows, link, probe)
+        out += balance_table(rows, link)
     return "\n".join(out)
 
 

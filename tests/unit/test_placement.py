@@ -174,3 +174,27 @@ def test_run_record_counts_rows_per_ep_rank():
     assert rec["ep_rank_rows"] == [[14, 12]]
     assert rec["imbalance"] == [round(14 / 13, 4)] and rec["imbalance_max"] == rec["imbalance"][0]
     assert run_record(None, 2, per_rank)["placement"] == "contiguous"
+
+
+def test_bench_report_has_the_busiest_rank_over_the_mean_per_mode():
+    from dice_ds.bench import report
+    from dice_ds.bench.launch import expert_balance_of
+
+    def rec(mode, secs, balance):
+        return {"ok": True, "link": "L", "mode": mode, "round": 0, "sampling_seconds": secs,
+                "phase_seconds": [{}], "bytes_remote": [100, 100], "cache_peak_bytes": [0],
+                "latents": "/nonexistent", "exchanges": [10, 10], "expert_balance": balance}
+
+    placed = Placement(4, 2, (((0, 1, 3), (2, 3, 1)),), source="calibration")
+    record = run_record(placed, 2, [{"expert_rows": [[5, 3, 2, 10]],
+                                     "slot_rows": [[5, 3, 3, 2, 7, 0]]}])
+    runs = [rec("sync", 12.0, expert_balance_of(run_record(None, 2, [
+                {"expert_rows": [[5, 3, 2, 10]], "slot_rows": [[5, 3, 2, 10]]}]))),
+            rec("sync-balanced", 10.0, expert_balance_of(record))]
+    rows = {r["mode"]: r for r in report.summarise(runs, {"L": {"ok": True, "seconds": 8.0}})}
+    assert rows["sync"]["expert_imbalance_max"] == pytest.approx(12 / 10)
+    assert rows["sync-balanced"]["expert_imbalance_max"] == pytest.approx(11 / 10)  # 11 | 9
+    assert rows["sync-balanced"]["expert_placement"] == "3 slots/rank (calibration)"
+    table = "\n".join(report.balance_table(list(rows.values()), "L"))
+    assert "| sync | contiguous | 1.20x | 1.20x |" in table
+    assert "| sync-balanced | 3 slots/rank (calibration) | 1.10x | 1.10x |" in table
