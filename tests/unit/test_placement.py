@@ -198,3 +198,26 @@ def test_bench_report_has_the_busiest_rank_over_the_mean_per_mode():
     table = "\n".join(report.balance_table(list(rows.values()), "L"))
     assert "| sync | contiguous | 1.20x | 1.20x |" in table
     assert "| sync-balanced | 3 slots/rank (calibration) | 1.10x | 1.10x |" in table
+
+
+def test_placement_command_writes_a_file_a_run_accepts(tmp_path, capsys):
+    from dice_ds.cli import main
+
+    out = tmp_path / "p8.json"
+    loads = os.path.join(DOCS, "bench_ranks_n8.loads.json")
+    assert main(["placement", "--rows", loads, "--link", "300mbit", "--replicas", "2",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "worst layer 3.98 -> 1.17" in printed and printed.count("busiest rank / mean") == 12
+    placement = Placement.read(str(out))
+    assert placement.slots_per_rank == 3 and placement.source.endswith("[300mbit]")
+    assert placement_setting(str(out), 0, num_experts=8, ep_size=8, depth=12) == placement
+    # a run.json's routing rows (run_record), placed on another EP size
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"ep_size": 2, "expert_placement": run_record(None, 2, [
+        {"expert_rows": [[9, 1, 1, 1], [4, 4, 2, 2]], "slot_rows": [[9, 1, 1, 1], [4, 4, 2, 2]]}])}))
+    assert main(["placement", "--rows", str(run), "--out", str(out)]) == 0
+    assert Placement.read(str(out)).layers[1] == ((0, 2), (1, 3))
+    assert main(["placement", "--rows", str(run), "--link", "x", "--out", str(out),
+                 "--ep-size", "3"]) == 2
+    assert "E=4 is not divisible by the EP size 3" in capsys.readouterr().err
