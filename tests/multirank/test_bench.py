@@ -51,6 +51,9 @@ def test_bench_tiny_end_to_end(tmp_path):
         assert iw["bytes_remote_total"] == sum(iw["bytes_remote_per_rank"]) > 0
         assert len(iw["bytes_remote_per_rank"]) == 2 and iw["cache_peak_bytes"] > 0
         assert rows[lk, "dp"]["bytes_remote_total"] == 0
+        # the busiest EP rank's expert rows over the mean, from each run's run.json
+        assert sync["expert_imbalance_max"] >= sync["expert_imbalance_median"] >= 1.0
+        assert sync["expert_placement"] == "contiguous"
         assert iw["psnr_vs_sync"] is not None and iw["bound"] is not None
         probe = data["meta"]["probes"][lk]
         assert probe["ok"] and probe["lone_throughput_bits"] > 0
