@@ -221,3 +221,21 @@ def test_placement_command_writes_a_file_a_run_accepts(tmp_path, capsys):
     assert main(["placement", "--rows", str(run), "--link", "x", "--out", str(out),
                  "--ep-size", "3"]) == 2
     assert "E=4 is not divisible by the EP size 3" in capsys.readouterr().err
+
+
+def test_balanced_is_a_valid_placement_for_any_rows_and_budget():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        w = rng.choice([2, 4, 8])
+        e = w * rng.choice([1, 2, 4])
+        r = rng.randint(0, e - e // w)
+        rows = [[rng.choice([0, 0, 1, 50, 500]) * rng.random() for _ in range(e)] for _ in range(2)]
+        placement = balanced(rows, w, r).validate(num_experts=e, ep_size=w, depth=2)
+        assert placement.replicas == r
+        for ranks in placement.layers:
+            assert all(len(set(x)) == len(x) for x in ranks), (w, e, r, ranks)
+        # never worse than megatron's contiguous placement
+        for got, base in zip(rank_rows(placement, rows), rank_rows(contiguous(e, w, 2), rows)):
+            assert max(got) <= max(base) + 1e-9
