@@ -123,13 +123,55 @@ class CombineOutbox:
 
 
 class PackedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
-    """megatron's all-to-all dispatcher whose dispatch sends tokens and probs as ONE message.
+    """megatron's all-to-all dispatcher with its exchanges replaced, local phases kept.
 
-    Everything but the wire format of ``token_dispatch`` is megatron's (its count all-gather, host
-    sync and local phases), and the packing is bit-exact (``dice_ds.moe.payload``), so outputs are
-    bitwise those of megatron's two separate all-to-alls with one rendezvous less per call.
+    - ``preprocess``: the per-(rank, local expert) counts go by ONE ``all_to_all_single`` of a
+      [P, L] matrix (``counts_group``) instead of megatron's all-gather of every rank's [E] counts
+      (a ring of P - 1 rounds on gloo); the split sizes and per-expert counts it derives are the
+      same integers, so outputs are bitwise megatron's (docs/benchmarks.md "Sync EP's exchange");
+    - ``token_dispatch``: tokens and probs as ONE message (``dice_ds.moe.payload``, bit-exact);
+    - ``token_combine``: one plain ``all_to_all_single`` of the expert-output rows.
+    Overlapped sync calls (``dice_ds.schedule.Call.overlap``) use the same exchanges in pieces:
+    ``stage_counts`` makes ``preprocess`` post its count exchange and return, ``stage`` keeps one
+    micro-batch's permuted rows and megatron's per-call attributes, ``post_dispatch`` /
+    ``post_combine`` post a micro-batch's exchanges without waiting (``Exchange``).
     """
 
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, *,
+                 counts_group=None):
+        super().__init__(num_local_experts, local_expert_indices, config=config,
+                         pg_collection=pg_collection)
+        self.counts_group = counts_group if counts_group is not None else self.ep_group
+        self.stage_counts = False
+        """While True, ``preprocess`` posts the count exchange and leaves the splits unset."""
+        self._counts: Optional[CountsExchange] = None
+
+    # -- count exchange (inside megatron's dispatch_preprocess) --------------------------------
+    def preprocess(self, routing_map: torch.Tensor):
+        if self.ep_size == 1 or self.tp_size > 1:
+            return super().preprocess(routing_map)
+        counts_E = routing_map.sum(dim=0).long()  # length E by construction (pitfall 16)
+        counts = CountsExchange(counts_E.view(self.ep_size, self.num_local_experts),
+                                self.counts_group)
+        self.num_out_tokens = routing_map.size(0) * self.config.moe_router_topk
+        if self._posts_counts():
+            self._counts = counts
+            self.input_splits = self.output_splits = self.output_splits_tp = None
+            return None
+        counts.wait()
+        send_PL, recv_PL = counts.send_host_PL, counts.recv_PL
+        self.input_splits = send_PL.sum(dim=1).numpy()
+        self.output_splits = recv_PL.sum(dim=1).numpy()
+        self.output_splits_tp = np.array([int(recv_PL.sum())])
+        if self.num_local_experts > 1:
+            self.num_global_tokens_per_local_expert = recv_PL
+        return recv_PL.sum(dim=0)
+
+    def _posts_counts(self) -> bool:
+        """Whether this call's count exchange is posted and left in flight (``_counts``)."""
+        return self.stage_counts
+
+    # -- exchanges -----------------------------------------------------------------------------
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
         if self.ep_size == 1:
             return super().token_dispatch(permutated_local_input_tokens, permuted_probs)
@@ -142,6 +184,72 @@ class PackedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         dist.all_to_all_single(recv, packed, recv_l, send_l, group=self.ep_group)
         tokens_RD, probs_R = unpack_rows(recv)
         return tokens_RD, probs_R.to(permuted_probs.dtype)
+
+    def token_combine(self, hidden_states, async_finish=True, allocate_on_comm_stream=True):
+        if self.ep_size == 1 or self.tp_size > 1:
+            return super().token_combine(hidden_states)
+        send_l = [int(x) for x in self.output_splits]
+        recv_l = [int(x) for x in self.input_splits]
+        hidden_states = hidden_states.contiguous()
+        out = hidden_states.new_empty((sum(recv_l), *hidden_states.shape[1:]))
+        dist.all_to_all_single(out, hidden_states, recv_l, send_l, group=self.ep_group)
+        return out
+
+    # -- overlapped sync calls: one micro-batch at a time ------------------------------------
+    def stage(self, tokens_RD: torch.Tensor, probs_R: torch.Tensor,
+              extras: RecordExtras = RecordExtras()) -> "_PendingDispatch":
+        """After ``preprocess`` with ``stage_counts``: this micro-batch's rows, megatron's
+        per-call attributes and its posted counts, to post with ``post_dispatch``."""
+        counts, self._counts = self._counts, None
+        if counts is None:
+            raise RuntimeError("stage() needs a preprocess with stage_counts set just before")
+        return _PendingDispatch(
+            tokens_RD=tokens_RD, probs_R=probs_R, hidden_shape=self.hidden_shape,
+            hidden_shape_before_permute=self.hidden_shape_before_permute,
+            routing_map_TE=self.routing_map,
+            sorted_indices_R=self.reversed_local_input_permutation_mapping,
+            counts=counts, extras=extras)
+
+    def post_dispatch(self, p: "_PendingDispatch", *, step: int, layer: int) -> Exchange:
+        """Wait for ``p``'s counts, post its dispatch (tokens + probs, one message)."""
+        p.counts.wait()
+        record = record_of(p, step=step, layer=layer, num_local_experts=self.num_local_experts)
+        return post_exchange(p.tokens_RD, p.probs_R, send=record.input_splits,
+                             recv=record.output_splits, record=record, group=self.ep_group)
+
+    def post_combine(self, rows_RD: torch.Tensor, record: ExchangeRecord) -> Exchange:
+        """Post the combine of expert-output rows computed for ``record``'s dispatch."""
+        return post_exchange(rows_RD, None, send=record.output_splits, recv=record.input_splits,
+                             record=record, group=self.ep_group)
+
+
+def record_of(p: "_PendingDispatch", *, step: int, layer: int,
+              num_local_experts: int) -> ExchangeRecord:
+    """The record of a dispatch whose counts have landed: split sizes and per-expert counts as
+    megatron's preprocess derives them, with the permutation of ``p``."""
+    send_PL, recv_PL = p.counts.send_host_PL, p.counts.recv_PL
+    return ExchangeRecord(
+        step=step, layer=layer, hidden_shape=p.hidden_shape,
+        hidden_shape_before_permute=p.hidden_shape_before_permute,
+        routing_map_TE=p.routing_map_TE, sorted_indices_R=p.sorted_indices_R,
+        input_splits=send_PL.sum(dim=1).numpy(), output_splits=recv_PL.sum(dim=1).numpy(),
+        output_splits_tp=np.array([int(recv_PL.sum())]), tokens_per_expert_L=recv_PL.sum(dim=0),
+        num_global_tokens_per_local_expert_PL=recv_PL if num_local_experts > 1 else None,
+        num_out_tokens=int(p.sorted_indices_R.numel()), extras=p.extras)
+
+
+def post_exchange(payload_RD: torch.Tensor, probs_R: Optional[torch.Tensor], *, send, recv,
+                  record: ExchangeRecord, group, weighted: bool = True) -> Exchange:
+    """Post one async all-to-all (with ``probs_R``: tokens and probs packed into one message);
+    the buffers travel with ``record`` in the returned ``Exchange``."""
+    send_l, recv_l = [int(x) for x in send], [int(x) for x in recv]
+    payload_RX = payload_RD.contiguous() if probs_R is None else pack_rows(payload_RD, probs_R)
+    recv_RX = payload_RX.new_empty((sum(recv_l), *payload_RX.shape[1:]))
+    handle = dist.all_to_all_single(recv_RX, payload_RX, recv_l, send_l, group=group,
+                                    async_op=True)
+    unpack = None if probs_R is None else (lambda buf, dt=probs_R.dtype: _unpacked(buf, dt))
+    return Exchange(record=record, tokens=recv_RX, probs=None, weighted=weighted,
+                    handles=[handle], send=[payload_RX], unpack=unpack)
 
 
 class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
@@ -168,14 +276,13 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
                  timer: PhaseTimer, on_store: Callable[[], None], counts_group=None,
                  outbox: Optional[CombineOutbox] = None):
         super().__init__(num_local_experts, local_expert_indices, config=config,
-                         pg_collection=pg_collection)
+                         pg_collection=pg_collection, counts_group=counts_group)
         self.layer = layer
         self.state = state
         self.source_state = source_state
         self.ledger = ledger
         self.timer = timer
         self.on_store = on_store
-        self.counts_group = counts_group if counts_group is not None else self.ep_group
         self.outbox = outbox if outbox is not None else CombineOutbox()
         self.stale = False
         self.step: Optional[int] = None
@@ -184,7 +291,6 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
         self.experts_weighted = True
         self.installed: Optional[ExchangeRecord] = None
         self.returned: Optional[Exchange] = None
-        self._counts: Optional[CountsExchange] = None
         self._pending: Optional[_PendingDispatch] = None
 
     def begin_call(self, call: Call, *, experts_weighted: bool = True,
@@ -215,29 +321,14 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
                 self._pending.counts.wait()
         self._counts = self._pending = None
 
-    # -- count exchange (inside megatron's dispatch_preprocess) ------------------------------
-    def preprocess(self, routing_map: torch.Tensor):
-        if not self.stale:
-            return super().preprocess(routing_map)
-        counts_E = routing_map.sum(dim=0).long()  # length E by construction (pitfall 16)
-        self._counts = CountsExchange(counts_E.view(self.ep_size, self.num_local_experts),
-                                      self.counts_group)
-        self.num_out_tokens = routing_map.size(0) * self.config.moe_router_topk
-        self.input_splits = self.output_splits = self.output_splits_tp = None
-        return None
+    def _posts_counts(self) -> bool:
+        return self.stale or self.stage_counts
 
     # -- dispatch ------------------------------------------------------------------------------
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
         if not self.stale:
             return super().token_dispatch(permutated_local_input_tokens, permuted_probs)
-        counts, self._counts = self._counts, None
-        self._pending = _PendingDispatch(
-            tokens_RD=permutated_local_input_tokens, probs_R=permuted_probs,
-            hidden_shape=self.hidden_shape,
-            hidden_shape_before_permute=self.hidden_shape_before_permute,
-            routing_map_TE=self.routing_map,
-            sorted_indices_R=self.reversed_local_input_permutation_mapping,
-            counts=counts, extras=self.extras)
+        self._pending = self.stage(permutated_local_input_tokens, permuted_probs, self.extras)
         source = self.source_state.take("dispatch")  # moved out first: the slot may be reused
         self._launch_own_dispatch_if_ready()
         with self.timer.phase("wait_dispatch"):
@@ -284,17 +375,8 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
         p, self._pending = self._pending, None
         with self.timer.phase("wait_counts"):
             p.counts.wait()
-        send_PL, recv_PL = p.counts.send_host_PL, p.counts.recv_PL
-        record = ExchangeRecord(
-            step=self.step, layer=self.layer, hidden_shape=p.hidden_shape,
-            hidden_shape_before_permute=p.hidden_shape_before_permute,
-            routing_map_TE=p.routing_map_TE, sorted_indices_R=p.sorted_indices_R,
-            input_splits=send_PL.sum(dim=1).numpy(),
-            output_splits=recv_PL.sum(dim=1).numpy(),
-            output_splits_tp=np.array([int(recv_PL.sum())]),
-            tokens_per_expert_L=recv_PL.sum(dim=0),
-            num_global_tokens_per_local_expert_PL=recv_PL if self.num_local_experts > 1 else None,
-            num_out_tokens=int(p.sorted_indices_R.numel()), extras=p.extras)
+        record = record_of(p, step=self.step, layer=self.layer,
+                           num_local_experts=self.num_local_experts)
         self.state.put("dispatch", self._launch(
             "dispatch", p.tokens_RD, p.probs_R, send=record.input_splits,
             recv=record.output_splits, record=record, group=self.ep_group, step=self.step))
@@ -302,24 +384,16 @@ class StaleAlltoAllTokenDispatcher(PackedAlltoAllTokenDispatcher):
 
     def _launch(self, kind: str, payload_RD, probs_R, *, send, recv, record: ExchangeRecord,
                 group, step: int, weighted: bool = True) -> Exchange:
-        """Post the async all-to-all of one exchange (tokens and probs packed into one message);
-        the buffers travel with ``record``."""
-        send_l, recv_l = [int(x) for x in send], [int(x) for x in recv]
+        """Post the async all-to-all of one exchange and count it in the ledger."""
+        send_l = [int(x) for x in send]
         me = self.ep_group.rank()
         row_bytes = payload_RD[0].numel() * payload_RD.element_size() if len(payload_RD) else 0
-        token_bytes = payload_RD.numel() * payload_RD.element_size()
-        prob_bytes = 0 if probs_R is None else probs_R.numel() * 4
-        payload_RX = (payload_RD.contiguous() if probs_R is None
-                      else pack_rows(payload_RD, probs_R))
-        recv_RX = payload_RX.new_empty((sum(recv_l), *payload_RX.shape[1:]))
-        handle = dist.all_to_all_single(recv_RX, payload_RX, recv_l, send_l, group=group,
-                                        async_op=True)
         self.ledger.sent(step=step, layer=record.layer, kind=kind, rows=sum(send_l),
-                         token_bytes=token_bytes, prob_bytes=prob_bytes,
+                         token_bytes=payload_RD.numel() * payload_RD.element_size(),
+                         prob_bytes=0 if probs_R is None else probs_R.numel() * 4,
                          remote_rows=sum(send_l) - send_l[me], row_bytes=row_bytes)
-        unpack = None if probs_R is None else (lambda buf, dt=probs_R.dtype: _unpacked(buf, dt))
-        return Exchange(record=record, tokens=recv_RX, probs=None, weighted=weighted,
-                        handles=[handle], send=[payload_RX], unpack=unpack)
+        return post_exchange(payload_RD, probs_R, send=send, recv=recv, record=record,
+                             group=group, weighted=weighted)
 
 
 def _unpacked(buf_RX: torch.Tensor, probs_dtype: torch.dtype):

@@ -12,6 +12,12 @@ stays bounded over a long run. Only if the device lags ``hard_cap`` entries behi
 the timer wait, on the oldest pending event (the CUDA launch queue would stall the host soon
 anyway). ``seconds()`` resolves the rest (one device synchronisation). No CUDA call is made unless
 the timer was built for a CUDA device (pitfall 14).
+
+Tracing (CPU, for profiling one call at a time: ``scripts/profile_sync_exchange.py``): with
+``trace`` a list, every closed phase is also appended as ``(name, start, end, tag)``, its start and
+end on ``time.perf_counter`` (CLOCK_MONOTONIC on Linux: one clock for every process of the
+machine, so ranks' traces line up) and ``tag`` whatever the caller set last (the runtime sets
+``(step, layer)`` at the start of each MoE call). Off (None) by default.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class PhaseTimer:
         self._seconds: dict[str, float] = defaultdict(float)
         self.peak_pending = 0
         """Most entries held at once (tests assert the bound)."""
+        self.trace: list | None = None
+        self.tag = None
 
     def _mark(self):
         if self.cuda:
@@ -57,6 +65,8 @@ class PhaseTimer:
         finally:
             entry[2] = self._mark()
             self._stack.pop()
+            if self.trace is not None and not self.cuda:
+                self.trace.append((name, entry[1], entry[2], self.tag))
             if not self._stack:
                 if not self.cuda:
                     self._resolve(self._pending)

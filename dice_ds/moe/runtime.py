@@ -126,7 +126,8 @@ class DiceRuntime(BatchLifecycle):
                 self._megatron_dispatchers[l] = old
                 layer.token_dispatcher = self._dispatcher.PackedAlltoAllTokenDispatcher(
                     old.num_local_experts, old.local_expert_indices, config=layer.config,
-                    pg_collection=make_pg_collection())
+                    pg_collection=make_pg_collection(),
+                    counts_group=getattr(self.groups, "ep_counts", None))
             layer.runtime = self
         return self
 
@@ -203,6 +204,7 @@ class DiceRuntime(BatchLifecycle):
 
     def moe_forward(self, layer, h_S1D: torch.Tensor) -> torch.Tensor:
         l = layer.moe_index
+        self.timer.tag = (self._step, l)
         if self.stale_enabled or self.skip_enabled:
             if self._step is None:
                 raise RuntimeError("DiceRuntime: call begin_step(i) before every model forward")
@@ -281,6 +283,9 @@ class DiceRuntime(BatchLifecycle):
         with self.timer.phase("dispatch"):
             recv_RD, recv_probs = layer.dispatch(tokens_RD, probs_R)
         self._count_sync(disp, l, tokens_RD, probs_R, "dispatch")
+        if self.timer.trace is not None and self.ep_size > 1:  # profiling: the call's splits
+            self.timer.trace.append(("splits", [int(x) for x in disp.input_splits],
+                                     [int(x) for x in disp.output_splits], self.timer.tag))
         keep_dispatch, keep_combine = self.layout.keeps[l]  # what the next async step reads
         record = None
         if self.ep_size > 1 and (keep_dispatch or keep_combine or extras.row_slot_R is not None):
