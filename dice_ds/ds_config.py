@@ -348,6 +348,10 @@ class ConditionalComm(_Section):
 class Communication(_Section):
     payload_dtype: DType | None = leaf(None, "a2a_dtype", "all-to-all payload dtype (default: "
                                        "activation dtype)")
+    overlap: bool = leaf(False, "ep_overlap", "overlapped sync EP calls (needs --ep): every sync "
+                         "MoE call runs as two micro-batches (the CFG halves), one's all-to-all "
+                         "in flight while the other's experts compute; outputs fresh (equal to "
+                         "sync EP up to float rounding)")
 
 
 class SequenceParallel(_Section):

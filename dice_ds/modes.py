@@ -26,6 +26,9 @@ class Mode:
     name: str
     settings: dict = field(default_factory=dict)
     note: str = ""
+    same_as: str = ""
+    """The mode whose outputs this one equals up to float rounding (it changes only how the work
+    is scheduled); tests/multirank/test_golden.py compares it with that mode's golden latents."""
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -61,6 +64,11 @@ MODES: tuple[Mode, ...] = (
     Mode("dice", "DICE", DICE, "interweaved + deep sync + low skip (P = 2)"),
     Mode("dice-bf16", "DICE + bf16 payload", {**DICE, "a2a_dtype": "bf16"},
          "DICE with a bf16 all-to-all payload"),
+    Mode("sync-ov", "sync EP overlapped", {"ep": True, "ep_overlap": True},
+         "two micro-batches (CFG halves): one's all-to-all in flight while the other's experts "
+         "compute; fresh", same_as="sync"),
+    Mode("dice-ov", "DICE + overlapped sync calls", {**DICE, "ep_overlap": True},
+         "DICE whose sync calls (deep layers, first step) are overlapped", same_as="dice"),
     Mode("sp", "sync SP", {"sp": True}, "patch parallelism, K/V all-gathered every layer (exact)"),
     Mode("sp-async", "displaced SP", {"sp": True, "sp_async": True},
          "DistriFusion-style: remote K/V 1 step stale, own K/V fresh"),

@@ -364,6 +364,7 @@ def plan_of(opts: Settings, world_size: int) -> ParallelPlan:
         stale_output_weights=a.stale_output_weights,
         skip_period=d.conditional_comm.period, skip_strategy=d.conditional_comm.strategy,
         skip_seed=opts.global_seed, payload_dtype=d.communication.payload_dtype,
+        ep_overlap=d.communication.overlap,
         sp_size=sp_size_of(opts, world_size), sp_async=d.sp.async_,
         sp_warmup=d.sp.async_warm_up, single_img=d.sp.single_img)
 

@@ -242,6 +242,10 @@ class Call:
     own_work: bool
     """The returned outputs are the ones this very call computes (a ring of one): the call posts
     its combine and then waits on it; otherwise it takes its held combine before posting."""
+    overlap: bool = False
+    """A sync call run as two micro-batches (the token halves: CFG's conditional and
+    unconditional images when guided), one's exchange in flight while the other's experts compute
+    (``ParallelPlan.ep_overlap``). Fresh outputs; what it keeps is what a one-batch call keeps."""
 
     @property
     def age(self) -> int:
@@ -285,6 +289,8 @@ class Schedule:
     sp_async: bool
     sp_sync_steps: frozenset[int]
     """Steps on which attention gathers every rank's fresh K/V (all steps for sync SP)."""
+    ep_overlap: bool = False
+    """Every sync EP call is overlapped (``Call.overlap``)."""
 
     @classmethod
     def build(cls, plan, num_steps: int, depth: int) -> "Schedule":
@@ -307,6 +313,7 @@ class Schedule:
             sp_size=plan.sp_size,
             sp_async=sp_async,
             sp_sync_steps=sp_sync_steps(num_steps, plan.sp_warmup) if sp_async else steps,
+            ep_overlap=plan.ep_enabled and plan.ep_overlap,
         )
 
     @property
@@ -373,7 +380,7 @@ class Schedule:
         """What MoE layer ``layer`` computes and returns at ``step`` (``Call``)."""
         self._check(step, layer)
         if not self.ep_stale(step, layer):
-            return Call(step, layer, False, (step, layer), step, step, True)
+            return Call(step, layer, False, (step, layer), step, step, True, self.ep_overlap)
         computes = self._computes(step, layer)
         after_sync = step + 1 in self.ep_sync_steps
         returns = step + stale_output_age(self.ep_mode, after_sync)
@@ -436,4 +443,5 @@ class Schedule:
             "sp_size": self.sp_size,
             "sp_async": self.sp_async,
             "sp_sync_steps": desc(self.sp_sync_steps) if self.sp_size > 1 else [],
+            "ep_overlap": self.ep_overlap,
         }

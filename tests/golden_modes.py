@@ -38,7 +38,7 @@ def cases(world: int) -> dict[str, tuple[tuple[str, ...], dict]]:
 
     out = {}
     for mode in MODES:
-        if (mode.key in MESH_MODES) != (world >= 4):
+        if (mode.key in MESH_MODES) != (world >= 4) or mode.same_as:
             continue
         out[f"debug/{mode.key}"] = (DEBUG, mode.settings)
     if world == 2:
@@ -48,6 +48,29 @@ def cases(world: int) -> dict[str, tuple[tuple[str, ...], dict]]:
                 out[f"debug-{sampler}/{key}"] = (DEBUG + ("--sampler", sampler), by[key])
         for key in ("sync", "dice", "sp-async"):
             out[f"digits/{key}"] = (DIGITS, by[key])
+    return out
+
+
+OVERLAPPED = {2: ("debug/sync", "debug/displaced", "debug/interweaved", "debug/iw-low",
+                  "debug-ddim/dice", "digits/sync", "digits/dice"),
+              4: ("debug/ep-sp", "debug/hybrid")}
+"""Fixture cases re-run with overlapped sync calls (``--ep-overlap``): same outputs up to float
+rounding, as for the modes whose ``Mode.same_as`` names a fixture mode."""
+
+
+def same_as_cases(world: int) -> dict[str, tuple[tuple, str]]:
+    """Cases that only reschedule work: name -> (case, the fixture case they must equal up to
+    float rounding): the ``dice_ds.modes`` rows with ``same_as`` and ``OVERLAPPED``."""
+    from dice_ds.modes import MESH_MODES, MODES
+
+    fixtures = cases(world)
+    out = {}
+    for mode in MODES:
+        if mode.same_as and (mode.same_as in MESH_MODES) == (world >= 4):
+            out[f"debug/{mode.key}"] = ((DEBUG, mode.settings), f"debug/{mode.same_as}")
+    for name in OVERLAPPED.get(world, ()):
+        flags, settings = fixtures[name]
+        out[f"{name}+overlap"] = ((flags, {**settings, "ep_overlap": True}), name)
     return out
 
 
@@ -81,10 +104,13 @@ def interrupted_then_again(pipe, hook, error: type[Exception], rank: int) -> dic
             "latents": got.images.numpy() if rank == 0 else None}
 
 
-def run_cases(rank: int, world: int) -> dict[str, np.ndarray] | None:
-    """Every case on this rank (collective); rank 0 returns name -> latents."""
+def run_cases(rank: int, world: int, which: str = "fixtures") -> dict[str, np.ndarray] | None:
+    """Every case on this rank (collective; ``which``: the fixture ``cases`` or the
+    ``same_as_cases``); rank 0 returns name -> latents."""
     out = {}
-    for name, case in cases(world).items():
+    todo = (cases(world) if which == "fixtures"
+            else {name: case for name, (case, _ref) in same_as_cases(world).items()})
+    for name, case in todo.items():
         labels = LABELS[name.split("/")[0].split("-")[0]]
         pipe = _pipeline(case)
         got = pipe(class_labels=labels, seed=SEED, output_type="latent")

@@ -137,6 +137,7 @@ class CommLedger:
         self.cache_bytes = 0
         self.cache_peak_bytes = 0
         self.send_inflight_peak_bytes = 0
+        self.overlapped_calls = 0
 
     def sent(self, *, step: int, layer: int, kind: str, rows: int, token_bytes: int,
              prob_bytes: int = 0, remote_rows: int = 0, row_bytes: int = 0) -> None:

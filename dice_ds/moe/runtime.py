@@ -46,7 +46,7 @@ import torch
 
 from dice_ds.lifecycle import BatchLifecycle
 from dice_ds.models.dit_moe import DTYPES
-from dice_ds.moe import importance
+from dice_ds.moe import halves, importance
 from dice_ds.moe.profile import CommLedger, PhaseTimer
 from dice_ds.moe.records import Exchange, LayerState, RecordExtras, SlotCache
 from dice_ds.schedule import Layout, Schedule
@@ -256,10 +256,10 @@ class DiceRuntime(BatchLifecycle):
     def _to_payload(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.payload_dtype is None else x.to(self.payload_dtype)
 
-    def _count_sync(self, disp, layer: int, payload, probs, kind: str) -> None:
+    def _count_sync(self, layer: int, payload, probs, kind: str, splits) -> None:
+        """Ledger entry of a sync call's exchange (``splits``: rows to each EP rank)."""
         if self.ep_size == 1:
             return
-        splits = disp.input_splits if kind == "dispatch" else disp.output_splits
         me, rows = self.groups.ep_rank, int(payload.shape[0])
         row_bytes = payload[0].numel() * payload.element_size() if rows else 0
         self.ledger.sent(step=self._step, layer=layer, kind=kind, rows=rows,
@@ -271,39 +271,106 @@ class DiceRuntime(BatchLifecycle):
         """megatron's phases, plus records for the exchanges the next async step reads."""
         l, disp, act = layer.moe_index, layer.token_dispatcher, h_S1D.dtype
         self.outbox.flush()  # deferred stale combines go before this call's collectives
+        # DP may run without begin_step: then there is no call to ask about
+        call = (self.schedule.call(self._step, l)
+                if self.schedule is not None and self._step is not None else None)
         if isinstance(disp, self._dispatcher.StaleAlltoAllTokenDispatcher):
-            disp.begin_call(self.schedule.call(self._step, l))
-        with self.timer.phase("shared"):
-            shared = layer.shared_experts_compute(h_S1D)
+            disp.begin_call(call)
+        overlap = (call is not None and call.overlap and self.ep_size > 1
+                   and h_S1D.shape[0] >= 2)
+        shared = None
+        if not overlap:
+            with self.timer.phase("shared"):
+                shared = layer.shared_experts_compute(h_S1D)
         probs_TE, rmap_TE, routing = self._route(layer, h_S1D)
-        with self.timer.phase("preprocess"):
-            tokens_RD, probs_R = layer.preprocess(h_S1D, probs_TE, rmap_TE)
-        extras = self._extras(layer, routing, rmap_TE)
-        tokens_RD = self._to_payload(tokens_RD)
-        with self.timer.phase("dispatch"):
-            recv_RD, recv_probs = layer.dispatch(tokens_RD, probs_R)
-        self._count_sync(disp, l, tokens_RD, probs_R, "dispatch")
-        if self.timer.trace is not None and self.ep_size > 1:  # profiling: the call's splits
-            self.timer.trace.append(("splits", [int(x) for x in disp.input_splits],
-                                     [int(x) for x in disp.output_splits], self.timer.tag))
+        if overlap:
+            recv_RD, recv_probs, rows_RD, shared = self._overlapped(layer, h_S1D, probs_TE, rmap_TE)
+            extras = self._extras(layer, routing, rmap_TE)
+        else:
+            with self.timer.phase("preprocess"):
+                tokens_RD, probs_R = layer.preprocess(h_S1D, probs_TE, rmap_TE)
+            extras = self._extras(layer, routing, rmap_TE)
+            tokens_RD = self._to_payload(tokens_RD)
+            with self.timer.phase("dispatch"):
+                recv_RD, recv_probs = layer.dispatch(tokens_RD, probs_R)
+            self._count_sync(l, tokens_RD, probs_R, "dispatch", disp.input_splits)
+            if self.timer.trace is not None and self.ep_size > 1:  # profiling: the call's splits
+                self.timer.trace.append(("splits", [int(x) for x in disp.input_splits],
+                                         [int(x) for x in disp.output_splits], self.timer.tag))
         keep_dispatch, keep_combine = self.layout.keeps[l]  # what the next async step reads
         record = None
         if self.ep_size > 1 and (keep_dispatch or keep_combine or extras.row_slot_R is not None):
             record = self._dispatcher.capture_record(disp, step=self._step, layer=l, extras=extras)
         if keep_dispatch:
             self.states[l].put("dispatch", Exchange(record, recv_RD, recv_probs))
-        with self.timer.phase("experts"):
-            out_RD, _ = layer.routed_experts_compute(recv_RD.to(act), recv_probs)
-        out_RD = self._to_payload(out_RD)
-        with self.timer.phase("combine"):
-            rows_RD = layer.combine(out_RD)
-        self._count_sync(disp, l, out_RD, None, "combine")
+        if not overlap:
+            with self.timer.phase("experts"):
+                out_RD, _ = layer.routed_experts_compute(recv_RD.to(act), recv_probs)
+            out_RD = self._to_payload(out_RD)
+            with self.timer.phase("combine"):
+                rows_RD = layer.combine(out_RD)
+            self._count_sync(l, out_RD, None, "combine", disp.output_splits)
         if keep_combine:
             self.states[l].put("combine", Exchange(record, rows_RD, weighted=True))
         if keep_dispatch or keep_combine:
             self._observe_cache()
         with self.timer.phase("postprocess"):
             return self._postprocess(layer, rows_RD.to(act), record, True, routing, shared, False)
+
+    def _overlapped(self, layer, h_S1D, probs_TE, rmap_TE):
+        """One sync call as two micro-batches (``Call.overlap``): the token halves are permuted
+        and their counts posted, the shared expert runs while the counts land, both dispatches go
+        out, then each half's experts run while the other half's exchange is on the wire. Returns
+        the merged received tokens and probs, the merged combined rows and the shared expert's
+        output, with the one-batch call's record installed in the dispatcher
+        (``dice_ds.moe.halves``)."""
+        l, disp, act = layer.moe_index, layer.token_dispatcher, h_S1D.dtype
+        self.ledger.overlapped_calls += 1
+        half = h_S1D.shape[0] // 2  # the CFG halves when guided: [cond images, uncond images]
+        parts = (slice(0, half), slice(half, None))
+        staged = []
+        with self.timer.phase("preprocess"):
+            disp.stage_counts = True
+            try:
+                for sl in parts:
+                    tokens_RD, probs_R = layer.preprocess(h_S1D[sl], probs_TE[sl], rmap_TE[sl])
+                    staged.append(disp.stage(self._to_payload(tokens_RD), probs_R))
+            finally:
+                disp.stage_counts = False
+        with self.timer.phase("shared"):  # the counts land meanwhile
+            shared = layer.shared_experts_compute(h_S1D)
+        dispatches = []
+        with self.timer.phase("dispatch"):
+            for p in staged:
+                ex = disp.post_dispatch(p, step=self._step, layer=l)
+                self._count_sync(l, p.tokens_RD, p.probs_R, "dispatch", ex.record.input_splits)
+                dispatches.append(ex)
+        combines = []
+        for ex in dispatches:
+            with self.timer.phase("wait_dispatch"):
+                ex.wait()
+            self._dispatcher.install_record(disp, ex.record)
+            with self.timer.phase("experts"):
+                out_RD, _ = layer.routed_experts_compute(ex.tokens.to(act), ex.probs)
+            out_RD = self._to_payload(out_RD)
+            with self.timer.phase("combine"):
+                combines.append(disp.post_combine(out_RD, ex.record))
+            self._count_sync(l, out_RD, None, "combine", ex.record.output_splits)
+        with self.timer.phase("wait_combine"):
+            for ex in combines:
+                ex.wait()
+        a, b = (ex.record for ex in dispatches)
+        record = halves.merged_record(a, b, hidden_shape=h_S1D.shape,
+                                      hidden_shape_before_permute=h_S1D.view(-1, h_S1D.shape[-1]).shape)
+        self._dispatcher.install_record(disp, record)
+        da, db = dispatches
+        recv_RD = halves.interleave(da.tokens, db.tokens, halves.received_chunks(a),
+                                    halves.received_chunks(b))
+        recv_probs = halves.interleave(da.probs, db.probs, halves.received_chunks(a),
+                                       halves.received_chunks(b))
+        rows_RD = halves.interleave(combines[0].tokens, combines[1].tokens,
+                                    halves.sent_chunks(a), halves.sent_chunks(b))
+        return recv_RD, recv_probs, rows_RD, shared
 
     def _stale_forward(self, layer, h_S1D: torch.Tensor) -> torch.Tensor:
         """One async call: this step's tokens go out, a stale exchange is computed and returned."""
@@ -387,6 +454,7 @@ class DiceRuntime(BatchLifecycle):
             "a2a_rows_sent_remote": lg.rows_sent_remote,
             "a2a_bytes_sent_remote": lg.bytes_sent_remote,
             "a2a_rows_by_step": lg.rows_by_step(),
+            "ep_overlapped_calls": lg.overlapped_calls,
             "phase_seconds": secs,
             "payload_dtype": self.payload_dtype_name,
         }

@@ -78,6 +78,9 @@ class ParallelPlan:
     """Seed of the 'rand' strategy's generator (reset with the other per-run state)."""
     payload_dtype: Literal[DTYPES] | None = _default(Communication, "payload_dtype")
     """dtype of the all-to-all payload (None: the activation dtype). bf16/fp16 halve the bytes."""
+    ep_overlap: bool = _default(Communication, "overlap")
+    """Overlapped sync calls: every sync MoE call runs as two micro-batches whose exchanges and
+    expert compute overlap (``dice_ds.schedule.Call.overlap``); outputs stay fresh."""
     sp_size: int = 1
     """Sequence-parallel group size (1: off). Each image's tokens are split into sp_size
     contiguous chunks; attention gathers K/V over the group; every rank holds all experts unless
@@ -156,6 +159,10 @@ class ParallelPlan:
             raise ConfigError("payload_dtype (--a2a-dtype) is the dtype of the expert-parallel "
                               "all-to-all and does nothing without it: pass --ep with a world "
                               "size > 1, or drop it")
+        if self.ep_overlap and not self.ep_enabled:
+            raise ConfigError("ep_overlap (--ep-overlap) overlaps the expert-parallel all-to-all "
+                              "and does nothing without it: pass --ep with a world size > 1, or "
+                              "drop it")
         if self.sp_warmup and not self.sp_async:
             raise ConfigError("sp_warmup (--sp-async-warm-up) needs --sp-async")
         if self.sp_async and not self.sp_enabled:
