@@ -8,6 +8,9 @@ the same program), so collectives are evaluated across ranks at that point.
 
 What each call costs, as implemented (``dice_ds/moe/dispatcher.py``, ``runtime.py``):
 
+- overlapped sync call (``Call.overlap``, ``_overlapped``): counts posted, the shared expert while
+  they land, both halves' dispatches queued, then each half's experts while the other half's
+  exchange moves; ends when both combines have arrived;
 - sync call (sync EP, sync steps, sync layers): the outbox is flushed, then four serial pieces:
   counts (blocking: every rank's post + latency + ``hol_bytes`` at line rate), dispatch
   (blocking all-to-all: waits behind whatever this rank's link still carries), the experts (a
@@ -236,6 +239,8 @@ def simulate(sched: Schedule, costs: LayerCosts, msgs: Messages, link: Link, *, 
                            + costs.experts * skip * load(i, l)[r])
             elif sched.ep_stale(i, l):
                 _stale(R, sched, costs, msgs, disp, comb, load, i, l, skip)
+            elif sched.call(i, l).overlap:
+                _overlapped(R, costs, msgs, comb, load(i, l), skip)
             else:
                 _sync(R, costs, msgs, comb, load(i, l), skip)
         if sched.sp_size > 1:
@@ -290,6 +295,38 @@ def _sync(R: _Ranks, costs, msgs, comb, load, skip) -> None:
         R.work(r, work[r])
     R.blocking([msgs.combine * skip * load[r] for r in range(n)], "combine")
     for r in range(n):
+        R.work(r, costs.post)
+
+
+def _overlapped(R: _Ranks, costs, msgs, comb, load, skip) -> None:
+    """An overlapped sync call (``Call.overlap``, ``DiceRuntime._overlapped``): both halves'
+    counts posted after the router, the shared expert while they land, both dispatches posted
+    back to back, then per half: wait its dispatch, its experts, post its combine (queued behind
+    whatever the link still carries); the call ends when both combines have arrived."""
+    n = R.n
+    post_t = []
+    for r in range(n):
+        R.flush(r, R.t[r], comb)
+        R.work(r, costs.router)
+        post_t.append(R.t[r])
+    counts = max(post_t[r] + R.hol(r, post_t[r]) for r in range(n)) + R.link.latency
+    for r in range(n):
+        R.work(r, costs.shared)
+        R.wait(r, counts, "wait counts")
+    arrive = [[0.0] * n, [0.0] * n]
+    for h in (0, 1):
+        for r in range(n):
+            arrive[h][r] = R.send(r, R.t[r], msgs.dispatch * skip * _others(load, r) / 2)
+    back = [0.0] * n
+    for h in (0, 1):
+        ready = max(arrive[h])
+        for r in range(n):
+            R.wait(r, ready, "wait dispatch")
+            R.work(r, costs.experts * skip * load[r] / 2)
+            back[r] = max(back[r], R.send(r, R.t[r], msgs.combine * skip * load[r] / 2))
+    done = max(back)
+    for r in range(n):
+        R.wait(r, done, "wait combine")
         R.work(r, costs.post)
 
 
