@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from dice_ds.bench import launch, links, modeconfig, report
+from dice_ds.bench import probe as probe_mod
 from dice_ds.bench.modeconfig import split_mode_config
 from dice_ds.config import ConfigError
 from dice_ds.ds_config import Settings, load_tree, to_json, write_config
@@ -266,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                         run_argv = None
                         rec = {"ok": False, "why": str(e), "logs": str(run_dir)}
                     if run_argv is not None:
+                        marks = probe_mod.cpu_marks()
                         rec = launch.sample_run(net, link, port, run_argv, run_dir, a.run_timeout)
+                        rec["cpu"] = probe_mod.foreign_cpu(marks)
                     rec.update(link=link, mode=m, round=rnd)
                     runs.append(rec)
                     if rec["ok"]:

@@ -42,6 +42,26 @@ def busy_seconds() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_marks() -> tuple[float | None, float]:
+    """(machine busy seconds, CPU seconds of this process's reaped children) now: the two clocks
+    ``foreign_cpu`` compares over one bench run."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy_seconds(), ru.ru_utime + ru.ru_stime
+
+
+def foreign_cpu(before: tuple[float | None, float]) -> dict:
+    """CPU the machine spent during one run (since ``before = cpu_marks()``) beyond the run's own
+    processes (the bench's children, reaped: every rank and its gloo threads): other work that
+    competed with the ranks for the cores. ``own`` and ``foreign`` in seconds (None where
+    /proc/stat cannot be read); the kernel's network work for the ranks is not charged to them
+    and shows up as a small foreign share even on a quiet machine."""
+    busy0, own0 = before
+    busy1, own1 = cpu_marks()
+    own = own1 - own0
+    foreign = None if busy0 is None or busy1 is None else max(0.0, busy1 - busy0 - own)
+    return {"own": own, "foreign": foreign}
+
+
 def own_cpu_per_byte(probe: dict) -> float | None:
     """A rank's own CPU seconds (``cpu_seconds_rank``, mean over ranks) per byte it sent in the
     pipelined measurement of a probe record; None where the probe did not measure it."""

@@ -15,10 +15,13 @@ Definitions (docs/benchmarks.md "Method"):
   bytes as sync EP (for DICE's skipped slots or a bf16 payload f * T_sync is not what its sync
   calls cost);
 - CPU-aware bound: the exchanges also cost the CPU they are meant to hide behind (gloo's threads, the
-  kernel's TCP, bridge and shaping work). The probe measures the machine's busy CPU seconds over its
-  exchanges, ``cpu_per_byte`` per byte a rank sends; a run's wall seconds per CPU second of one rank,
-  k = T_compute / (DP rank CPU seconds), turns CPU into wall time on this machine (about W / cores
-  once the ranks outnumber the cores). C_comm(mode) = k x cpu_per_byte x the mode's remote bytes;
+  kernel's TCP work). The probe measures its ranks' own CPU seconds (their rusage: all threads)
+  over its exchanges, ``cpu_per_byte_rank`` per byte a rank sends, so that other work on the
+  machine cannot inflate it (the machine-wide busy seconds, ``cpu_per_byte``, are reported too: the
+  kernel's softirq work is not always charged to the ranks); a run's wall seconds per CPU second of
+  one rank, k = T_compute / (DP rank CPU seconds), turns CPU into wall time on this machine (about
+  W / cores once the ranks outnumber the cores). C_comm(mode) = k x cpu_per_byte_rank x the mode's
+  remote bytes;
   cpu bound = T_sync / max(T_compute + C_comm, T_comm); % of cpu bound = speed-up / cpu bound;
 - what is left (``gap``): the mode's time minus max(T_compute + C_comm, T_comm), split into the
   waits rank 0 measured (counts, dispatch, combine, drain), blocking exchanges (its sync calls'
@@ -29,6 +32,8 @@ Definitions (docs/benchmarks.md "Method"):
   the compute and the exchanges' own process CPU; the ranks' process CPU, not the machine's, on
   both sides) and the rest (the kernel's share of C_comm, scheduling between ranks sharing cores,
   what neither explains);
+- other work: each run records the machine's busy CPU beyond its own processes' CPU
+  (``dice_ds.bench.probe.foreign_cpu``); modes with a run above ``FOREIGN_FLAG`` are flagged;
 - bytes: EP all-to-all bytes a rank sent to other ranks plus its SP all-gather bytes; cache: held
   stale EP exchanges plus displaced SP K/V buffers (peak, max over ranks);
 - phases: rank 0's exclusive seconds per phase summed over the run, median over rounds;
@@ -96,7 +101,9 @@ def psnr(ref_path: str, path: str) -> float | None:
         return None
     mse = float(np.mean((ref - out) ** 2))
     peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+    if mse == 0:
+        return math.inf
+    return 10 * math.log10(peak * peak / mse) if peak > 0 else None  # constant reference: none
 
 
 def summarise(runs: list[dict], probes: dict) -> list[dict]:
@@ -140,7 +147,12 @@ def summarise(runs: list[dict], probes: dict) -> list[dict]:
             ref = next((r for r in sync_runs if r["round"] == ok[0]["round"]), None)
             phases = {p: _median([r["phase_seconds"][0].get(p, 0.0) if r["phase_seconds"]
                                   else 0.0 for r in ok]) for p in PHASES}
-            c_comm = k * cpb * bytes_remote if k and cpb is not None and m != "dp" else None
+            # the ranks' own CPU per byte (their rusage in the probe): other work on the machine
+            # cannot inflate it (the machine-wide figure, ``cpu_per_byte``, is kept for reference)
+            c_comm = (k * own_cpb * bytes_remote if k and own_cpb is not None and m != "dp"
+                      else None)
+            blocking = (max(0.0, sum(phases[p] - dp_phases.get(p, 0.0) for p in BLOCKING))
+                        if dp_phases and m != "dp" else None)
             cpu_bound = (t_sync / max(t_dp + c_comm, t_comm) if bound and c_comm is not None
                          else None)
             gap = None
@@ -148,11 +160,10 @@ def summarise(runs: list[dict], probes: dict) -> list[dict]:
                 mode_cpu = _median([_rank_cpu(r) for r in ok])
                 floor_cpu = max(t_dp + c_comm, t_comm)
                 waits = sum(phases[p] for p in WAITS)
-                blocking = max(0.0, sum(phases[p] - dp_phases.get(p, 0.0) for p in BLOCKING))
                 extra = (k * (mode_cpu - dp_cpu - own_cpb * bytes_remote)
                          if mode_cpu and dp_cpu and own_cpb is not None else None)
                 rest = med[m] - floor_cpu - waits - blocking - (extra or 0.0)
-                gap = {"seconds": med[m] - floor_cpu, "waits": waits, "blocking": blocking,
+                gap = {"seconds": med[m] - floor_cpu, "waits": waits, "blocking": blocking or 0.0,
                        "extra_cpu": extra, "rest": rest}
             row.update({
                 "seconds": med[m], "min": min(secs), "max": max(secs),
@@ -164,6 +175,8 @@ def summarise(runs: list[dict], probes: dict) -> list[dict]:
                 "pct_of_cpu_bound": speed / cpu_bound if speed and cpu_bound else None,
                 "wall_per_cpu": k, "cpu_per_byte": cpb, "cpu_per_byte_rank": own_cpb, "gap": gap,
                 "cpu_seconds_rank": _median([_rank_cpu(r) for r in ok]),
+                "blocking": blocking,
+                "foreign_cpu_share": foreign_share(ok),
                 "bytes_remote_per_rank": ok[0]["bytes_remote"],
                 "bytes_remote_total": sum(ok[0]["bytes_remote"]),
                 "cache_peak_bytes": max(ok[0]["cache_peak_bytes"] or [0]),
@@ -197,6 +210,19 @@ def balance_table(rows: list[dict], link: str) -> list[str]:
         out.append(f"| {r['mode']} | {r['expert_placement'] or '-'} "
                    f"| {r['expert_imbalance_max']:.2f}x | {r['expert_imbalance_median']:.2f}x |")
     return out
+
+
+FOREIGN_FLAG = 0.25
+"""A run whose machine spent more than this share of the ranks' own CPU on other work is
+flagged: its times include competition the bench did not cause."""
+
+
+def foreign_share(runs: list[dict]) -> float | None:
+    """The largest share, over ``runs``, of CPU the machine spent on other work during a run over
+    the run's own processes' CPU (``dice_ds.bench.probe.foreign_cpu``); None where not measured."""
+    shares = [r["cpu"]["foreign"] / r["cpu"]["own"] for r in runs
+              if (r.get("cpu") or {}).get("foreign") is not None and r["cpu"]["own"] > 0]
+    return max(shares) if shares else None
 
 
 def _f(x, fmt="{:.2f}", none="-"):
@@ -243,9 +269,27 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 + " | ".join(f"{ph[p]:.2f}" for p in ("router", "preprocess", "dispatch",
                                                        "experts", "combine", "wait_dispatch",
                                                        "wait_combine", "wait_counts")) + " |")
-        out += [""] + cpu_table(rows, link, probe)
+        out += [""] + blocking_lines(rows, link) + cpu_table(rows, link, probe)
         out += balance_table(rows, link)
     return "\n".join(out)
+
+
+def blocking_lines(rows: list[dict], link: str) -> list[str]:
+    """Per mode of one link: the seconds its sync calls' exchanges blocked (beyond DP's local
+    permutations), and a warning for modes whose runs shared the machine with other work."""
+    mine = [r for r in rows if r["link"] == link and r.get("runs")]
+    out = []
+    block = [f"{r['mode']} {r['blocking']:.2f}" for r in mine if r.get("blocking") is not None]
+    if block:
+        out += ["Blocking seconds (sync calls' counts, dispatch and combine beyond DP's local "
+                "permutations, rank 0): " + ", ".join(block) + ".", ""]
+    busy = [f"{r['mode']} ({100 * r['foreign_cpu_share']:.0f} %)" for r in mine
+            if (r.get("foreign_cpu_share") or 0.0) > FOREIGN_FLAG]
+    if busy:
+        out += [f"**Other work on the machine**: runs of {', '.join(busy)} saw more than "
+                f"{100 * FOREIGN_FLAG:.0f} % of their own CPU spent on other processes; their "
+                "times are not comparable.", ""]
+    return out
 
 
 def cpu_table(rows: list[dict], link: str, probe: dict) -> list[str]:
@@ -254,8 +298,10 @@ def cpu_table(rows: list[dict], link: str, probe: dict) -> list[str]:
     if not mine:
         return []
     r0 = mine[0]
-    head = (f"CPU-aware bound: the probe's exchanges cost {r0['cpu_per_byte'] * 1e9:.1f} ns of "
-            f"machine CPU per byte a rank sends ({probe.get('cpu_seconds_machine', 0):.2f} s busy "
+    head = (f"CPU-aware bound: the probe's exchanges cost {r0['cpu_per_byte_rank'] * 1e9:.1f} ns "
+            f"of the ranks' own CPU per byte a rank sends (their rusage; the whole machine: "
+            f"{(r0['cpu_per_byte'] or 0) * 1e9:.1f} ns, "
+            f"{probe.get('cpu_seconds_machine', 0):.2f} s busy "
             f"for {probe['bytes_per_call'] * probe['calls'] / 1e6:.1f} MB per rank); wall seconds "
             f"per rank CPU second k = {r0['wall_per_cpu']:.2f}")
     out = [head, "", "| mode | speed-up | C_comm s | CPU bound | % of CPU bound | left s | waits s "
