@@ -41,7 +41,7 @@ Definitions (docs/benchmarks.md "Method"):
 - PSNR: of the mode's latents against the sync EP latents of the same round and seeds, with the
   sync latents' peak-to-peak range as the signal (inf when identical);
 - expert balance (``expert_balance``): the busiest EP rank's expert rows over the mean, per MoE
-  layer, from the run's routing counts (run.json ``expert_placement``, dice_ds/moe/placement.py):
+  layer, from the run's routing counts (run.json ``expert_placement``, dice_ds/placement.py):
   the worst and the median layer, and the placement the run used.
 """
 

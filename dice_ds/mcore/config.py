@@ -19,7 +19,7 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
                        ep_size: int = 1, num_experts: int | None = None) -> TransformerConfig:
     """megatron ``TransformerConfig`` for the MoE layers of ``cfg`` at expert-parallel size
     ``ep_size``; ``num_experts``: megatron's expert count when it is not ``cfg.num_experts`` (the
-    physical slots of an expert placement, ``dice_ds/moe/placement.py``)."""
+    physical slots of an expert placement, ``dice_ds/placement.py``)."""
     return TransformerConfig(
         num_layers=cfg.depth,
         hidden_size=cfg.hidden_size,

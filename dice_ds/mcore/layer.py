@@ -15,7 +15,7 @@ Owns ``moe_submodules`` (the spec) and ``DiTMoELayer`` / ``build_moe_layer`` (sp
 (``runtime``) through which the DICE expert-parallel runtime (``dice_ds.moe.runtime``) takes over a
 layer's forward.
 
-Expert placement (``dice_ds/moe/placement.py``): with a placement other than megatron's contiguous
+Expert placement (``dice_ds/placement.py``): with a placement other than megatron's contiguous
 one the router keeps the E logical experts (its config says E) while the dispatcher and the
 experts are built for the P physical slots (their config says P), and ``preprocess`` maps the
 router's [T, E] output onto [T, P] (``SlotRouting``) before megatron's ``dispatch_preprocess``:
@@ -41,7 +41,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from dice_ds.config import ModelConfig
 from dice_ds.mcore.config import transformer_config
 from dice_ds.mcore.experts import GroupedExperts
-from dice_ds.moe.placement import Placement, SlotRouting
+from dice_ds.placement import Placement, SlotRouting
 
 
 def moe_submodules(experts_impl: str = "sequential", router_config=None) -> MoESubmodules:

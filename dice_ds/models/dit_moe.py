@@ -4,7 +4,7 @@ Owns ``DiTMoE`` (patch/timestep/class embeddings, adaLN-Zero blocks, final layer
 ``forward_with_cfg`` (one merged forward on the doubled batch), ``build_model`` and ``init_weights``.
 Expert parallelism enters only through the process groups handed to ``build_model``: with an EP
 group of size W each MoE layer holds E/W experts (megatron's contiguous placement, or the slots of
-an expert ``placement``, ``dice_ds/moe/placement.py``); everything else is replicated. DICE modes
+an expert ``placement``, ``dice_ds/placement.py``); everything else is replicated. DICE modes
 are installed afterwards by ``dice_ds.parallel.parallelize_dit_moe``; sequence parallelism enters
 through the ``sp_runtime`` seam (token shard after the embeddings, full-length gather before the
 final layer) and each attention's ``runtime`` (K/V).
@@ -135,7 +135,7 @@ def build_model(cfg: ModelConfig, groups=None, params_dtype: torch.dtype = torch
     nothing: the entry point has started the default process group and called
     ``dice_ds.mcore.prepare(device)`` (the pipeline, the CLI and the tests' fixtures do).
 
-    ``placement``: a ``dice_ds.moe.placement.Placement`` for the groups' EP size (None: megatron's
+    ``placement``: a ``dice_ds.placement.Placement`` for the groups' EP size (None: megatron's
     contiguous placement).
     """
     if not mcore.prepared(device):

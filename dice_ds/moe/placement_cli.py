@@ -5,7 +5,7 @@ run.json (its ``expert_placement.expert_rows``: rows per logical expert of every
 ranks, the whole run; EP size default: the run's) or a bench ``.loads.json`` sidecar
 (``--link``: one link's ``"step,layer": [rows ...]`` table; its rows are per EP rank, which are the
 rows per expert only where every rank held one expert, E = W, as in docs/bench_ranks_n8.loads.json).
-Writes ``--out`` (``dice_ds.moe.placement.Placement.write``; a run takes it with
+Writes ``--out`` (``dice_ds.placement.Placement.write``; a run takes it with
 ``--expert-placement FILE``) and prints, per layer, the busiest rank's rows over the mean under
 the contiguous and the balanced placement.
 """
@@ -17,7 +17,7 @@ import json
 import sys
 
 from dice_ds.config import ConfigError
-from dice_ds.moe.placement import balanced, contiguous, imbalance, rank_rows, rows_from_loads
+from dice_ds.placement import balanced, contiguous, imbalance, rank_rows, rows_from_loads
 
 
 def _parser() -> argparse.ArgumentParser:

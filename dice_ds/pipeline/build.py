@@ -27,9 +27,9 @@ import torch.distributed as dist
 
 from dice_ds.launch_env import env_rank
 from dice_ds.models import DTYPES, build_model, init_weights
-from dice_ds.moe.placement import BALANCED
 from dice_ds.pipeline.calibrate import balanced_placement
 from dice_ds.pipeline.prepare import state_checkpoint_notes
+from dice_ds.placement import BALANCED
 from dice_ds.startup import memory_now
 from dice_ds.weights.load import load_into_model, time_plain_read
 from dice_ds.weights.read import open_checkpoint

@@ -6,7 +6,7 @@ contiguous placement on the job's first sampling step (each rank's first batch o
 seed and the rank's sample indices, at the sampler's first timestep, guided as the job is),
 counting the rows the router sends to each logical expert in every MoE layer
 (``DiTMoELayer.expert_rows_E``); the counts are summed over the world (one all-reduce), so every
-rank computes the same placement (``dice_ds.moe.placement.balanced`` with ``--expert-replicas``).
+rank computes the same placement (``dice_ds.placement.balanced`` with ``--expert-replicas``).
 The routing pattern is stable across steps (docs/benchmarks.md), so the first step stands for the
 run. The forward runs megatron's own MoE phases on the EP groups (no runtime is attached yet).
 
@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from dice_ds.diffusion import draw_conditions, predict, step_rule
-from dice_ds.moe.placement import Placement, balanced
 from dice_ds.options import sampler_of, steps_of
+from dice_ds.placement import Placement, balanced
 
 
 @torch.no_grad()

@@ -38,11 +38,11 @@ from dice_ds.ds_config import (
     tree_of,
 )
 from dice_ds.launch_env import env_world_size
-from dice_ds.moe.placement import placement_setting, replicas_of
 from dice_ds.options import latent_side, validate, validate_options
 from dice_ds.parallel.apply import parallelize_dit_moe
 from dice_ds.parallel.groups import init_distributed
 from dice_ds.pipeline.resources import check_memory
+from dice_ds.placement import placement_setting, replicas_of
 from dice_ds.startup import StartupLog
 from dice_ds.vae import check_decoder
 from dice_ds.weights.check import (
@@ -80,7 +80,7 @@ class PipelineSpec:
     startup: object = None
     """This rank's ``dice_ds.startup.StartupLog`` (phases, bytes read, memory; run.json)."""
     placement: object = None
-    """The expert placement (``dice_ds.moe.placement``: a ``Placement``, ``BALANCED`` to compute
+    """The expert placement (``dice_ds.placement``: a ``Placement``, ``BALANCED`` to compute
     at start-up, None for megatron's contiguous one); the build replaces ``BALANCED`` by the
     computed ``Placement``."""
     checkpoint_notes: tuple[str, ...] = ()

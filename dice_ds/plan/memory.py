@@ -5,7 +5,7 @@ docs/plan.md; weights and activations against measured peaks in docs/scale.md). 
 and layer, k slots, h hidden, F expert FFN, F_s shared FFN, b payload bytes, c prob columns:
 
 - routed expert weights: L x (E / ep + r) x 3 h F x act bytes (all E without EP; r: the extra
-  slots per rank of an expert placement with replicas, dice_ds/moe/placement.py);
+  slots per rank of an expert placement with replicas, dice_ds/placement.py);
 - dense weights: everything else (attention, adaLN, router, shared expert, embeddings, final
   layer; ``dense_params``), replicated on every rank;
 - activations: the largest transient of one layer call: the MoE layer's permuted rows and SwiGLU

@@ -45,7 +45,6 @@ import numpy as np
 import dice_ds
 from dice_ds.config import ConfigError
 from dice_ds.diffusion import labels_for
-from dice_ds.moe.placement import Placement, routing_counts, run_record
 from dice_ds.options import (
     RunOptions,
     auto_sample_dir,
@@ -68,6 +67,7 @@ from dice_ds.parallel.groups import group_timeout
 from dice_ds.pipeline import DiTMoEPipeline
 from dice_ds.pipeline.output import exchange_totals, rank_exchange
 from dice_ds.pipeline.prepare import PipelineSpec, connect, prepare_spec
+from dice_ds.placement import Placement, routing_counts, run_record
 from dice_ds.runenv import (
     PeerFailure,
     Progress,
@@ -289,7 +289,7 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
         # what was assumed about the checkpoint or replaced in it (dice_ds/weights/check.py)
         "checkpoint_notes": list(prep.checkpoint_notes),
         "regenerated_pos_embed": prep.regenerated_pos_embed,
-        # the expert placement used and the routing rows it met (dice_ds/moe/placement.py)
+        # the expert placement used and the routing rows it met (dice_ds/placement.py)
         "expert_placement": run_record(prep.placement, plan.ep_size,
                                        [r.get("routing") or {} for r in per_rank]),
     })

@@ -17,7 +17,7 @@ region is refused if it holds NaN/inf as it is read (``dice_ds/weights/read.py``
 Invariants: only this rank's experts are read (the others are counted as dropped): per MoE layer the
 logical experts of its local slots (``DiTMoELayer.local_logical_experts``: megatron's contiguous
 experts, or those an expert placement gives the rank, replicas included;
-``dice_ds/moe/placement.py``); values are bitwise those of a ``load_state_dict`` of the mapped dict
+``dice_ds/placement.py``); values are bitwise those of a ``load_state_dict`` of the mapped dict
 (a copy_ with the same cast); the only tensor ever skipped non-strictly is ``pos_embed`` at another
 image size, regenerated with a warning (pitfall 17 in docs/).
 """

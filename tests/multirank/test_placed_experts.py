@@ -1,4 +1,4 @@
-"""Expert placement changes where an expert runs, never what it computes (dice_ds/moe/placement.py).
+"""Expert placement changes where an expert runs, never what it computes (dice_ds/placement.py).
 
 On real gloo groups of 2 and 4 ranks, the debug model (E = 4, 2 MoE layers) samples the same
 batch with megatron's contiguous placement and with other placements: a permutation (a different
@@ -28,11 +28,11 @@ REL_TOL = 1e-5
 def _placed_ranks(rank, world):
     from dice_ds.config import get_flavor
     from dice_ds.models import build_model, init_weights
-    from dice_ds.moe.placement import Placement
     from dice_ds.parallel.apply import parallelize_dit_moe
     from dice_ds.parallel.dims import ParallelDims
     from dice_ds.parallel.groups import build_groups
     from dice_ds.parallel.plan import ParallelPlan
+    from dice_ds.placement import Placement
 
     cfg = get_flavor("debug")
     z0, y = _batch(cfg, rank)
@@ -111,7 +111,7 @@ def _pipeline_ranks(rank, world, placement_file):
 
 
 def test_pipeline_places_experts_from_its_settings(tmp_path):
-    from dice_ds.moe.placement import Placement
+    from dice_ds.placement import Placement
 
     path = tmp_path / "placement.json"
     Placement(4, 2, tuple(tuple(tuple(r) for r in lay) for lay in PLACEMENTS[2]["replicas"]),

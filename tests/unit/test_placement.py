@@ -1,4 +1,4 @@
-"""Expert placement as data (dice_ds/moe/placement.py): the balanced algorithm on measured
+"""Expert placement as data (dice_ds/placement.py): the balanced algorithm on measured
 routing rows, the JSON file, the checks of the settings, and the logical -> physical routing."""
 import json
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dice_ds.config import ConfigError
-from dice_ds.moe.placement import (
+from dice_ds.placement import (
     BALANCED,
     Placement,
     SlotRouting,
