@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from dice_ds.config import ConfigError
 from dice_ds.diffusion import step_rule
@@ -150,8 +151,6 @@ class DiffusersWords:
 
     def progress_bar(self, iterable=None, total=None):
         """A tqdm bar with the pipeline's progress-bar config (diffusers' method)."""
-        from tqdm.auto import tqdm
-
         config = {"disable": None, **getattr(self, "_progress_bar_config", {})}
         return tqdm(iterable, total=total, **config)
 
