@@ -74,6 +74,9 @@ ASYNC_MODES = ("displaced", "interweaved")
 ASYNC_LAYER_SETS = ("all", "shallow", "deep", "interleaved")
 SKIP_STRATEGIES = ("low", "high", "rand")
 STALE_WEIGHTS = ("cached", "current")
+RANK_LAYOUTS = ("auto", "ep-inner", "sp-inner", "dp-inner")
+"""``dice.parallel.layout`` (``--rank-layout``): which parallel dimension varies fastest with the
+rank (``dice_ds.parallel.dims.ORDERS``); ``auto`` keeps EP and SP groups inside nodes."""
 
 MAX_SAMPLES = 10_000_000
 """``--num-fid-samples`` at most: one file per sample in one directory (FID uses 50k)."""
@@ -372,6 +375,15 @@ class SequenceParallel(_Section):
                             "instead of the group's global batch; same image set")
 
 
+class Parallel(_Section):
+    layout: Literal[RANK_LAYOUTS] = leaf(
+        "auto", "rank_layout", "which ranks form the EP, SP and data-parallel groups: ep-inner "
+        "(EP groups are consecutive ranks, SP next, DP outermost), sp-inner (SP groups "
+        "consecutive, then EP), dp-inner (data-parallel replicas consecutive: EP groups stride "
+        "over nodes); auto: the one keeping the most EP and SP groups inside a host (ep-inner on "
+        "one host and on ties)")
+
+
 class Dice(_Section):
     model: Model = Model()
     sampling: Sampling = Sampling()
@@ -383,6 +395,7 @@ class Dice(_Section):
     conditional_comm: ConditionalComm = ConditionalComm()
     communication: Communication = Communication()
     sp: SequenceParallel = SequenceParallel()
+    parallel: Parallel = Parallel()
 
 
 class Settings(_Section):

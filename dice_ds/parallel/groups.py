@@ -9,11 +9,12 @@ megatron's layers get a ``ProcessGroupCollection`` made from it by ``dice_ds.mco
 Every group is a ``torch.distributed.new_group``; DeepSpeed is not used (its launcher only sets the
 environment that ``init_distributed`` reads).
 
-Layout (``ParallelDims``): EP innermost, SP next, data parallel outermost; rank r = (d·sp + s)·ep + e.
-EP groups are the contiguous blocks [0, ep), [ep, 2ep), ...; expert-data-parallel groups join the
-ranks that hold the same experts, {r, r + ep, r + 2ep, ...}; SP groups stride ep inside each block
-of ep·sp ranks. World 4, ep 2, sp 2: EP [0,1] [2,3], expt-DP [0,2] [1,3], SP [0,2] [1,3]. Inside an
-EP group megatron places experts contiguously: EP rank k holds global experts [k·E/ep, (k+1)·E/ep).
+Layout: ``ParallelDims`` owns the rank lists (``dice_ds/parallel/dims.py``: ``ep-inner``, EP
+innermost, SP next, DP outermost, is the default on one host; ``sp-inner`` and ``dp-inner`` order
+the dimensions otherwise, and ``dice_ds/parallel/topology.py`` chooses one on the ranks' hosts).
+``ep-inner``, world 4, ep 2, sp 2: EP [0,1] [2,3], expt-DP [0,2] [1,3], SP [0,2] [1,3]. Inside an
+EP group megatron places experts contiguously by group rank (increasing global rank): EP rank k
+holds global experts [k·E/ep, (k+1)·E/ep).
 
 Timeout (bounded failure): one value, ``pg_timeout_seconds`` (``dice_ds/parallel/timeout.py``:
 ``--pg-timeout``, else ``$DICE_DS_PG_TIMEOUT`` seconds, else the legacy ``$DICE_DS_PG_TIMEOUT_MIN``

@@ -13,9 +13,11 @@ Conventions: the sampler's step index i counts *down* from S to 1 (rev = S − i
 step). ``async_layers`` names the MoE layers that run asynchronously (the reference's
 ``--ep-async-mode`` convention); every other layer stays synchronous.
 
-Rank layout of a plan (``dice_ds.parallel.groups``): EP innermost (contiguous blocks of ep_size
-ranks), SP next (stride ep_size), data parallel outermost. EP x SP: world 4, ep 2, sp 2 gives EP
-groups [0,1] [2,3] and SP groups [0,2] [1,3].
+Rank layout (which global ranks form the EP and SP groups) is not part of the plan: it is the
+``rank_layout`` setting, chosen on the ranks' hosts when the groups are built
+(``dice_ds.parallel.dims``, ``dice_ds.parallel.topology``). The default on one host: EP innermost
+(contiguous blocks of ep_size ranks), SP next (stride ep_size), data parallel outermost; world 4,
+ep 2, sp 2 gives EP groups [0,1] [2,3] and SP groups [0,2] [1,3].
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class ParallelPlan:
 
     ep_size: int = 1
     """Expert-parallel group size (1: no EP, pure data parallelism). Must divide the world size and
-    the expert count. EP groups are contiguous ranks; the rest of the world is data parallel."""
+    the expert count. Which ranks form the EP groups: the rank layout (module docstring); the rest
+    of the world is data parallel."""
     mode: EPMode = "sync"
     """'sync': megatron's all-to-all dispatcher. 'displaced': DICE displaced EP (2-step-stale expert
     outputs). 'interweaved': DICE interweaved EP (1-step staleness, half the cache)."""

@@ -18,6 +18,7 @@ every forward, so they must hold the same samples:
 Either way every sample is computed by the same arithmetic as under DP (its noise and label depend
 only on the seed and its index), so the image set equals DP's for the same seed. No communication:
 every SP rank draws the group's samples itself, which is what gathering z and y would give.
+Which ranks form an SP group is the run's rank layout (``dice_ds.parallel.dims``: ``dims``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from __future__ import annotations
 from dice_ds.parallel.dims import ParallelDims
 
 
-def sp_group_ranks(plan, rank: int, world: int) -> list[int]:
-    """The global ranks of ``rank``'s SP group, in SP-rank order ([rank] without SP)."""
+def sp_group_ranks(plan, dims: ParallelDims, rank: int) -> list[int]:
+    """The global ranks of ``rank``'s SP group in the run's layout (``dims``), in SP-rank order
+    ([rank] without SP)."""
     if not plan.sp_enabled:
         return [rank]
-    dims = ParallelDims(world, plan.ep_size, plan.sp_size)
     return next(g for g in dims.sp_ranks() if rank in g)
 
 
@@ -38,9 +39,12 @@ def owned_positions(batch_size: int, rank: int, world: int) -> list[int]:
     return list(range(rank, batch_size, world))
 
 
-def call_sub_batches(plan, batch_size: int, rank: int, world: int) -> list[tuple[list[int], slice]]:
-    """[(positions to sample together, slice of them this rank owns)] (module docstring)."""
-    members = sp_group_ranks(plan, rank, world)
+def call_sub_batches(plan, dims: ParallelDims, batch_size: int, rank: int
+                     ) -> list[tuple[list[int], slice]]:
+    """[(positions to sample together, slice of them this rank owns)] (module docstring);
+    ``dims``: the run's sizes and rank layout (its SP groups)."""
+    world = dims.world
+    members = sp_group_ranks(plan, dims, rank)
     if plan.single_img:
         subs = [(owned_positions(batch_size, r, world), r == rank) for r in members]
         return [(pos, slice(0, len(pos) if mine else 0)) for pos, mine in subs if pos]
@@ -53,9 +57,10 @@ def call_sub_batches(plan, batch_size: int, rank: int, world: int) -> list[tuple
     return [(positions, slice(start, stop))] if positions else []
 
 
-def sp_batches(plan, b: int, rank: int, world: int, n: int) -> list[tuple[list[int], slice]]:
+def sp_batches(plan, dims: ParallelDims, b: int, rank: int, n: int
+               ) -> list[tuple[list[int], slice]]:
     """[(indices to sample, slice of them this rank writes)] for the CLI's batch ``b`` of ``n``
     samples per rank: ``call_sub_batches`` of its n·W samples, shifted to their global indices."""
-    first = b * n * world
+    first = b * n * dims.world
     return [([first + j for j in pos], mine)
-            for pos, mine in call_sub_batches(plan, n * world, rank, world)]
+            for pos, mine in call_sub_batches(plan, dims, n * dims.world, rank)]

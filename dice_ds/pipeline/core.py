@@ -4,7 +4,8 @@ Owns the pipeline object (built once: process groups, model, runtime, decoder) a
 global batch spread over the ranks, sampled, decoded where it was sampled, delivered to the output
 ranks). What a call's arguments mean and where its randomness comes from: ``dice_ds.pipeline.call``;
 the output types: ``dice_ds.pipeline.output``; which rank samples and owns which position:
-``dice_ds.parallel.sp_batches``.
+``dice_ds.parallel.sp_batches``. Which ranks form each group is chosen once at build, on the hosts
+the ranks run on (``dice_ds.parallel.topology``; rank 0 prints it, run.json records it).
 
 A call builds its step rule once (the flavor's sampler, or the user's diffusers scheduler:
 ``DiffusersWords.step_rule``) and its schedule of as many steps as the rule has timesteps
@@ -28,6 +29,7 @@ global RNG is never used or seeded.
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
@@ -37,9 +39,9 @@ from dice_ds import mcore
 from dice_ds.config import ConfigError
 from dice_ds.diffusion import noise_draws
 from dice_ds.options import mode_name, sampler_of
-from dice_ds.parallel.dims import ParallelDims
 from dice_ds.parallel.groups import build_groups
 from dice_ds.parallel.sp_batches import call_sub_batches
+from dice_ds.parallel.topology import place_ranks
 from dice_ds.pipeline.build import build_model_and_runtime, time_first_step
 from dice_ds.pipeline.call import (
     OUTPUT_RANKS,
@@ -178,8 +180,12 @@ class DiTMoEPipeline(DiffusersWords):
         with quieter_third_party(opts.verbose):  # megatron's import-time fallback notes
             mcore.prepare(spec.device)  # version check; CPU patches (patches/megatron_cpu.py)
             with self.startup.phase("process_groups"):  # every group of the run, once
-                self.groups = build_groups(ParallelDims(self.world_size, spec.plan.ep_size,
-                                                        spec.plan.sp_size))
+                # the rank layout on the hosts the ranks run on (dice_ds/parallel/topology.py)
+                self.placement = place_ranks(self.world_size, spec.plan.ep_size,
+                                             spec.plan.sp_size, opts.rank_layout)
+                self.groups = build_groups(self.placement.dims)
+            if self.rank == 0 and self.world_size > 1:
+                print(self.placement.line(), file=sys.stderr, flush=True)
             self.model, self.runtime = build_model_and_runtime(spec, self.groups)
         time_first_step(self.model, self.startup)
         self.decoder = build_decoder(opts.vae, opts.vae_path, spec.device,
@@ -282,8 +288,9 @@ class DiTMoEPipeline(DiffusersWords):
         own, rows, seconds, cpu, computed = [], [], [], [], set()
         self.finite_check.failure = None  # a group's first non-finite step, raised after the loop
         padded = self._padded(call.batch_size)
-        subs = call_sub_batches(self.spec.plan, padded, self.rank, self.world_size)
-        ticks = max(len(call_sub_batches(self.spec.plan, padded, r, self.world_size))
+        dims = self.groups.dims  # the run's sizes and rank layout (its SP groups)
+        subs = call_sub_batches(self.spec.plan, dims, padded, self.rank)
+        ticks = max(len(call_sub_batches(self.spec.plan, dims, padded, r))
                     for r in range(self.world_size)) * rule.num_steps
         end = StepEnd(self, *call.step_callback, self.rank, ticks, len(subs) * rule.num_steps,
                       self.world_size > 1, device)

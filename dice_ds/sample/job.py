@@ -62,7 +62,6 @@ from dice_ds.outputs import (
     num_batches,
     run_fingerprint,
 )
-from dice_ds.parallel.dims import ParallelDims
 from dice_ds.parallel.groups import group_timeout
 from dice_ds.pipeline import DiTMoEPipeline
 from dice_ds.pipeline.output import exchange_totals, rank_exchange
@@ -265,7 +264,7 @@ def _peak_memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> dict:
+def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int, layout: dict) -> dict:
 
     opts, plan = prep.opts, prep.plan
 
@@ -282,9 +281,9 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
         "sample_dir": prep.sample_dir, "dice_ds_version": dice_ds.__version__,
         "git_commit": _git_commit(), "start_time": per_rank[0]["start_time"],
         "host": per_rank[0]["host"], "hosts": sorted({r["host"] for r in per_rank}),
-        # which groups (EP, expert-DP, SP) have members on more than one host
-        "layout": ParallelDims(prep.world_size, plan.ep_size, plan.sp_size).layout(
-            [r["host"] for r in per_rank]),
+        # the rank layout, why it was chosen, which groups (EP, expert-DP, SP) have members on
+        # more than one host (dice_ds/parallel/topology.py)
+        "layout": layout,
         "checkpoint_sha256": fp.get("checkpoint_sha256"), "fingerprint": fp,
         # what was assumed about the checkpoint or replaced in it (dice_ds/weights/check.py)
         "checkpoint_notes": list(prep.checkpoint_notes),
@@ -315,8 +314,10 @@ def _run_info(prep: Prepared, per_rank: list[dict], num_batches_total: int) -> d
     return info
 
 
-def _finish(prep: Prepared, out, rank: int, world: int, mine: dict) -> dict | None:
-    """Gather per-rank measurements; rank 0 assembles npz, grid and run.json."""
+def _finish(prep: Prepared, out, rank: int, world: int, mine: dict, layout: dict
+            ) -> dict | None:
+    """Gather per-rank measurements; rank 0 assembles npz, grid and run.json (``layout``: the
+    pipeline's rank layout record)."""
     import torch.distributed as dist
 
     per_rank = [None] * world
@@ -330,7 +331,7 @@ def _finish(prep: Prepared, out, rank: int, world: int, mine: dict) -> dict | No
         with open(previous) as fh:
             return {**json.load(fh), "already_complete": True}
     info = _run_info(prep, per_rank, num_batches(opts.num_fid_samples, world,
-                                                 opts.per_proc_batch_size))
+                                                 opts.per_proc_batch_size), layout)
     indices = list(range(opts.num_fid_samples))
     if not opts.trim_samples:
         info["npz"] = out.assemble(indices, labels_for(opts.global_seed, indices,
@@ -363,7 +364,7 @@ def run(prep: Prepared) -> dict | None:
                 host=socket.gethostname(), start_time=start_time, threads=torch.get_num_threads())
     if rank == 0:
         mine["fingerprint"] = fingerprint
-    info = _finish(prep, out, rank, world, mine)
+    info = _finish(prep, out, rank, world, mine, pipe.placement.record())
     dist.barrier()
     out.release()  # the directory's run lock (dice_ds/runlock.py); a crash frees it by exiting
     if rank == 0 and info.get("already_complete"):

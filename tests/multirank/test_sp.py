@@ -201,6 +201,7 @@ def _sampled_vs_single(rank, world, plan_kw, n):
     from dice_ds.config import get_flavor
     from dice_ds.diffusion import draw_conditions
     from dice_ds.models import build_model, init_weights
+    from dice_ds.parallel.dims import ParallelDims
     from dice_ds.parallel.groups import local_model_groups
     from dice_ds.parallel.sp_batches import sp_batches
 
@@ -208,7 +209,9 @@ def _sampled_vs_single(rank, world, plan_kw, n):
     ref = init_weights(build_model(cfg, local_model_groups()), "random", seed=SEED)
     model, rt = _build(cfg, plan_kw, world)
     written, err = [], 0.0
-    for indices, mine in sp_batches(rt.runtimes[1].plan, 0, rank, world, n):
+    plan = rt.runtimes[1].plan
+    for indices, mine in sp_batches(plan, ParallelDims(world, plan.ep_size, plan.sp_size), 0,
+                                    rank, n):
         z, y, _ = draw_conditions(7, indices, cfg.in_channels, cfg.input_size, cfg.num_classes)
         x = _rf(model, rt, z, y, 3, 1.5)[mine]
         if len(x):

@@ -59,14 +59,16 @@ def test_sp_batches_cover_exactly_the_dp_indices():
     world, n, b = 4, 3, 1
     for plan in (ParallelPlan(sp_size=4), ParallelPlan(sp_size=2, ep_size=2),
                  ParallelPlan(sp_size=4, single_img=True), ParallelPlan()):
-        for rank in range(world):
-            subs = sp_batches(plan, b, rank, world, n)
-            written = [i for indices, mine in subs for i in indices[mine]]
-            assert written == batch_indices(b, rank, world, n), (plan, rank)
-            group = next(g for g in ParallelDims(world, plan.ep_size, plan.sp_size).sp_ranks()
-                         if rank in g) if plan.sp_enabled else [rank]
-            # every rank of an SP group samples the same sub-batches
-            assert all([ix for ix, _ in sp_batches(plan, b, r, world, n)] == [ix for ix, _ in subs]
-                       for r in group)
-    one = sp_batches(ParallelPlan(sp_size=2, single_img=True), 0, 1, 2, 1)
+        for order in ("ep-inner", "sp-inner", "dp-inner"):  # any rank layout
+            dims = ParallelDims(world, plan.ep_size, plan.sp_size, order)
+            for rank in range(world):
+                subs = sp_batches(plan, dims, b, rank, n)
+                written = [i for indices, mine in subs for i in indices[mine]]
+                assert written == batch_indices(b, rank, world, n), (plan, rank)
+                group = (next(g for g in dims.sp_ranks() if rank in g) if plan.sp_enabled
+                         else [rank])
+                # every rank of an SP group samples the same sub-batches
+                assert all([ix for ix, _ in sp_batches(plan, dims, b, r, n)]
+                           == [ix for ix, _ in subs] for r in group)
+    one = sp_batches(ParallelPlan(sp_size=2, single_img=True), ParallelDims(2, 1, 2), 0, 1, 1)
     assert [(ix, m) for ix, m in one] == [([0], slice(0, 0)), ([1], slice(0, 1))]
