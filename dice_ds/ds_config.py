@@ -15,7 +15,8 @@ keyword, the argparse dest and a read-only attribute of ``Settings``) and its co
 JSON layout (``configs/ds/*.json``): DeepSpeed's own keys where DeepSpeed has one
 (``train_micro_batch_size_per_gpu``, ``bf16``/``fp16`` ``{"enabled": ...}``, a ``moe`` block with
 ``ep_size``) and a ``dice`` section for everything else (model, sampling, VAE, outputs, runtime,
-async EP, conditional communication, all-to-all payload, sequence parallelism). The parallelism
+async EP, conditional communication, all-to-all payload, sequence parallelism, the rank layout
+``dice.parallel.layout``). The parallelism
 sections (``moe``, ``dice.async``, ``dice.conditional_comm``, ``dice.communication``, ``dice.sp``)
 map one to one onto ``dice_ds.parallel.plan.ParallelPlan`` (``dice_ds.options.build_plan``).
 
@@ -380,8 +381,8 @@ class Parallel(_Section):
         "auto", "rank_layout", "which ranks form the EP, SP and data-parallel groups: ep-inner "
         "(EP groups are consecutive ranks, SP next, DP outermost), sp-inner (SP groups "
         "consecutive, then EP), dp-inner (data-parallel replicas consecutive: EP groups stride "
-        "over nodes); auto: the one keeping the most EP and SP groups inside a host (ep-inner on "
-        "one host and on ties)")
+        "over nodes); auto: the one with the fewest ranks in EP and SP groups that span hosts "
+        "(ep-inner on one host and on ties)")
 
 
 class Dice(_Section):

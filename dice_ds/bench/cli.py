@@ -8,9 +8,12 @@ mode runs ``--rounds`` times round-robin (dp sync displaced ... dp sync ...; slo
 machine's load spreads over all modes), and after the first round the communication-only probe
 replays the sync run's exchange sizes. Results go to ``--out``: bench.json (every run), bench.md
 (the table), bench.png (speed-up vs PSNR per link) and one directory per run with the ranks' logs.
+``--nodes M --ranks-per-node K`` runs on emulated nodes instead, every mode in both rank layouts
+(``dice_ds.bench.node_bench``).
 
-Settings travel as trees: the job (``job_of``: the bench's flags, and the extra ``dice-ds sample``
-flags after ``--`` parsed once) with a mode's settings and the run's sample directory over it is
+Settings travel as trees: the job (``dice_ds.bench.jobs.job_of``: the bench's flags, and the extra
+``dice-ds sample`` flags after ``--`` parsed once) with a mode's settings and the run's sample
+directory over it is
 written to each run's ``settings.json`` (``dice_ds.ds_config.write_config``) and sampled with
 ``--config`` that file; bench.json records the job's tree
 (``meta.settings``), from which ``dice-ds plan --validate`` derives the workload it predicts.
@@ -30,43 +33,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from dice_ds.bench import launch, links, modeconfig, report
-from dice_ds.bench import probe as probe_mod
+from dice_ds.bench import launch, links, modeconfig, node_bench, report
+from dice_ds.bench.jobs import job_of, run_config, run_settings
 from dice_ds.bench.modeconfig import split_mode_config
 from dice_ds.config import ConfigError
-from dice_ds.ds_config import Settings, load_tree, to_json, write_config
+from dice_ds.ds_config import Settings, load_tree, to_json
 from dice_ds.modes import MESH_MODES, by_key
-from dice_ds.options import flags_of, from_overrides, from_tree, given, parse_options
+from dice_ds.options import flags_of, given
 from dice_ds.workload import messages, workload_of_settings
 
 DEFAULT_MODES = "dp,sync,displaced,interweaved,dice,dice-bf16,sp,sp-async"
 MAX_RANKS = 16
-
-
-def job_of(a) -> Settings:
-    """The sampling job every mode runs (only the mode's settings differ): the bench's own job
-    settings, with the extra ``dice-ds sample`` flags after ``--`` parsed once, as the sampler
-    parses them, over them. The plan's workload is derived from this tree (``meta.settings``)."""
-    job = {"model": a.model, "image_size": a.image_size, "device": "cpu", "vae": "none",
-           "sampler": "rf", "num_sampling_steps": a.steps, "per_proc_batch_size": a.batch,
-           "num_fid_samples": a.ranks * a.batch, "cfg_scale": 1.5, "global_seed": 0,
-           **({"ckpt": a.ckpt} if a.ckpt else {"init": "random"})}
-    return from_overrides(given(parse_options(list(a.extra))), base=from_overrides(job))
-
-
-def run_settings(a, job: Settings, m: str) -> Settings:
-    """What mode ``m``'s runs sample: the mode's settings over the job, or the job over a
-    ``--mode-config`` file's settings."""
-    if m in getattr(a, "custom", {}):
-        return from_overrides(given(job), base=from_tree(load_tree(a.custom[m]), a.custom[m]))
-    return from_overrides(by_key(m).settings, base=job)
-
-
-def run_config(s: Settings, run_dir: Path) -> list[str]:
-    """Write ``s``, its samples going to ``run_dir/samples``, to ``run_dir/settings.json``; the
-    run's ``dice-ds sample`` arguments (``--config`` that file)."""
-    s = from_overrides({"sample_dir": str(run_dir / launch.SAMPLES)}, base=s)
-    return write_config(s, run_dir / "settings.json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
                     "CPU-aware bound and PSNR vs sync EP.")
     p.add_argument("--ranks", type=int, default=2,
                    help=f"ranks of every job (2 to {MAX_RANKS}), one network namespace each")
+    p.add_argument("--nodes", type=int, default=None, metavar="M",
+                   help="emulated nodes instead (with --ranks-per-node K): M namespaces of K "
+                        "ranks, --links shaping the links between nodes; every mode with groups "
+                        "of one node's size, in both rank layouts (dice_ds/bench/node_bench.py)")
+    p.add_argument("--ranks-per-node", type=int, default=None, metavar="K",
+                   help="ranks of each --nodes node")
     p.add_argument("--links", default="loopback,300mbit,100mbit",
                    help="comma-separated: 'loopback' and/or tc rates (e.g. 300mbit)")
     p.add_argument("--modes", default=None,
@@ -112,6 +95,10 @@ def _terminate(signum, frame):
 def _check(a, p) -> tuple[list[str], list[str]]:
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
+    if a.nodes is not None:
+        node_bench.check(a, p)
+    elif a.ranks_per_node is not None:
+        p.error("--ranks-per-node needs --nodes M")
     if not 2 <= a.ranks <= MAX_RANKS:
         p.error(f"--ranks {a.ranks}: use 2 to {MAX_RANKS}")
     if a.modes is None:
@@ -226,28 +213,27 @@ def _tell_outputs(out: Path, res: dict) -> None:
           + (", bench.png)" if res["plot"] else ")"), file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = _parser()
-    a = p.parse_args(argv)
-    if a.rerender:
-        return rerender(Path(a.rerender))
-    modes, link_list = _check(a, p)
-    shaped = [x for x in link_list if x != "loopback"]
-    why = links.available()
-    if why and shaped:
-        print(f"dice-ds bench: shaped links {shaped} skipped: {why}", file=sys.stderr)
-        link_list = [x for x in link_list if x == "loopback"]
-        if not link_list:
-            return 0
-    out = Path(a.out or tempfile.mkdtemp(prefix="dice_bench."))
-    signal.signal(signal.SIGTERM, _terminate)
-    job = a.job
-    runs, probes, loads, shaping = [], {}, [], {}
-    unavailable: dict[str, str] = {}
+def _progress(t_start: float, rounds: int, ranks: int):
+    """The console line of each finished run (the first round's failure marks the mode
+    unavailable for the rest of the link)."""
+    def show(rec: dict, rnd: int, load: float, unavailable: dict) -> None:
+        if rec["ok"]:
+            note = f"{rec['sampling_seconds']:7.2f} s"
+        else:
+            note = f"FAILED ({rec['why']}: {_first_error(rec['logs'], ranks)})"
+            if rnd == 0:
+                unavailable[rec["mode"]] = note
+        print(f"[bench {time.monotonic() - t_start:6.0f} s] {rec['link']:9} round {rnd + 1}/"
+              f"{rounds} {rec['mode']:12} {note}  (load {load:.1f})", file=sys.stderr,
+              flush=True)
+    return show
+
+
+def _flat(a, modes, link_list, out, sysctls, why, show) -> dict:
+    """The flat fabric: every rank its own namespace, each link shaped in turn, the probe after
+    the first round."""
+    runs, probes, loads, shaping, unavailable = [], {}, [], {}, {}
     port = 29700 + os.getpid() % 1000
-    t_start = time.monotonic()
-    sysctls = (links.DEFAULT_SYSCTLS if a.sysctl is None
-               else tuple(kv for kv in a.sysctl if kv.strip()))
     with links.Links(use_netns=why is None, sysctls=sysctls, ranks=a.ranks) as net:
         for link in link_list:
             net.shape(link, a.burst)
@@ -262,25 +248,15 @@ def main(argv: list[str] | None = None) -> int:
                     loads.append(os.getloadavg()[0])
                     run_dir = out / link / m / f"r{rnd}"
                     try:
-                        run_argv = run_config(run_settings(a, job, m), run_dir)
+                        run_argv = run_config(run_settings(a, a.job, m), run_dir)
                     except ConfigError as e:
                         run_argv = None
                         rec = {"ok": False, "why": str(e), "logs": str(run_dir)}
                     if run_argv is not None:
-                        marks = probe_mod.cpu_marks()
                         rec = launch.sample_run(net, link, port, run_argv, run_dir, a.run_timeout)
-                        rec["cpu"] = probe_mod.foreign_cpu(marks)
                     rec.update(link=link, mode=m, round=rnd)
                     runs.append(rec)
-                    if rec["ok"]:
-                        note = f"{rec['sampling_seconds']:7.2f} s"
-                    else:
-                        note = f"FAILED ({rec['why']}: {_first_error(rec['logs'], a.ranks)})"
-                        if rnd == 0:
-                            unavailable[m] = note
-                    print(f"[bench {time.monotonic() - t_start:6.0f} s] {link:9} round {rnd + 1}/"
-                          f"{a.rounds} {m:12} {note}  (load {loads[-1]:.1f})", file=sys.stderr,
-                          flush=True)
+                    show(rec, rnd, loads[-1], unavailable)
                 if rnd == 0:
                     sync = next((r for r in runs if r["link"] == link and r["mode"] == "sync"
                                  and r["ok"]), None)
@@ -290,27 +266,60 @@ def main(argv: list[str] | None = None) -> int:
                         probes[link] = launch.probe_run(
                             net, link, port, int(max(sync["bytes_remote"]) / calls), calls,
                             out / link / "probe", a.run_timeout,
-                            gather_bytes=_gather_bytes(job, modes))
+                            gather_bytes=_gather_bytes(a.job, modes))
                         pr = probes[link]
                         print(f"[bench] {link:9} probe: " + (
                             f"{pr['seconds']:.2f} s for {calls} exchanges "
                             f"({pr['throughput_bits'] / 1e6:.0f} Mbit/s pipelined, "
                             f"{pr['lone_throughput_bits'] / 1e6:.0f} lone)" if pr["ok"]
                             else f"FAILED ({pr['why']})"), file=sys.stderr, flush=True)
+    return {"runs": runs, "probes": probes, "loads": loads, "shaping": shaping,
+            "unavailable": unavailable}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.rerender:
+        return rerender(Path(a.rerender))
+    modes, link_list = _check(a, p)
+    shaped = [x for x in link_list if x != "loopback"]
+    why = links.available()
+    if why and a.nodes is not None:
+        print(f"dice-ds bench: --nodes skipped: {why}", file=sys.stderr)
+        return 0
+    if why and shaped:
+        print(f"dice-ds bench: shaped links {shaped} skipped: {why}", file=sys.stderr)
+        link_list = [x for x in link_list if x == "loopback"]
+        if not link_list:
+            return 0
+    out = Path(a.out or tempfile.mkdtemp(prefix="dice_bench."))
+    signal.signal(signal.SIGTERM, _terminate)
+    job = a.job
+    t_start = time.monotonic()
+    sysctls = (links.DEFAULT_SYSCTLS if a.sysctl is None
+               else tuple(kv for kv in a.sysctl if kv.strip()))
+    show = _progress(t_start, a.rounds, a.ranks)
+    if a.nodes is not None:
+        res = node_bench.run(a, modes, link_list, out, sysctls, show)
+        res["probes"], extra = {}, node_bench.meta(a, res)
+    else:
+        res, extra = _flat(a, modes, link_list, out, sysctls, why, show), {}
+    runs, probes, loads = res["runs"], res["probes"], res["loads"]
     rows = report.summarise(runs, probes)
     cmd = "dice-ds bench " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "commit": _git_commit(), "cpus": os.cpu_count(),
             "job": " ".join(flags_of(given(job))), "settings": to_json(job),
             "ranks": a.ranks, "threads_per_rank": "1 intra-op (OMP_NUM_THREADS=1) + gloo's",
-            "load_min": min(loads or [0]), "load_max": max(loads or [0]), "shaping": shaping,
-            "probes": probes, "unavailable": unavailable, "rounds": a.rounds,
-            "wall_seconds": time.monotonic() - t_start}
-    res = report.write(out, rows, runs, meta)
-    print(res["markdown"])
-    for m, note in unavailable.items():
+            "load_min": min(loads or [0]), "load_max": max(loads or [0]),
+            "shaping": res["shaping"], "probes": probes, "unavailable": res["unavailable"],
+            "rounds": a.rounds, "wall_seconds": time.monotonic() - t_start, **extra}
+    res_report = report.write(out, rows, runs, meta)
+    print(res_report["markdown"])
+    for m, note in res["unavailable"].items():
         print(f"mode {m} not available: {note}", file=sys.stderr)
-    _tell_outputs(out, res)
+    _tell_outputs(out, res_report)
     return 0 if any(r["ok"] for r in runs) else 1
 
 

@@ -4,7 +4,8 @@ Owns starting the ranks (N = ``Links.ranks``; each the leader of its own session
 failed rank, Ctrl-C or SIGTERM kills every rank's whole process group), the per-run timeout, and
 reading back what the job wrote.
 Nothing is timed here: sampling runs report their own ``sampling_seconds`` (run.json), the probe its
-own seconds.
+own seconds; a run's record adds the machine's CPU outside its ranks (the report's check that the
+bound was measured on a quiet machine).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from dice_ds.bench.links import Links
+from dice_ds.bench.probe import cpu_marks, foreign_cpu
 
 SAMPLES = "samples"
 """A sampling run's sample directory inside its run directory (its settings name it)."""
@@ -72,13 +74,14 @@ def sample_run(links: Links, link: str, port: int, argv: list[str], run_dir: Pat
                timeout_s: float) -> dict:
     """One sampling run of ``dice_ds.sample argv`` (``--config`` a settings file whose sample
     directory is ``run_dir/SAMPLES``); returns the bench's record of it (``ok`` False with ``why``
-    on failure)."""
+    on failure; ``cpu``: ``dice_ds.bench.probe.foreign_cpu`` over the run)."""
     sample_dir = run_dir / SAMPLES
+    marks = cpu_marks()
     ok, why = run_ranks(links, link, port, ["dice_ds.sample", *argv], run_dir, timeout_s)
     info_path = sample_dir / "run.json"
     if not ok or not info_path.exists():
         return {"ok": False, "why": why, "logs": str(run_dir)}
-    return record_of(json.loads(info_path.read_text()), sample_dir)
+    return dict(record_of(json.loads(info_path.read_text()), sample_dir), cpu=foreign_cpu(marks))
 
 
 def sync_fraction(runtime: dict) -> float | None:

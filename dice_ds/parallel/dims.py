@@ -153,17 +153,18 @@ class ParallelDims:
 
 
 def crossing(dims: ParallelDims, hosts: list[str]) -> dict[str, int]:
-    """How many groups of each per-layer kind (EP when ep > 1, SP when sp > 1) have members on
-    more than one host."""
+    """How many ranks are in a group that has members on more than one host, for each per-layer
+    kind (EP when ep > 1, SP when sp > 1): the ranks whose every-layer exchange crosses nodes."""
     lay = dims.layout(hosts)["crossing_nodes"]
-    return {k: len(lay[k]) for k in EXCHANGE_EVERY_LAYER
+    return {k: sum(len(g) for g in lay[k]) for k in EXCHANGE_EVERY_LAYER
             if k in lay and dims.size(k) > 1}
 
 
 def choose_order(dims: ParallelDims, setting: str, hosts: list[str]) -> tuple[ParallelDims, str]:
     """(``dims`` in the layout a run uses, why): ``setting`` when it names a layout; for ``auto``
-    the layout with the fewest EP and SP groups crossing nodes on ``hosts``, ``ep-inner`` on a
-    tie (so on one host, and wherever it is as good, the layout is ``ep-inner``)."""
+    the layout with the fewest ranks in EP and SP groups that cross nodes on ``hosts``
+    (``crossing``), ``ep-inner`` on a tie (so on one host, and wherever it is as good, the layout
+    is ``ep-inner``)."""
     if setting != "auto":
         out = dims.with_order(setting).validate()
         return out, f"--rank-layout {setting}"
@@ -175,7 +176,8 @@ def choose_order(dims: ParallelDims, setting: str, hosts: list[str]) -> tuple[Pa
     total, _, best = min(scored)
     chosen = dims.with_order(best)
     counts = crossing(chosen, hosts)
-    per_kind = ", ".join(f"{n} of {len(chosen.kinds()[k])} {k.upper()} groups" for k, n in
-                         counts.items()) or "no EP or SP group"
-    return chosen, (f"auto: {nodes} hosts; {best} has the fewest EP/SP groups crossing nodes "
-                    f"({per_kind} cross)" + ("; ties keep ep-inner" if best == "ep-inner" else ""))
+    per_kind = ", ".join(f"{k.upper()} {n} of {dims.world}" for k, n in counts.items()) \
+        or "no EP or SP group"
+    return chosen, (f"auto: {nodes} hosts; {best} has the fewest ranks in EP/SP groups that "
+                    f"cross nodes ({per_kind})"
+                    + ("; ties keep ep-inner" if best == "ep-inner" else ""))

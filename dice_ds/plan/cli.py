@@ -1,7 +1,9 @@
 """``dice-ds plan``: predicted step time per parallel mode on GPUs / links, and validation.
 
 Owns the subcommand's flags and the loops over models x GPU counts x scenarios
-('device:link' pairs, e.g. rtx4090:pcie4). ``--bench-json B`` with ``--device cpu`` uses this CPU
+('device:link' pairs, e.g. rtx4090:pcie4); with ``--ranks-per-node K`` over a two-level fabric
+(``--intra-link`` inside nodes of K ranks, ``--inter-link`` between them) every mode in both rank
+layouts, the faster picked (``dice_ds.plan.fabric``). ``--bench-json B`` with ``--device cpu`` uses this CPU
 as measured by a ``dice-ds bench`` run (its DP row's FLOP/s); ``--validate B`` predicts every row
 of that bench and compares. Output: plan.md, plan.json, plan.png in ``--out``.
 """
@@ -18,6 +20,7 @@ from dice_ds.config import ConfigError, get_flavor
 from dice_ds.ds_config import DTYPES
 from dice_ds.plan import report
 from dice_ds.plan.costs import costs_from_flops
+from dice_ds.plan.fabric import Fabric, predict_layouts
 from dice_ds.plan.predict import PLAN_MODES, Topology, predict_all
 from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
 from dice_ds.plan.validate import cpu_device, fit_emulation, load, save_loads, validate
@@ -39,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
                         " links pcie4, nvlink-h100, ib400, loopback or a rate like 300mbit")
     p.add_argument("--inter-link", default="ib400", help="between nodes (groups > --gpus-per-node)")
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--ranks-per-node", type=int, default=None, metavar="K",
+                   help="two-level fabric: nodes of K ranks, --intra-link inside a node, "
+                        "--inter-link between nodes; every mode with groups of one node's size, "
+                        "predicted in both rank layouts (its groups inside nodes or across) and "
+                        "the faster one picked (docs/plan.md 'Two-level fabric')")
+    p.add_argument("--intra-link", default=None,
+                   help="with --ranks-per-node: the link inside a node (default: the scenario's)")
+    p.add_argument("--nic-per-rank", action="store_true",
+                   help="with --ranks-per-node: --inter-link is one per rank (a NIC per GPU), not "
+                        "one per node shared by its ranks (the emulated nodes)")
     p.add_argument("--modes", default=",".join(PLAN_MODES))
     p.add_argument("--batch", type=int, default=32, help="images per GPU (CFG doubles the rows)")
     p.add_argument("--steps", type=int, default=50)
@@ -102,6 +115,36 @@ def scenarios(a, models, gpus) -> list[dict]:
     return rows
 
 
+def layout_rows(a, models, gpus) -> list[dict]:
+    """Two-level fabric (``--ranks-per-node``): every mode in both rank layouts per model, world
+    size and device (``dice_ds.plan.fabric``)."""
+    k = a.ranks_per_node
+    if k < 1:
+        raise ValueError(f"--ranks-per-node {k}: use 1 or more")
+    rows = []
+    for model in models:
+        cfg = get_flavor(model)
+        w = Workload(cfg, images_per_rank=a.batch, cfg_guidance=not a.no_cfg, steps=a.steps,
+                     dtype=a.dtype)
+        for scen in _split(a.scenarios):
+            dev_name, link_name = scen.split(":", 1)
+            dev = (cpu_device(load(a.bench_json)) if dev_name == "cpu" and a.bench_json
+                   else replace(parse_device(dev_name), efficiency=a.efficiency))
+            intra = parse_link(a.intra_link or link_name)
+            costs = costs_from_flops(w, dev.flops)
+            for n in gpus:
+                if n % k or n // k < 2:
+                    raise ValueError(f"--gpus {n} with --ranks-per-node {k}: the world must be "
+                                     f"2 or more whole nodes of {k}")
+                fab = Fabric(intra, parse_link(a.inter_link), k, n // k, a.nic_per_rank)
+                for m in _split(a.modes):
+                    for r in predict_layouts(m, w, costs, fab):
+                        rows.append({"model": cfg.name, "gpus": n, "nodes": n // k,
+                                     "ranks_per_node": k, "device": dev.name,
+                                     "intra": intra.name, "inter": fab.inter.name, **r})
+    return rows
+
+
 def paper_line(rows: list[dict], batch: int, steps: int) -> str | None:
     dice = next((r for r in rows if r["model"] == PAPER["model"] and r["gpus"] == PAPER["gpus"]
                  and r["scenario"] == PAPER["scenario"] and r["mode"] == "dice"), None)
@@ -119,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.calibration and not a.validate:
             raise ValueError("--calibration needs --validate BENCH_JSON (the bench it predicts)")
         gpus = [int(x) for x in _split(a.gpus)]
-        scen = scenarios(a, _split(a.models), gpus) if a.models else []
+        if a.ranks_per_node is not None:
+            layouts = layout_rows(a, _split(a.models), gpus) if a.models else []
+            scen = []
+        else:
+            layouts, scen = None, scenarios(a, _split(a.models), gpus) if a.models else []
         val = None
         if a.validate:
 
@@ -150,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "efficiency": a.efficiency, "batch": a.batch, "steps": a.steps, "dtype": a.dtype,
             "cfg": not a.no_cfg, "paper": paper_line(scen, a.batch, a.steps)}
-    res = report.write(Path(a.out), scen, val, meta)
+    res = report.write(Path(a.out), scen, val, meta, layouts=layouts)
     print(res["markdown"])
     if meta["paper"]:
         print(meta["paper"])

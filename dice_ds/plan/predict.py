@@ -92,13 +92,15 @@ def group_link(link: Link, group: int, topo: Topology) -> Link:
 
 
 def predict_plan(plan, w: Workload, costs: LayerCosts, link: Link, loads: Loads | None = None,
-                 topo: Topology = Topology(), cores: float = 0.0) -> dict:
-    """Prediction for a validated ``ParallelPlan``."""
+                 topo: Topology = Topology(), cores: float = 0.0,
+                 sp_link: Link | None = None) -> dict:
+    """Prediction for a validated ``ParallelPlan``; ``sp_link``: the SP groups' own link when it
+    is not the EP groups' (a two-level fabric, ``dice_ds.plan.fabric``)."""
     sched = Schedule.build(plan, w.steps, w.cfg.depth)
     msgs = messages(w, plan.ep_size, plan.sp_size, plan.payload_dtype)
     lk = group_link(link, plan.ep_size * plan.sp_size, topo)
     res = simulate(sched, costs, msgs, lk, ranks=max(plan.ep_size, 1),
-                   loads=loads if plan.ep_size > 1 else None, cores=cores)
+                   loads=loads if plan.ep_size > 1 else None, cores=cores, sp_link=sp_link)
     return {"ep": plan.ep_size, "sp": plan.sp_size,
             "batch_seconds": res.seconds, "step_seconds": res.seconds / w.steps,
             "compute_seconds": res.compute, "comm_share": res.comm_share,

@@ -1,7 +1,8 @@
 """Tables and the plot of ``dice-ds plan``: markdown, JSON and a PNG.
 
 Owns rendering the GPU scenario predictions (per model, GPU count and device/link: step time,
-speed-up over sync EP, exposed-communication share, per-GPU stale cache and K/V), the validation
+speed-up over sync EP, exposed-communication share, per-GPU stale cache and K/V), the two-level
+fabric's rank layouts (``layouts_table``, ``picks``), the validation
 table (predicted vs measured per link and mode) and the plot (speed-up per mode per scenario; and
 predicted vs measured seconds when a validation ran).
 """
@@ -92,6 +93,37 @@ def validation_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def layouts_table(rows: list[dict]) -> str:
+    """Two-level fabric: every mode in each rank layout, which groups cross nodes, the pick."""
+    out = ["| model | nodes x ranks | device | intra / inter link | mode | EP x SP | layout | "
+           "groups crossing nodes | step ms | exposed comm | vs picked | picked |",
+           "|---|---|---|---|---|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        cross = ", ".join(f"{k} {n}" for k, n in r["crossing_nodes"].items() if n) or "none"
+        out.append(f"| {r['model']} | {r['nodes']} x {r['ranks_per_node']} | {r['device']} | "
+                   f"{r['intra']} / {r['inter']} | {r['mode']} | {r['ep']} x {r['sp']} | "
+                   f"{r['layout']} ({r['arrangement']}) | {cross} | "
+                   f"{1e3 * r['step_seconds']:.1f} | {100 * r['comm_share']:.0f} % | "
+                   f"{r['vs_picked']:.2f}x | {'**yes**' if r['picked'] else ''} |")
+    return "\n".join(out)
+
+
+def picks(rows: list[dict]) -> list[str]:
+    """One line per (model, world, mode) with two layouts: which one the plan picks and by how
+    much."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["gpus"], r["device"], r["mode"]) for r in rows):
+        mine = [r for r in rows if (r["model"], r["gpus"], r["device"], r["mode"]) == key]
+        if len(mine) < 2:
+            continue
+        best = next(r for r in mine if r["picked"])
+        other = max(mine, key=lambda r: r["vs_picked"])
+        out.append(f"{key[0]}, {best['nodes']} x {best['ranks_per_node']} ranks, {key[3]}: picks "
+                   f"{best['layout']} ({best['arrangement']}), {other['layout']} predicted "
+                   f"{other['vs_picked']:.2f}x slower")
+    return out
+
+
 def plot(scen: list[dict], val: list[dict] | None, path: Path) -> str | None:
     try:
         import matplotlib
@@ -143,10 +175,15 @@ def plot(scen: list[dict], val: list[dict] | None, path: Path) -> str | None:
     return None
 
 
-def write(out: Path, scen: list[dict], val: list[dict] | None, meta: dict) -> dict:
-    """plan.md, plan.json and plan.png in ``out``; {markdown, plot (path or None), plot_why}."""
+def write(out: Path, scen: list[dict], val: list[dict] | None, meta: dict,
+          layouts: list[dict] | None = None) -> dict:
+    """plan.md, plan.json and plan.png in ``out``; {markdown, plot (path or None), plot_why}.
+    ``layouts``: the two-level fabric's rows (``dice_ds.plan.fabric.predict_layouts``)."""
     out.mkdir(parents=True, exist_ok=True)
     md = [f"`{meta['command']}`", ""]
+    if layouts:
+        md += ["### Rank layouts on the two-level fabric", "", layouts_table(layouts), "",
+               *[f"- {line}" for line in picks(layouts)], ""]
     if scen:
         md += ["### Summary (speed-up over sync EP)", "", summary_table(scen), "",
                "### Predictions", "", scenario_table(scen), ""]
@@ -157,6 +194,7 @@ def write(out: Path, scen: list[dict], val: list[dict] | None, meta: dict) -> di
     text = "\n".join(md)
     (out / "plan.md").write_text(text + "\n")
     (out / "plan.json").write_text(json.dumps({"meta": meta, "predictions": scen,
-                                               "validation": val}, indent=1, default=str))
+                                               "validation": val, "layouts": layouts},
+                                              indent=1, default=str))
     why = plot(scen, val, out / "plan.png")
     return {"markdown": text, "plot": None if why else str(out / "plan.png"), "plot_why": why}

@@ -211,13 +211,16 @@ class _Ranks:
 
 
 def simulate(sched: Schedule, costs: LayerCosts, msgs: Messages, link: Link, *, ranks: int,
-             loads: Loads | None = None, bucket: int = 4, cores: float = 0.0) -> SimResult:
+             loads: Loads | None = None, bucket: int = 4, cores: float = 0.0,
+             sp_link: Link | None = None) -> SimResult:
     """One batch of ``sched.num_steps`` steps on ``ranks`` EP ranks (1 for DP / pure SP).
+    ``sp_link``: the link of the blocking SP gathers when it is not ``link`` (the SP groups of a
+    two-level fabric, ``dice_ds.plan.fabric``).
     ``cores`` > 0: the ranks share that many cores (the emulated bench; ``costs`` already count
     the share of a core every rank gets while all compute, ``ranks / cores``), which a sync
     call's unequal expert work changes (``_sync``)."""
     S, L = sched.num_steps, sched.depth
-    gather_bw = gather_rate(cpu_bound(link, sched.sp_size, cores), sched.sp_size)
+    gather_bw = gather_rate(cpu_bound(sp_link or link, sched.sp_size, cores), sched.sp_size)
     link = cpu_bound(link, max(ranks, sched.sp_size), cores)
     R = _Ranks(ranks, link, cores)
     ones = [1.0] * ranks

@@ -92,9 +92,12 @@ def test_auto_keeps_per_layer_groups_inside_nodes():
     # ranks spread over the nodes round robin (slurm --distribution=cyclic): EP strides to stay in
     dims, why = choose_order(ParallelDims(4, 2), "auto", cyclic)
     assert dims.order == "dp-inner" and dims.layout(cyclic)["crossing_nodes"]["ep"] == []
-    assert "0 of 2 EP groups" in why
+    assert "EP 0 of 4" in why
     dims, why = choose_order(ParallelDims(4, 1, 2), "auto", cyclic)
     assert dims.order == "dp-inner" and dims.layout(cyclic)["crossing_nodes"]["sp"] == []
+    # 2 nodes of 4, EP 4 x SP 2: EP inside the nodes and SP across, or the other way round:
+    # as many ranks cross either way, so ep-inner
+    assert choose_order(ParallelDims(8, 4, 2), "auto", ["a"] * 4 + ["b"] * 4)[0].order == "ep-inner"
     # the setting wins over the hosts
     dims, why = choose_order(ParallelDims(4, 2), "dp-inner", block)
     assert dims.order == "dp-inner" and why == "--rank-layout dp-inner"
