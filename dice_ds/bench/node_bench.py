@@ -7,7 +7,9 @@ there meaning unshaped); every mode runs with groups of one node's size (``dice_
 .node_sizes``: EP K, SP K, the EP x SP mesh K x M) in each arrangement of
 ``dice_ds.plan.fabric.arrangements``: ``inside`` (the rank layout ``--rank-layout auto`` picks:
 EP groups, or SP groups without EP, inside nodes) and ``across`` (the other layout: they cross
-nodes); a mode without groups (DP) runs in both, as the compute reference of each. A run's bench
+nodes); a mode without groups (DP) runs in both, as the compute reference of each. ``inside``
+runs with ``--rank-layout auto`` and ``across`` with the other layout named; a run whose
+run.json names another layout than expected counts as failed. A run's bench
 "link" is ``"<rate> <arrangement>"`` (e.g. ``100mbit inside``), so every table row, speed-up and
 PSNR compares modes within one arrangement; ``meta.arrangements`` records each run's layout, which
 ``dice-ds plan --validate`` (``dice_ds.plan.validate``) predicts row by row with the two-level
@@ -20,6 +22,7 @@ inter-node link).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -33,21 +36,18 @@ from dice_ds.ds_config import Settings
 from dice_ds.modes import by_key
 from dice_ds.options import ep_size_of, from_overrides, sp_size_of
 from dice_ds.parallel.dims import ParallelDims
-from dice_ds.plan.fabric import ARRANGEMENTS, Fabric, arrangements, node_settings, node_sizes
+from dice_ds.plan.fabric import (
+    ARRANGEMENTS,
+    Fabric,
+    arrangements,
+    label,
+    node_settings,
+    node_sizes,
+)
 from dice_ds.plan.presets import LINKS
 from dice_ds.workload import workload_of_settings
 
 MAX_NODES = 8
-
-
-def label(link: str, arrangement: str) -> str:
-    """The bench 'link' of a run: the inter-node rate and the arrangement."""
-    return f"{link} {arrangement}"
-
-
-def split_label(text: str) -> tuple[str, str]:
-    link, arrangement = text.rsplit(" ", 1)
-    return link, arrangement
 
 
 def node_run_settings(a, job: Settings, mode: str, arrangement: str) -> Settings | None:
@@ -64,12 +64,31 @@ def node_run_settings(a, job: Settings, mode: str, arrangement: str) -> Settings
     dims = ParallelDims(world, ep_size_of(s, world), sp_size_of(s, world))
     hosts = Fabric(LINKS["loopback"], LINKS["loopback"], a.ranks_per_node, a.nodes).hosts()
     if not (dims.ep_enabled or dims.sp_enabled):
-        order = "ep-inner"  # no group to place: the compute reference of every arrangement
-    else:
-        order = arrangements(dims, hosts).get(arrangement)
-        if order is None:
-            return None
-    return from_overrides({"rank_layout": order}, base=s)
+        return s  # no group to place: the compute reference of every arrangement
+    order = arrangements(dims, hosts).get(arrangement)
+    if order is None:
+        return None
+    # inside is what the run's own auto choice must give (checked on the run's run.json)
+    return from_overrides({"rank_layout": "auto" if arrangement == "inside" else order}, base=s)
+
+
+def expected_order(a, job: Settings, mode: str, arrangement: str) -> str:
+    """The layout a run of ``mode`` in ``arrangement`` must use (auto's pick for ``inside``)."""
+    world = a.nodes * a.ranks_per_node
+    s = node_run_settings(a, job, mode, arrangement)
+    dims = ParallelDims(world, ep_size_of(s, world), sp_size_of(s, world))
+    if not (dims.ep_enabled or dims.sp_enabled):
+        return "ep-inner"
+    hosts = Fabric(LINKS["loopback"], LINKS["loopback"], a.ranks_per_node, a.nodes).hosts()
+    return arrangements(dims, hosts)[arrangement]
+
+
+def run_layout(rec: dict) -> str | None:
+    """The layout a finished run used (its run.json's ``layout.order``)."""
+    if not rec.get("ok"):
+        return None
+    info = json.loads((Path(rec["latents"]).parent / "run.json").read_text())
+    return info.get("layout", {}).get("order")
 
 
 def run(a, modes: list[str], link_list: list[str], out: Path, sysctls: tuple[str, ...],
@@ -95,7 +114,7 @@ def run(a, modes: list[str], link_list: list[str], out: Path, sysctls: tuple[str
                             s = node_run_settings(a, a.job, m, arr)
                             if s is None:
                                 continue
-                            layouts.setdefault(name, {})[m] = s.rank_layout
+                            layouts.setdefault(name, {})[m] = expected_order(a, a.job, m, arr)
                             argv = run_config(s, run_dir)
                         except (ConfigError, ValueError) as e:
                             argv, rec = None, {"ok": False, "why": str(e), "logs": str(run_dir)}
@@ -103,8 +122,10 @@ def run(a, modes: list[str], link_list: list[str], out: Path, sysctls: tuple[str
                         loads.append(os.getloadavg()[0])
                         if argv is not None:
                             rec = launch.sample_run(net, name, port, argv, run_dir, a.run_timeout)
-                        rec.update(link=name, mode=m, round=rnd, layout=layouts.get(
-                            name, {}).get(m))
+                        rec.update(link=name, mode=m, round=rnd, layout=run_layout(rec))
+                        want = layouts.get(name, {}).get(m)
+                        if rec["ok"] and rec["layout"] != want:
+                            rec.update(ok=False, why=f"ran in layout {rec['layout']}, not {want}")
                         runs.append(rec)
                         progress(rec, rnd, loads[-1], unavailable)
     return {"runs": runs, "loads": loads, "shaping": shaping, "unavailable": unavailable,

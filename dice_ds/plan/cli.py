@@ -24,6 +24,7 @@ from dice_ds.plan.fabric import Fabric, predict_layouts
 from dice_ds.plan.predict import PLAN_MODES, Topology, predict_all
 from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
 from dice_ds.plan.validate import cpu_device, fit_emulation, load, save_loads, validate
+from dice_ds.plan.validate_nodes import validate_nodes
 from dice_ds.workload import Workload
 
 DEFAULT_SCENARIOS = "rtx4090:pcie4,a100:pcie4,h100:nvlink-h100"
@@ -175,15 +176,22 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(f"dice-ds plan: wrote {save_loads(bench)}", file=sys.stderr)
             cal = load(a.calibration) if a.calibration else None
-            val = validate(bench, use_loads=not a.no_loads, calib=cal,
-                           link_from_bench=a.link_from_bench)
+            nodes = bool(bench["meta"].get("nodes"))
+            if nodes and a.link_from_bench:
+                raise ValueError("--link-from-bench: a --nodes bench runs no probe; its links "
+                                 "come from --calibration")
+
+            def check(emu=None):
+                if nodes:  # each row in the rank layout it ran in (dice_ds/plan/validate_nodes.py)
+                    return validate_nodes(bench, not a.no_loads, emu, calib=cal)
+                return validate(bench, not a.no_loads, emu, calib=cal,
+                                link_from_bench=a.link_from_bench)
+            val = check()
             if a.fit_on:
 
                 source = load(a.emulation_from) if a.emulation_from else (cal or bench)
                 emu = fit_emulation(source, a.fit_on, use_loads=not a.no_loads)
-                fitted = {(r["link"], r["mode"]): r
-                          for r in validate(bench, not a.no_loads, emu, calib=cal,
-                                            link_from_bench=a.link_from_bench)}
+                fitted = {(r["link"], r["mode"]): r for r in check(emu)}
                 for r in val:
                     f = fitted.get((r["link"], r["mode"]))
                     if f and "error" not in f:

@@ -39,6 +39,31 @@ ARRANGEMENTS = ("inside", "across")
 SP_MODES = ("sp", "sp-async")
 
 
+def label(link: str, arrangement: str) -> str:
+    """A node bench's 'link' of a run (``dice_ds.bench.node_bench``): inter-node rate and
+    arrangement, e.g. '100mbit inside'."""
+    return f"{link} {arrangement}"
+
+
+def split_label(text: str) -> tuple[str, str]:
+    """(rate, arrangement) of a node bench's 'link'."""
+    link, arrangement = text.rsplit(" ", 1)
+    if arrangement not in ARRANGEMENTS:
+        raise ValueError(f"{text!r} is not a node bench row (rate and one of "
+                         f"{', '.join(ARRANGEMENTS)})")
+    return link, arrangement
+
+
+def group_loads(loads: Loads, group: list[int]) -> Loads:
+    """The expert loads of one EP group (``loads`` gives every rank of the world's, relative to
+    the world's mean) relative to the group's own mean."""
+    def of(i: int, layer: int) -> list:
+        sub = [loads(i, layer)[r] for r in group]
+        mean = sum(sub) / len(sub)
+        return [x / mean if mean else 1.0 for x in sub]
+    return of
+
+
 @dataclass(frozen=True)
 class Fabric:
     """M nodes of K ranks: ``intra`` between ranks of a node, ``inter`` between nodes."""
@@ -136,7 +161,8 @@ def kind_link(fabric: Fabric, groups: list[list[int]], hosts: list[str]) -> Link
 def predict_layout(mode: str, w: Workload, costs: LayerCosts, fabric: Fabric, order: str,
                    loads: Loads | None = None, cores: float = 0.0,
                    settings: dict | None = None) -> dict:
-    """``mode`` on ``fabric`` with its node sizes in rank layout ``order``."""
+    """``mode`` on ``fabric`` with its node sizes in rank layout ``order``; ``loads``: every
+    rank's expert load per (step, layer), the first EP group's are used."""
     ep, sp = node_sizes(mode, fabric, w.cfg.num_experts)
     settings = dict(settings) if settings is not None else node_settings(mode, ep, sp)
     plan = build_plan(settings, w, fabric.world)
@@ -146,6 +172,8 @@ def predict_layout(mode: str, w: Workload, costs: LayerCosts, fabric: Fabric, or
     ep_link = kind_link(fabric, dims.ep_ranks(), hosts)
     sp_link = kind_link(fabric, dims.sp_ranks(), hosts) if dims.sp_enabled else None
     main = ep_link if dims.ep_enabled else (sp_link or fabric.intra)
+    if loads is not None and dims.ep_enabled:  # the world's loads (a bench's sync run)
+        loads = group_loads(loads, dims.ep_ranks()[0])
     pred = predict_plan(plan, w, costs, main, loads, cores=cores, sp_link=sp_link)
     return {"mode": mode, "settings": settings, "flags": " ".join(flags_of(settings)),
             "layout": order, **pred,

@@ -72,6 +72,9 @@ def validation_table(rows: list[dict]) -> str:
             continue
         cal = (" (calibration)" if r["calibration"] else
                " (all DP runs pooled)" if r.get("measured_pooled") else "")
+        if "layout" in r:  # a --nodes bench row: its rank layout, the plan's pick, the faster
+            cal += f" [{r['layout']}" + (", plan picks" if r.get("picked") else "") + (
+                ", measured faster" if r.get("measured_faster") else "") + "]"
         sm = r["speedup_measured"]
         f = r.get("fitted")
         fit_cols = ((f"{f['predicted']:.2f} | {f['error_pct']:+.0f} % | " if f else "– | – | ")
@@ -83,6 +86,7 @@ def validation_table(rows: list[dict]) -> str:
             f"{sp:.2f}x | {100 * (f or r)['comm_share']:.0f} % | "
             f"{r['bytes_measured'] / 1e6:.1f} / {r['bytes_predicted'] / 1e6:.1f} | "
             f"{(r['cache_measured'] or 0) / 1e3:.0f} / {r['cache_predicted'] / 1e3:.0f} |")
+    out += layout_agreement(rows)
     emu = next((r["emulation"] for r in rows if "emulation" in r), None)
     if emu:
         out += ["", f"Emulation constant fitted on {emu['fitted_on']} (least squares; there "
@@ -122,6 +126,23 @@ def picks(rows: list[dict]) -> list[str]:
                    f"{best['layout']} ({best['arrangement']}), {other['layout']} predicted "
                    f"{other['vs_picked']:.2f}x slower")
     return out
+
+
+def layout_agreement(rows: list[dict]) -> list[str]:
+    """A --nodes bench's validation: per (rate, mode) run in both arrangements, the plan's pick
+    against the arrangement that measured faster."""
+    out = []
+    for key in dict.fromkeys((r["rate"], r["mode"]) for r in rows if "picked" in r):
+        both = [r for r in rows if (r.get("rate"), r["mode"]) == key and "picked" in r]
+        pick = next(r for r in both if r["picked"])
+        fast = next(r for r in both if r["measured_faster"])
+        other = next(r for r in both if r is not pick)
+        out.append(f"- {key[0]}, {key[1]}: plan picks {pick['layout']} ({pick['arrangement']}; "
+                   f"predicted {other['predicted'] / pick['predicted']:.2f}x faster than "
+                   f"{other['layout']}); measured faster: {fast['layout']} "
+                   f"({other['measured'] / pick['measured']:.2f}x) - "
+                   + ("agrees" if pick is fast else "DISAGREES"))
+    return [""] + out if out else []
 
 
 def plot(scen: list[dict], val: list[dict] | None, path: Path) -> str | None:

@@ -20,7 +20,8 @@ communication-only probe (``meta.probes[link]``: pipelined and lone throughput,
 the sync run's run.json or the ``.loads.json`` sidecar: routing, not timing), then predicting every
 other row and comparing; and ``fit_emulation``, the one constant fitted on one link's rows (CPU
 seconds per byte moved). Also ``cpu_device``: 'this CPU' as a ``Device`` whose throughput is the
-bench job's FLOPs over the DP time.
+bench job's FLOPs over the DP time. A ``dice-ds bench --nodes`` bench is validated by
+``dice_ds.plan.validate_nodes`` (the two-level fabric, each row in the rank layout it ran in).
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
         raise ValueError(f"--calibration runs another job ({calib['meta']['job']!r}) than the "
                          f"validated bench ({bench['meta']['job']!r}): use a bench of the same "
                          "job (dice-ds bench flags other than --ranks and --links)")
+    if bench["meta"].get("nodes"):
+        raise ValueError("a --nodes bench is validated by dice_ds.plan.validate_nodes")
     world, scale = ranks_of(bench), cpu_share(bench) / cpu_share(src)
     cores = float(bench["meta"].get("cpus") or 0) if cpu_share(bench) > 1 else 0.0
     out = []
