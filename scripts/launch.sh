@@ -7,6 +7,8 @@
 #   NPROC        ranks per node (default 2; one per GPU on a GPU node)
 #   NNODES       nodes (default 1: --standalone rendezvous on this host)
 #   NODE_RANK    this node's index (multi-node), MASTER_ADDR (required multi-node), MASTER_PORT (29500)
+#   RDZV_TIMEOUT seconds node 0 waits for every node to join (multi-node; torch's default 600);
+#                a node that never joins ends the launch with one line (dice_ds/torchrun.py)
 #   OMP_NUM_THREADS  threads per rank (default: usable cores // NPROC, at least 1; torchrun alone
 #                would set 1)
 #   PYTHON       interpreter (default: ./.venv/bin/python if present, else python)
@@ -27,6 +29,9 @@ if [ "$NNODES" = 1 ]; then
 else
     RDZV=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK}"
           --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "${MASTER_PORT:-29500}")
+    if [ -n "${RDZV_TIMEOUT:-}" ]; then
+        RDZV+=(--rdzv-conf "timeout=$RDZV_TIMEOUT")
+    fi
 fi
 CMD=("$PY" -m dice_ds.torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" -m dice_ds.sample "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then

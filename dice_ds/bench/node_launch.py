@@ -28,6 +28,9 @@ from dice_ds.bench.launch import kill_sessions
 from dice_ds.bench.nodes import Nodes, node_name
 
 LAUNCHERS = ("torchrun", "deepspeed", "slurm")
+WRAPPED_TORCHRUN = "dice_ds.torchrun"
+"""Also accepted as a launcher: torchrun's own code through ``python -m dice_ds.torchrun`` (one
+line for a failed launch or a rendezvous timeout), with the torchrun launcher's arguments."""
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -41,8 +44,9 @@ def node_command(launcher: str, nodes: Nodes, node: int, args: list[str], port: 
     env = nodes.node_env(node, port)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     m, k = nodes.nodes, nodes.ranks_per_node
-    if launcher == "torchrun":
-        argv = [_bin("torchrun"), "--nnodes", str(m), "--node_rank", str(node),
+    if launcher in ("torchrun", WRAPPED_TORCHRUN):
+        head = [_bin("torchrun")] if launcher == "torchrun" else [sys.executable, "-m", launcher]
+        argv = [*head, "--nnodes", str(m), "--node_rank", str(node),
                 "--nproc_per_node", str(k), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"{node_name(0)}:{port + 1}", "--rdzv-id", rdzv_id,
                 "-m", "dice_ds.sample", *args]
@@ -63,7 +67,8 @@ def node_command(launcher: str, nodes: Nodes, node: int, args: list[str], port: 
         env.pop("OMP_NUM_THREADS", None)  # derived from SLURM_CPUS_PER_TASK, as on a cluster
         argv = ["bash", str(ROOT / "scripts" / "slurm_node.sh"), *args]
     else:
-        raise ValueError(f"launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
+        raise ValueError(f"launcher {launcher!r}: use one of {', '.join(LAUNCHERS)} or "
+                         f"{WRAPPED_TORCHRUN}")
     return argv, env
 
 
@@ -90,7 +95,7 @@ def start_node(launcher: str, nodes: Nodes, node: int, args: list[str], port: in
     ``extra``: launcher flags placed before the program (e.g. torchrun's ``--max-restarts``)."""
     argv, env = node_command(launcher, nodes, node, args, port, workdir, rdzv_id)
     if extra:
-        cut = argv.index("-m") if "-m" in argv else argv.index("--module")
+        cut = argv.index("dice_ds.sample") - 1  # before its "-m" / "--module"
         argv = argv[:cut] + list(extra) + argv[cut:]
     with open(workdir / f"node{node}.log", "w") as log:
         return subprocess.Popen([*nodes.prefix(node), *argv], env=env, cwd=str(workdir),
