@@ -92,3 +92,11 @@ def by_key(key: str) -> Mode:
     if key not in _BY_KEY:
         raise KeyError(f"unknown mode {key!r}: choose from {', '.join(_BY_KEY)}")
     return _BY_KEY[key]
+
+
+def mode_settings(mode: str, ep: int, sp: int) -> dict:
+    """The settings of ``mode`` at these group sizes (sizes given for a mesh)."""
+    settings = dict(by_key(mode).settings)
+    if ep > 1 and sp > 1:
+        settings.update(ep_size=ep, sp_size=sp)
+    return settings

@@ -3,9 +3,9 @@
 Owns what differs from the flat bench (``dice_ds.bench.cli``): the fabric is
 ``dice_ds.bench.nodes.Nodes(M, K)`` (the ranks of a node share its namespace and talk over its
 loopback, unshaped; nodes talk over their veths, shaped to each ``--links`` rate, ``loopback``
-there meaning unshaped); every mode runs with groups of one node's size (``dice_ds.plan.fabric
+there meaning unshaped); every mode runs with groups of one node's size (``dice_ds.bench.arrangements
 .node_sizes``: EP K, SP K, the EP x SP mesh K x M) in each arrangement of
-``dice_ds.plan.fabric.arrangements``: ``inside`` (the rank layout ``--rank-layout auto`` picks:
+``dice_ds.bench.arrangements.arrangements``: ``inside`` (the rank layout ``--rank-layout auto`` picks:
 EP groups, or SP groups without EP, inside nodes) and ``across`` (the other layout: they cross
 nodes); a mode without groups (DP) runs in both, as the compute reference of each. ``inside``
 runs with ``--rank-layout auto`` and ``across`` with the other layout named; a run whose
@@ -29,6 +29,14 @@ import time
 from pathlib import Path
 
 from dice_ds.bench import launch
+from dice_ds.bench.arrangements import (
+    ARRANGEMENTS,
+    arrangements,
+    label,
+    node_hosts,
+    node_settings,
+    node_sizes,
+)
 from dice_ds.bench.jobs import run_config, run_settings
 from dice_ds.bench.nodes import Nodes
 from dice_ds.config import ConfigError
@@ -36,15 +44,6 @@ from dice_ds.ds_config import Settings
 from dice_ds.modes import by_key
 from dice_ds.options import ep_size_of, from_overrides, sp_size_of
 from dice_ds.parallel.dims import ParallelDims
-from dice_ds.plan.fabric import (
-    ARRANGEMENTS,
-    Fabric,
-    arrangements,
-    label,
-    node_settings,
-    node_sizes,
-)
-from dice_ds.plan.presets import LINKS
 from dice_ds.workload import workload_of_settings
 
 MAX_NODES = 8
@@ -58,11 +57,11 @@ def node_run_settings(a, job: Settings, mode: str, arrangement: str) -> Settings
         s = run_settings(a, job, mode)
     else:
         by_key(mode)
-        fab = Fabric(LINKS["loopback"], LINKS["loopback"], a.ranks_per_node, a.nodes)
-        ep, sp = node_sizes(mode, fab, workload_of_settings(job).cfg.num_experts)
+        ep, sp = node_sizes(mode, a.ranks_per_node, a.nodes,
+                            workload_of_settings(job).cfg.num_experts)
         s = from_overrides(node_settings(mode, ep, sp), base=job)
     dims = ParallelDims(world, ep_size_of(s, world), sp_size_of(s, world))
-    hosts = Fabric(LINKS["loopback"], LINKS["loopback"], a.ranks_per_node, a.nodes).hosts()
+    hosts = node_hosts(a.nodes, a.ranks_per_node)
     if not (dims.ep_enabled or dims.sp_enabled):
         return s  # no group to place: the compute reference of every arrangement
     order = arrangements(dims, hosts).get(arrangement)
@@ -79,7 +78,7 @@ def expected_order(a, job: Settings, mode: str, arrangement: str) -> str:
     dims = ParallelDims(world, ep_size_of(s, world), sp_size_of(s, world))
     if not (dims.ep_enabled or dims.sp_enabled):
         return "ep-inner"
-    hosts = Fabric(LINKS["loopback"], LINKS["loopback"], a.ranks_per_node, a.nodes).hosts()
+    hosts = node_hosts(a.nodes, a.ranks_per_node)
     return arrangements(dims, hosts)[arrangement]
 
 

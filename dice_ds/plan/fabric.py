@@ -3,12 +3,9 @@ one between nodes, and the rank layouts a run can choose on it.
 
 Owns ``Fabric`` (intra- and inter-node ``Link``, ranks per node, whether the inter-node link is one
 per node, shared by its ranks -- the emulated nodes of ``dice_ds.bench.nodes``, a cluster with one
-NIC per node -- or one per rank), ``node_sizes`` (the EP and SP sizes of a mode on M nodes of K:
-groups of one node's size, so that the layout decides whether they stay inside nodes),
-``arrangements`` (the two layouts compared per mode: ``inside``, the one ``--rank-layout auto``
-picks, and ``across``, the other layout whose EP groups -- SP groups without EP -- cross nodes),
-``kind_link`` (the link one group kind sees in a layout) and ``predict_layout`` /
-``predict_layouts`` (the mode's prediction in each arrangement; the faster one is ``picked``).
+NIC per node -- or one per rank), ``kind_link`` (the link one group kind sees in a layout) and
+``predict_layout`` / ``predict_layouts`` (the mode's prediction in each arrangement of
+``dice_ds.bench.arrangements``, groups of one node's size; the faster one is ``picked``).
 
 The link of a group kind (``kind_link``): rank r of a group of g sends the share f = (its peers
 on other nodes) / (g - 1) of its bytes off-node. Inside the node they move at the intra rate,
@@ -25,33 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dice_ds.bench.nodes import node_name
-from dice_ds.modes import MESH_MODES
+from dice_ds.bench.arrangements import arrangements, node_hosts, node_settings, node_sizes
 from dice_ds.options import flags_of
-from dice_ds.parallel.dims import ParallelDims, choose_order
+from dice_ds.parallel.dims import ParallelDims
 from dice_ds.plan.costs import LayerCosts
-from dice_ds.plan.predict import build_plan, mode_settings, predict_plan
+from dice_ds.plan.predict import build_plan, predict_plan
 from dice_ds.plan.presets import Link
 from dice_ds.plan.sim import Loads
 from dice_ds.workload import Workload
-
-ARRANGEMENTS = ("inside", "across")
-SP_MODES = ("sp", "sp-async")
-
-
-def label(link: str, arrangement: str) -> str:
-    """A node bench's 'link' of a run (``dice_ds.bench.node_bench``): inter-node rate and
-    arrangement, e.g. '100mbit inside'."""
-    return f"{link} {arrangement}"
-
-
-def split_label(text: str) -> tuple[str, str]:
-    """(rate, arrangement) of a node bench's 'link'."""
-    link, arrangement = text.rsplit(" ", 1)
-    if arrangement not in ARRANGEMENTS:
-        raise ValueError(f"{text!r} is not a node bench row (rate and one of "
-                         f"{', '.join(ARRANGEMENTS)})")
-    return link, arrangement
 
 
 def group_loads(loads: Loads, group: list[int]) -> Loads:
@@ -82,54 +60,7 @@ class Fabric:
 
     def hosts(self) -> list[str]:
         """Every rank's host, ranks numbered node by node (as launchers number them)."""
-        return [node_name(r // self.ranks_per_node) for r in range(self.world)]
-
-
-def node_sizes(mode: str, fabric: Fabric, num_experts: int) -> tuple[int, int]:
-    """(EP size, SP size) of ``mode`` on ``fabric``: EP modes one node's ranks (K must divide E),
-    SP modes K, the EP x SP mesh K x M, DP 1 x 1."""
-    k, m = fabric.ranks_per_node, fabric.nodes
-    if mode == "dp":
-        return 1, 1
-    if mode in SP_MODES:
-        return 1, k
-    if num_experts % k:
-        raise ValueError(f"--ranks-per-node {k}: EP groups of one node's ranks need E = "
-                         f"{num_experts} divisible by {k}")
-    return (k, m) if mode in MESH_MODES else (k, 1)
-
-
-def node_settings(mode: str, ep: int, sp: int) -> dict:
-    """The mode's settings (``dice_ds.modes``) with its group sizes on the nodes."""
-    settings = mode_settings(mode, ep, sp)
-    if ep > 1:
-        settings.update(ep=True, ep_size=ep)
-    if sp > 1:
-        settings.update(sp=True, sp_size=sp)
-    return settings
-
-
-def _main_kind(dims: ParallelDims) -> str | None:
-    return "ep" if dims.ep_enabled else ("sp" if dims.sp_enabled else None)
-
-
-def arrangements(dims: ParallelDims, hosts: list[str]) -> dict[str, str]:
-    """{'inside': the layout ``--rank-layout auto`` picks on ``hosts``, 'across': the first of
-    dp-inner, sp-inner whose EP groups (SP groups without EP) cross nodes} (only 'inside' when no
-    layout puts them across, e.g. DP, or groups spanning every node anyway)."""
-    inside = choose_order(dims, "auto", hosts)[0]
-    out = {"inside": inside.order}
-    kind = _main_kind(dims)
-    if kind is None:
-        return out
-    mine = inside.kinds()[kind]
-    for order in ("dp-inner", "sp-inner"):
-        other = dims.with_order(order)
-        crossing = other.layout(hosts)["crossing_nodes"][kind]
-        if other.kinds()[kind] != mine and crossing:
-            out["across"] = order
-            break
-    return out
+        return node_hosts(self.nodes, self.ranks_per_node)
 
 
 def kind_link(fabric: Fabric, groups: list[list[int]], hosts: list[str]) -> Link:
@@ -163,7 +94,7 @@ def predict_layout(mode: str, w: Workload, costs: LayerCosts, fabric: Fabric, or
                    settings: dict | None = None) -> dict:
     """``mode`` on ``fabric`` with its node sizes in rank layout ``order``; ``loads``: every
     rank's expert load per (step, layer), the first EP group's are used."""
-    ep, sp = node_sizes(mode, fabric, w.cfg.num_experts)
+    ep, sp = node_sizes(mode, fabric.ranks_per_node, fabric.nodes, w.cfg.num_experts)
     settings = dict(settings) if settings is not None else node_settings(mode, ep, sp)
     plan = build_plan(settings, w, fabric.world)
     dims = ParallelDims(fabric.world, plan.ep_size, plan.sp_size, order).validate()
@@ -185,7 +116,7 @@ def predict_layout(mode: str, w: Workload, costs: LayerCosts, fabric: Fabric, or
 def predict_layouts(mode: str, w: Workload, costs: LayerCosts, fabric: Fabric,
                     loads: Loads | None = None, cores: float = 0.0) -> list[dict]:
     """The mode in each arrangement (``arrangements``); the fastest is ``picked``."""
-    ep, sp = node_sizes(mode, fabric, w.cfg.num_experts)
+    ep, sp = node_sizes(mode, fabric.ranks_per_node, fabric.nodes, w.cfg.num_experts)
     rows = [{"arrangement": arr, **predict_layout(mode, w, costs, fabric, order, loads, cores)}
             for arr, order in arrangements(ParallelDims(fabric.world, ep, sp),
                                            fabric.hosts()).items()]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from dice_ds.config import FLAVORS
 from dice_ds.ds_config import Settings
-from dice_ds.modes import by_key
+from dice_ds.modes import mode_settings
 from dice_ds.options import build_plan as options_plan
 from dice_ds.options import flags_of, from_overrides
 from dice_ds.plan.costs import LayerCosts
@@ -53,14 +53,6 @@ def sizes(mode: str, world: int, num_experts: int) -> tuple[int, int]:
                  if num_experts % d == 0 and (world // 2) % d == 0)
         return ep, 2
     return ep_max, 1
-
-
-def mode_settings(mode: str, ep: int, sp: int) -> dict:
-    """The settings of ``mode`` (``dice_ds.modes``) at these group sizes (sizes given for a mesh)."""
-    settings = dict(by_key(mode).settings)
-    if ep > 1 and sp > 1:
-        settings.update(ep_size=ep, sp_size=sp)
-    return settings
 
 
 def job_settings(w: Workload) -> dict:

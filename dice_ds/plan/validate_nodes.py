@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from dice_ds.bench.arrangements import split_label
 from dice_ds.ds_config import load_config
 from dice_ds.plan.costs import costs_from_phases
-from dice_ds.plan.fabric import Fabric, predict_layout, split_label
+from dice_ds.plan.fabric import Fabric, predict_layout
 from dice_ds.plan.presets import Link
 from dice_ds.plan.validate import (
     config_modes,

@@ -6,10 +6,11 @@ import sys
 
 import pytest
 
+from dice_ds.bench.arrangements import arrangements, node_sizes
 from dice_ds.config import get_flavor
 from dice_ds.parallel.dims import ParallelDims
 from dice_ds.plan.costs import costs_from_flops
-from dice_ds.plan.fabric import Fabric, arrangements, kind_link, node_sizes, predict_layouts
+from dice_ds.plan.fabric import Fabric, kind_link, predict_layouts
 from dice_ds.plan.presets import Link
 from dice_ds.workload import Workload
 
@@ -51,7 +52,7 @@ def test_arrangements_per_mode():
     assert arrangements(ParallelDims(8, 4, 2), eight) == {"inside": "ep-inner",
                                                           "across": "sp-inner"}
     with pytest.raises(ValueError, match="--ranks-per-node 3"):
-        node_sizes("sync", _fabric(3), 8)
+        node_sizes("sync", 3, 2, 8)
 
 
 def test_the_plan_picks_ep_inside_nodes_when_the_network_is_slow():
