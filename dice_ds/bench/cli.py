@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dice_ds.bench import launch, links, modeconfig, node_bench, report
+from dice_ds.bench import launch, links, modeconfig, node_bench, probe, report
 from dice_ds.bench.jobs import job_of, run_config, run_settings
 from dice_ds.bench.modeconfig import split_mode_config
 from dice_ds.config import ConfigError
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = report.summarise(runs, probes)
     cmd = "dice-ds bench " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "commit": _git_commit(), "cpus": os.cpu_count(),
+            "commit": _git_commit(), "cpus": os.cpu_count(), "machine": probe.machine(),
             "job": " ".join(flags_of(given(job))), "settings": to_json(job),
             "ranks": a.ranks, "threads_per_rank": "1 intra-op (OMP_NUM_THREADS=1) + gloo's",
             "load_min": min(loads or [0]), "load_max": max(loads or [0]),

@@ -42,6 +42,21 @@ def busy_seconds() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def machine() -> dict:
+    """What a bench ran on, for ``dice-ds plan`` to tell a calibration from another machine
+    (``dice_ds/plan/machine.py``): the CPU model (/proc/cpuinfo's first 'model name', None where
+    unreadable) and the cores this process may use."""
+    model = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), None)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_model": model, "cores": cores}
+
+
 def cpu_marks() -> tuple[float | None, float]:
     """(machine busy seconds, CPU seconds of this process's reaped children) now: the two clocks
     ``foreign_cpu`` compares over one bench run."""

@@ -16,11 +16,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from dice_ds.bench.probe import machine
 from dice_ds.config import ConfigError, get_flavor
 from dice_ds.ds_config import DTYPES
 from dice_ds.plan import report
 from dice_ds.plan.costs import costs_from_flops
 from dice_ds.plan.fabric import Fabric, predict_layouts
+from dice_ds.plan.machine import notes
 from dice_ds.plan.predict import PLAN_MODES, Topology, predict_all
 from dice_ds.plan.presets import EFFICIENCY, parse_device, parse_link
 from dice_ds.plan.validate import cpu_device, fit_emulation, load, save_loads, validate
@@ -198,13 +200,22 @@ def main(argv: list[str] | None = None) -> int:
                         r["fitted"] = {k: f[k] for k in ("predicted", "error_pct",
                                                          "speedup_predicted", "comm_share")}
                         r["emulation"] = emu
+        # a calibration from another machine is named, not silently used (dice_ds/plan/machine.py)
+        sources = {flag: load(path) for flag, path in (
+            ("--calibration", a.calibration), ("--emulation-from", a.emulation_from),
+            ("--bench-json", a.bench_json)) if path}
+        target = bench["meta"].get("machine") if val is not None else machine()
+        warnings = notes(sources, target, val)
     except (ValueError, KeyError, ConfigError) as e:
         print(f"dice-ds plan: error: {e}", file=sys.stderr)
         return 2
+    for line in warnings:
+        print(f"dice-ds plan: note: {line}", file=sys.stderr)
     cmd = "dice-ds plan " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "efficiency": a.efficiency, "batch": a.batch, "steps": a.steps, "dtype": a.dtype,
-            "cfg": not a.no_cfg, "paper": paper_line(scen, a.batch, a.steps)}
+            "cfg": not a.no_cfg, "paper": paper_line(scen, a.batch, a.steps),
+            "calibration_notes": warnings}
     res = report.write(Path(a.out), scen, val, meta, layouts=layouts)
     print(res["markdown"])
     if meta["paper"]:

@@ -212,6 +212,8 @@ def write(out: Path, scen: list[dict], val: list[dict] | None, meta: dict,
         md += [meta["paper"], ""]
     if val:
         md += ["### Validation against dice-ds bench", "", validation_table(val), ""]
+    if meta.get("calibration_notes"):
+        md += ["### Calibration", "", *[f"- {line}" for line in meta["calibration_notes"]], ""]
     text = "\n".join(md)
     (out / "plan.md").write_text(text + "\n")
     (out / "plan.json").write_text(json.dumps({"meta": meta, "predictions": scen,
