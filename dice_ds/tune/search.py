@@ -1,16 +1,18 @@
 """Policy search for ``dice-ds tune``: the fastest predicted schedule within a quality budget.
 
-Owns ``Policy`` (EP mode, async layer set -- any subset --, warm-up, cool-down, strided sync,
-skip period with the 'low' strategy; serialised once, as settings, from which its ``ParallelPlan``,
-config file and flags are made) and ``search``.
+Owns ``Policy`` (EP mode, async layer set -- any subset --, warm-up, cool-down, strided sync, skip
+period with the 'low' strategy, overlapped sync calls; serialised once, as settings, from which its
+``ParallelPlan``, config file and flags are made) and ``search``.
 
-Search: for every point of a small grid over (mode, warm-up, cool-down, stride, period), the
+Search: for every point of a small grid over (mode, warm-up, cool-down, stride, period, overlap), the
 async layer set is chosen either exhaustively (depth <= ``EXHAUSTIVE_MAX``: every subset) or
 greedily: starting from no async layer, add the layer with the largest predicted time saved per
 unit of added deviation (``dice_ds.tune.quality.deviation``) whose result stays within the
 budget; stop when no layer both fits and saves time. The answer is the feasible policy with the
 largest predicted speed-up over sync EP (ties: smaller deviation). Only the 'low' skip strategy is
-searched: it is the measured best (docs/quality.md: low < rand < high).
+searched: it is the measured best (docs/quality.md: low < rand < high). Overlapped sync calls
+(``ep_overlap``, dice_ds/moe/halves.py) compute what a sync call computes, so they change a
+policy's speed, never its deviation.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Policy:
     cooldown: int = 0
     strided: int = 0
     period: int = 1
+    overlap: bool = False
+    """Sync calls as two overlapped micro-batches (``ep_overlap``)."""
 
     def settings(self) -> dict:
         """The policy as settings (``dice_ds.ds_config`` keyword values): sync EP plus, with async
@@ -51,6 +55,8 @@ class Policy:
                     out[key] = value
         if self.period > 1:
             out.update(ep_async_noskip_step=self.period, ep_async_skip_strategy="low")
+        if self.overlap:
+            out["ep_overlap"] = True
         return out
 
     def plan(self, ep_size: int) -> ParallelPlan:
@@ -63,9 +69,9 @@ class Policy:
 
 
 SMALL_GRID = {"mode": ("interweaved", "displaced"), "warmup": (0, 1, 2, 4), "cooldown": (0, 2),
-              "strided": (0, 5), "period": (1, 2, 4)}
+              "strided": (0, 5), "period": (1, 2, 4), "overlap": (False, True)}
 LARGE_GRID = {"mode": ("interweaved",), "warmup": (0, 1, 2), "cooldown": (0,), "strided": (0,),
-              "period": (1, 2)}
+              "period": (1, 2), "overlap": (False, True)}
 
 Evaluate = Callable[[Policy], tuple[float, float]]
 """policy -> (predicted speed-up over sync EP, deviation D)."""
@@ -116,14 +122,16 @@ def search(depth: int, ev: Evaluate, d_max: float, grid: dict | None = None,
         return cache[p]
 
     seen = []
-    for mode, w, c, s, period in itertools.product(*(grid[k] for k in
-                                                     ("mode", "warmup", "cooldown", "strided",
-                                                      "period"))):
-        base = Policy(mode, (), w, c, s, period)
+    keys = ("mode", "warmup", "cooldown", "strided", "period")
+    for *point, ov in itertools.product(*(grid[k] for k in keys), grid.get("overlap", (False,))):
+        mode, w, c, s, period = point
+        base = Policy(mode, (), w, c, s, period, ov)
         if depth <= EXHAUSTIVE_MAX:
             for r in range(0, depth + 1):
                 for layers in itertools.combinations(range(depth), r):
-                    p = Policy(mode, layers, w, c, s, period)
+                    if ov and cached(Policy(mode, layers, w, c, s, period))[1] > d_max:
+                        continue  # same deviation as without overlap: infeasible too
+                    p = Policy(mode, layers, w, c, s, period, ov)
                     seen.append((p, *cached(p)))
         else:
             seen += _greedy(base, depth, cached, d_max)

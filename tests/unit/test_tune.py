@@ -132,3 +132,26 @@ def test_tune_rejects_bad_verify_arguments(capsys):
     assert "--verify-window" in capsys.readouterr().err
     assert main(["--budget", "dice", "--evidence-also", "broken"]) == 2
     assert "NAME=" in capsys.readouterr().err
+
+
+def test_search_may_choose_overlapped_sync_calls():
+    # overlap hides half of every sync call's exchange: worth most to the policy with most sync calls
+    def ev(p: search.Policy):
+        speed, dev = _ev(p)
+        return speed + (0.05 * (4 - len(p.layers)) if p.overlap else 0.0), dev
+
+    best, seen = search.search(4, ev, d_max=1.5, grid={**ONE, "overlap": (False, True)})
+    assert best[0].overlap and best[0].layers == (0,) and best[1] == pytest.approx(1.25)
+    assert {p.overlap for p, _, _ in seen} == {False, True}
+    assert search.search(4, ev, d_max=1.5, grid=ONE)[0][0].overlap is False  # not in the grid
+
+
+def test_overlapped_policy_becomes_a_valid_sample_config():
+    from dice_ds.ds_config import convert_flat, validate_data
+
+    p = search.Policy("interweaved", (1,), period=2, overlap=True)
+    data = convert_flat({"model": "digits", **p.settings()})
+    validate_data(data, "<test>")
+    assert data["dice"]["communication"]["overlap"] is True
+    assert "--ep-overlap" in p.flags()
+    assert p.plan(2).ep_overlap and not search.Policy("interweaved", (1,)).plan(2).ep_overlap
