@@ -12,7 +12,7 @@ parsed) and ``predict``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dice_ds.config import FLAVORS
 from dice_ds.ds_config import Settings
@@ -85,11 +85,18 @@ def group_link(link: Link, group: int, topo: Topology) -> Link:
 
 def predict_plan(plan, w: Workload, costs: LayerCosts, link: Link, loads: Loads | None = None,
                  topo: Topology = Topology(), cores: float = 0.0,
-                 sp_link: Link | None = None) -> dict:
+                 sp_link: Link | None = None, replicas: int = 0,
+                 remote_share: float | None = None) -> dict:
     """Prediction for a validated ``ParallelPlan``; ``sp_link``: the SP groups' own link when it
-    is not the EP groups' (a two-level fabric, ``dice_ds.plan.fabric``)."""
+    is not the EP groups' (a two-level fabric, ``dice_ds.plan.fabric``); ``replicas``: extra
+    expert slots per rank of an expert placement (their weights count in the memory);
+    ``remote_share``: the share of routed rows that leave their rank under that placement
+    (``dice_ds.plan.placement.remote_share``; None: megatron's (W - 1) / W)."""
     sched = Schedule.build(plan, w.steps, w.cfg.depth)
     msgs = messages(w, plan.ep_size, plan.sp_size, plan.payload_dtype)
+    if remote_share is not None and plan.ep_size > 1:
+        f = remote_share / ((plan.ep_size - 1) / plan.ep_size)
+        msgs = replace(msgs, dispatch=msgs.dispatch * f, combine=msgs.combine * f)
     lk = group_link(link, plan.ep_size * plan.sp_size, topo)
     res = simulate(sched, costs, msgs, lk, ranks=max(plan.ep_size, 1),
                    loads=loads if plan.ep_size > 1 else None, cores=cores, sp_link=sp_link)
@@ -97,19 +104,22 @@ def predict_plan(plan, w: Workload, costs: LayerCosts, link: Link, loads: Loads 
             "batch_seconds": res.seconds, "step_seconds": res.seconds / w.steps,
             "compute_seconds": res.compute, "comm_share": res.comm_share,
             "bytes_per_rank": res.bytes_per_rank, "stalls": res.stalls, "link": lk.name,
-            "memory": memory(w, sched, plan.ep_size, plan.sp_size, plan.payload_dtype)}
+            "memory": memory(w, sched, plan.ep_size, plan.sp_size, plan.payload_dtype,
+                             replicas)}
 
 
 def predict(mode: str, w: Workload, costs: LayerCosts, link: Link, world: int,
             loads: Loads | None = None, topo: Topology = Topology(), settings=None,
-            cores: float = 0.0) -> dict:
+            cores: float = 0.0, remote_share: float | None = None) -> dict:
     """One mode's prediction: batch and step seconds, comm share, bytes, memory per GPU.
     ``settings``: the mode's own (a ``--mode-config`` file's), else ``dice_ds.modes``'."""
     ep, sp = sizes(mode, world, w.cfg.num_experts)
     settings = dict(settings) if settings is not None else mode_settings(mode, ep, sp)
     plan = build_plan(settings, w, ep * sp)
+    replicas = settings.get("expert_replicas", 0)
     return {"mode": mode, "settings": settings, "flags": " ".join(flags_of(settings)),
-            **predict_plan(plan, w, costs, link, loads, topo, cores)}
+            **predict_plan(plan, w, costs, link, loads, topo, cores, replicas=replicas,
+                           remote_share=remote_share)}
 
 
 def predict_all(w: Workload, costs: LayerCosts, link: Link, world: int, modes=PLAN_MODES,

@@ -34,8 +34,9 @@ from pathlib import Path
 
 from dice_ds.bench.modeconfig import mode_configs_of
 from dice_ds.ds_config import load_config
-from dice_ds.options import from_tree, parse_options
+from dice_ds.options import ep_size_of, from_overrides, from_tree, parse_options
 from dice_ds.plan.costs import costs_from_phases, layer_flops
+from dice_ds.plan.placement import CONTIGUOUS, expert_rows_of, placed_loads, remote_share
 from dice_ds.plan.predict import predict
 from dice_ds.plan.presets import LINKS, Device, Link, calibrated_link, parse_link
 from dice_ds.workload import Workload, workload_of_settings
@@ -48,7 +49,8 @@ def load(path: str) -> dict:
 
 
 def sidecar(bench: dict) -> Path | None:
-    """``<bench>.loads.json`` beside the bench JSON: the sync runs' routing rows per link, for
+    """``<bench>.loads.json`` beside the bench JSON: the sync runs' routing rows per link (and,
+    under ``expert_rows``, their rows per expert and layer), for
     when the run directories are gone (written by ``dice-ds plan --validate B --save-loads``)."""
     return Path(bench["_path"]).with_suffix(".loads.json") if bench.get("_path") else None
 
@@ -63,6 +65,9 @@ def save_loads(bench: dict) -> Path:
                      for p in json.loads(path.read_text())["per_rank"]]
             out[link] = {f"{s},{l}": [rk[s][l]["combine"] for rk in ranks]
                          for s in ranks[0] for l in ranks[0][s]}
+            rows = expert_rows_of(path, None, link)
+            if rows is not None:  # rows per expert: placed modes (dice_ds/plan/placement.py)
+                out.setdefault("expert_rows", {})[link] = rows
     dest = sidecar(bench)
     dest.write_text(json.dumps(out) + "\n")
     return dest
@@ -109,6 +114,19 @@ def loads_of(bench: dict, link: str):
         return None
     table, n = _LOADS[key]
     return lambda i, l: table.get((i, l), [1.0] * n)
+
+
+def _placed(bench: dict, link: str, own, world: int):
+    """(loads, share of rows sent away) of a mode whose settings ``own`` place experts otherwise
+    than megatron does, from the sync run's rows per expert on ``link``."""
+    rows = expert_rows_of(_sync_run_json(bench, link), sidecar(bench), link)
+    if rows is None:
+        raise ValueError(f"{link}: the sync run recorded no rows per expert (run.json "
+                         "expert_placement.expert_rows), needed to predict a placed mode: rerun "
+                         "the bench, or --no-loads")
+    loads, placement = placed_loads(rows, ep_size_of(from_overrides(own), world),
+                                    own["expert_placement"], own.get("expert_replicas", 0))
+    return loads, remote_share(placement, rows)
 
 
 def _sync_run_json(bench: dict, link: str) -> Path | None:
@@ -206,8 +224,12 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
                 continue
             try:
                 own = load_config(custom[r["mode"]]) if r["mode"] in custom else None
-                preds[r["mode"]] = predict(r["mode"], w, costs, lk, world, loads,
-                                           settings=own, cores=cores)
+                # a mode run with another expert placement: its ranks' rows (dice_ds/plan/placement.py)
+                placed = (own or {}).get("expert_placement", CONTIGUOUS) != CONTIGUOUS
+                mode_loads, remote = (_placed(bench, link, own, world) if placed and use_loads
+                                      else (loads, None))
+                preds[r["mode"]] = predict(r["mode"], w, costs, lk, world, mode_loads,
+                                           settings=own, cores=cores, remote_share=remote)
             except (KeyError, ValueError) as e:
                 preds[r["mode"]] = {"error": str(e)}
         t_sync = preds.get("sync", {}).get("batch_seconds")
