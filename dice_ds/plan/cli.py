@@ -91,22 +91,29 @@ def _split(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _workload(a, cfg) -> Workload:
+    return Workload(cfg, images_per_rank=a.batch, cfg_guidance=not a.no_cfg, steps=a.steps,
+                    dtype=a.dtype)
+
+
+def _device(a, name: str):
+    """A device preset at ``--efficiency``, or 'cpu' calibrated by ``--bench-json``."""
+    if name != "cpu":
+        return replace(parse_device(name), efficiency=a.efficiency)
+    if not a.bench_json:
+        raise ValueError("device 'cpu' needs --bench-json (a dice-ds bench JSON)")
+    return cpu_device(load(a.bench_json))
+
+
 def scenarios(a, models, gpus) -> list[dict]:
     rows = []
     topo = Topology(a.gpus_per_node, parse_link(a.inter_link))
     for model in models:
         cfg = get_flavor(model)
-        w = Workload(cfg, images_per_rank=a.batch, cfg_guidance=not a.no_cfg, steps=a.steps,
-                     dtype=a.dtype)
+        w = _workload(a, cfg)
         for scen in _split(a.scenarios):
             dev_name, link_name = scen.split(":", 1)
-            if dev_name == "cpu":
-                if not a.bench_json:
-                    raise ValueError("device 'cpu' needs --bench-json (a dice-ds bench JSON)")
-
-                dev = cpu_device(load(a.bench_json))
-            else:
-                dev = replace(parse_device(dev_name), efficiency=a.efficiency)
+            dev = _device(a, dev_name)
             costs = costs_from_flops(w, dev.flops)
             link = parse_link(link_name)
             for n in gpus:
@@ -127,12 +134,10 @@ def layout_rows(a, models, gpus) -> list[dict]:
     rows = []
     for model in models:
         cfg = get_flavor(model)
-        w = Workload(cfg, images_per_rank=a.batch, cfg_guidance=not a.no_cfg, steps=a.steps,
-                     dtype=a.dtype)
+        w = _workload(a, cfg)
         for scen in _split(a.scenarios):
             dev_name, link_name = scen.split(":", 1)
-            dev = (cpu_device(load(a.bench_json)) if dev_name == "cpu" and a.bench_json
-                   else replace(parse_device(dev_name), efficiency=a.efficiency))
+            dev = _device(a, dev_name)
             intra = parse_link(a.intra_link or link_name)
             costs = costs_from_flops(w, dev.flops)
             for n in gpus:
