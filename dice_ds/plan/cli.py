@@ -105,23 +105,28 @@ def _device(a, name: str):
     return cpu_device(load(a.bench_json))
 
 
-def scenarios(a, models, gpus) -> list[dict]:
-    rows = []
-    topo = Topology(a.gpus_per_node, parse_link(a.inter_link))
+def _cases(a, models):
+    """(flavor, workload, scenario, its link name, device, layer costs) per model and scenario."""
     for model in models:
         cfg = get_flavor(model)
         w = _workload(a, cfg)
         for scen in _split(a.scenarios):
             dev_name, link_name = scen.split(":", 1)
             dev = _device(a, dev_name)
-            costs = costs_from_flops(w, dev.flops)
-            link = parse_link(link_name)
-            for n in gpus:
-                for r in predict_all(w, costs, link, n, _split(a.modes), topo=topo):
-                    held = sum(r["memory"].values())
-                    fits = held <= dev.memory_gib * 2**30 if dev.memory_gib else None
-                    rows.append({"model": cfg.name, "gpus": n, "scenario": scen, **r,
-                                 "fits_memory": fits})
+            yield cfg, w, scen, link_name, dev, costs_from_flops(w, dev.flops)
+
+
+def scenarios(a, models, gpus) -> list[dict]:
+    rows = []
+    topo = Topology(a.gpus_per_node, parse_link(a.inter_link))
+    for cfg, w, scen, link_name, dev, costs in _cases(a, models):
+        link = parse_link(link_name)
+        for n in gpus:
+            for r in predict_all(w, costs, link, n, _split(a.modes), topo=topo):
+                held = sum(r["memory"].values())
+                fits = held <= dev.memory_gib * 2**30 if dev.memory_gib else None
+                rows.append({"model": cfg.name, "gpus": n, "scenario": scen, **r,
+                             "fits_memory": fits})
     return rows
 
 
@@ -132,24 +137,18 @@ def layout_rows(a, models, gpus) -> list[dict]:
     if k < 1:
         raise ValueError(f"--ranks-per-node {k}: use 1 or more")
     rows = []
-    for model in models:
-        cfg = get_flavor(model)
-        w = _workload(a, cfg)
-        for scen in _split(a.scenarios):
-            dev_name, link_name = scen.split(":", 1)
-            dev = _device(a, dev_name)
-            intra = parse_link(a.intra_link or link_name)
-            costs = costs_from_flops(w, dev.flops)
-            for n in gpus:
-                if n % k or n // k < 2:
-                    raise ValueError(f"--gpus {n} with --ranks-per-node {k}: the world must be "
-                                     f"2 or more whole nodes of {k}")
-                fab = Fabric(intra, parse_link(a.inter_link), k, n // k, a.nic_per_rank)
-                for m in _split(a.modes):
-                    for r in predict_layouts(m, w, costs, fab):
-                        rows.append({"model": cfg.name, "gpus": n, "nodes": n // k,
-                                     "ranks_per_node": k, "device": dev.name,
-                                     "intra": intra.name, "inter": fab.inter.name, **r})
+    for cfg, w, scen, link_name, dev, costs in _cases(a, models):
+        intra = parse_link(a.intra_link or link_name)
+        for n in gpus:
+            if n % k or n // k < 2:
+                raise ValueError(f"--gpus {n} with --ranks-per-node {k}: the world must be "
+                                 f"2 or more whole nodes of {k}")
+            fab = Fabric(intra, parse_link(a.inter_link), k, n // k, a.nic_per_rank)
+            for m in _split(a.modes):
+                for r in predict_layouts(m, w, costs, fab):
+                    rows.append({"model": cfg.name, "gpus": n, "nodes": n // k,
+                                 "ranks_per_node": k, "device": dev.name,
+                                 "intra": intra.name, "inter": fab.inter.name, **r})
     return rows
 
 
