@@ -41,7 +41,8 @@ import torch
 from dice_ds.config import ConfigError
 
 FORMAT = "dice_ds.placement/1"
-CHOICES = ("contiguous", "balanced")
+CONTIGUOUS, BALANCED = "contiguous", "balanced"
+CHOICES = (CONTIGUOUS, BALANCED)
 """``moe.placement``'s named values; anything else is a placement file (``Placement.read``)."""
 
 
@@ -185,7 +186,7 @@ def contiguous(num_experts: int, ep_size: int, depth: int) -> Placement:
     """megatron's placement: rank r holds experts [r E/W, (r+1) E/W) in every layer."""
     per = num_experts // ep_size
     ranks = tuple(tuple(range(r * per, (r + 1) * per)) for r in range(ep_size))
-    return Placement(num_experts, ep_size, (ranks,) * depth, source="contiguous")
+    return Placement(num_experts, ep_size, (ranks,) * depth, source=CONTIGUOUS)
 
 
 # -- the algorithm ----------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def run_record(placement, ep_size: int, per_rank: Sequence[dict]) -> dict:
     the busiest EP rank's rows over the mean (``imbalance``; its max and median over layers).
     ``per_rank``: each rank's ``routing_counts``."""
     out: dict = {"placement": placement.to_json() if isinstance(placement, Placement)
-                 else "contiguous"}
+                 else CONTIGUOUS}
     if not per_rank or not per_rank[0].get("expert_rows") or ep_size < 1:
         return out
     experts = [[sum(col) for col in zip(*layer)] for layer in
@@ -442,14 +443,11 @@ class SlotRouting:
         return slot_R if self.identity else self._on(map_TP.device)[0][slot_R]
 
 
-BALANCED = "balanced"
-
-
 def placement_setting(setting: str, replicas: int, *, num_experts: int, ep_size: int, depth: int):
     """What ``moe.placement`` / ``moe.replicas`` ask for, checked before any process group (one
     ``ConfigError`` line each): None (megatron's contiguous placement), ``BALANCED`` (computed at
     start-up) or the placement file's ``Placement``, validated against the run."""
-    if setting == "contiguous":
+    if setting == CONTIGUOUS:
         if replicas:
             raise ConfigError(f"--expert-replicas {replicas} needs --expert-placement balanced "
                               "(the contiguous placement has no replicas): add it or drop "

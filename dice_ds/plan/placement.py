@@ -24,8 +24,6 @@ from typing import Sequence
 from dice_ds.placement import BALANCED, Placement, balanced, rank_rows
 from dice_ds.plan.sim import Loads
 
-CONTIGUOUS = "contiguous"
-
 
 def expert_rows_of(run_json: Path | None, sidecar: Path | None, link: str) -> list | None:
     """Rows per logical expert and layer of the sync run on ``link`` (None where not recorded)."""

@@ -35,8 +35,9 @@ from pathlib import Path
 from dice_ds.bench.modeconfig import mode_configs_of
 from dice_ds.ds_config import load_config
 from dice_ds.options import ep_size_of, from_overrides, from_tree, parse_options
+from dice_ds.placement import CONTIGUOUS
 from dice_ds.plan.costs import costs_from_phases, layer_flops
-from dice_ds.plan.placement import CONTIGUOUS, expert_rows_of, placed_loads, remote_share
+from dice_ds.plan.placement import expert_rows_of, placed_loads, remote_share
 from dice_ds.plan.predict import predict
 from dice_ds.plan.presets import LINKS, Device, Link, calibrated_link, parse_link
 from dice_ds.workload import Workload, workload_of_settings
