@@ -158,14 +158,12 @@ class PackedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             self._counts = counts
             self.input_splits = self.output_splits = self.output_splits_tp = None
             return None
-        counts.wait()
-        send_PL, recv_PL = counts.send_host_PL, counts.recv_PL
-        self.input_splits = send_PL.sum(dim=1).numpy()
-        self.output_splits = recv_PL.sum(dim=1).numpy()
-        self.output_splits_tp = np.array([int(recv_PL.sum())])
-        if self.num_local_experts > 1:
-            self.num_global_tokens_per_local_expert = recv_PL
-        return recv_PL.sum(dim=0)
+        sp = splits_of(counts.wait(), self.num_local_experts)
+        self.input_splits, self.output_splits = sp["input_splits"], sp["output_splits"]
+        self.output_splits_tp = sp["output_splits_tp"]
+        if sp["num_global_tokens_per_local_expert_PL"] is not None:
+            self.num_global_tokens_per_local_expert = sp["num_global_tokens_per_local_expert_PL"]
+        return sp["tokens_per_expert_L"]
 
     def _posts_counts(self) -> bool:
         """Whether this call's count exchange is posted and left in flight (``_counts``)."""
@@ -223,19 +221,27 @@ class PackedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                              record=record, group=self.ep_group)
 
 
+def splits_of(counts: CountsExchange, num_local_experts: int) -> dict:
+    """Split sizes and per-expert counts of a landed count exchange, as megatron's preprocess
+    derives them (``ExchangeRecord`` field names)."""
+    send_PL, recv_PL = counts.send_host_PL, counts.recv_PL
+    return {"input_splits": send_PL.sum(dim=1).numpy(),
+            "output_splits": recv_PL.sum(dim=1).numpy(),
+            "output_splits_tp": np.array([int(recv_PL.sum())]),
+            "tokens_per_expert_L": recv_PL.sum(dim=0),
+            "num_global_tokens_per_local_expert_PL": recv_PL if num_local_experts > 1 else None}
+
+
 def record_of(p: "_PendingDispatch", *, step: int, layer: int,
               num_local_experts: int) -> ExchangeRecord:
-    """The record of a dispatch whose counts have landed: split sizes and per-expert counts as
-    megatron's preprocess derives them, with the permutation of ``p``."""
-    send_PL, recv_PL = p.counts.send_host_PL, p.counts.recv_PL
+    """The record of a dispatch whose counts have landed (``splits_of``), with the permutation
+    of ``p``."""
     return ExchangeRecord(
         step=step, layer=layer, hidden_shape=p.hidden_shape,
         hidden_shape_before_permute=p.hidden_shape_before_permute,
         routing_map_TE=p.routing_map_TE, sorted_indices_R=p.sorted_indices_R,
-        input_splits=send_PL.sum(dim=1).numpy(), output_splits=recv_PL.sum(dim=1).numpy(),
-        output_splits_tp=np.array([int(recv_PL.sum())]), tokens_per_expert_L=recv_PL.sum(dim=0),
-        num_global_tokens_per_local_expert_PL=recv_PL if num_local_experts > 1 else None,
-        num_out_tokens=int(p.sorted_indices_R.numel()), extras=p.extras)
+        num_out_tokens=int(p.sorted_indices_R.numel()), extras=p.extras,
+        **splits_of(p.counts, num_local_experts))
 
 
 def post_exchange(payload_RD: torch.Tensor, probs_R: Optional[torch.Tensor], *, send, recv,

@@ -364,10 +364,9 @@ class DiceRuntime(BatchLifecycle):
                                       hidden_shape_before_permute=h_S1D.view(-1, h_S1D.shape[-1]).shape)
         self._dispatcher.install_record(disp, record)
         da, db = dispatches
-        recv_RD = halves.interleave(da.tokens, db.tokens, halves.received_chunks(a),
-                                    halves.received_chunks(b))
-        recv_probs = halves.interleave(da.probs, db.probs, halves.received_chunks(a),
-                                       halves.received_chunks(b))
+        got_a, got_b = halves.received_chunks(a), halves.received_chunks(b)
+        recv_RD = halves.interleave(da.tokens, db.tokens, got_a, got_b)
+        recv_probs = halves.interleave(da.probs, db.probs, got_a, got_b)
         rows_RD = halves.interleave(combines[0].tokens, combines[1].tokens,
                                     halves.sent_chunks(a), halves.sent_chunks(b))
         return recv_RD, recv_probs, rows_RD, shared

@@ -301,18 +301,26 @@ def _sync(R: _Ranks, costs, msgs, comb, load, skip) -> None:
         R.work(r, costs.post)
 
 
+def _route_post_counts(R: _Ranks, costs, flush=None) -> float:
+    """Every rank runs its router (after flushing ``flush``, a combine outbox) and posts its
+    counts; returns when the last rank's counts have landed (post + head-of-line bytes +
+    latency)."""
+    post_t = []
+    for r in range(R.n):
+        if flush is not None:
+            R.flush(r, R.t[r], flush)
+        R.work(r, costs.router)
+        post_t.append(R.t[r])
+    return max(t + R.hol(r, t) for r, t in enumerate(post_t)) + R.link.latency
+
+
 def _overlapped(R: _Ranks, costs, msgs, comb, load, skip) -> None:
     """An overlapped sync call (``Call.overlap``, ``DiceRuntime._overlapped``): both halves'
     counts posted after the router, the shared expert while they land, both dispatches posted
     back to back, then per half: wait its dispatch, its experts, post its combine (queued behind
     whatever the link still carries); the call ends when both combines have arrived."""
     n = R.n
-    post_t = []
-    for r in range(n):
-        R.flush(r, R.t[r], comb)
-        R.work(r, costs.router)
-        post_t.append(R.t[r])
-    counts = max(post_t[r] + R.hol(r, post_t[r]) for r in range(n)) + R.link.latency
+    counts = _route_post_counts(R, costs, flush=comb)
     for r in range(n):
         R.work(r, costs.shared)
         R.wait(r, counts, "wait counts")
@@ -344,11 +352,7 @@ def _stale(R: _Ranks, sched, costs, msgs, disp, comb, load, i, l, skip) -> None:
     src_load = load(src_step, src_layer)
     here = load(i, l)
     posted = [False] * n
-    post_t = []
-    for r in range(n):
-        R.work(r, costs.router)
-        post_t.append(R.t[r])
-    counts = max(post_t[r] + R.hol(r, post_t[r]) for r in range(n)) + R.link.latency
+    counts = _route_post_counts(R, costs)
     mine = disp.setdefault((i, l), [0.0] * n)
 
     def post(r):
