@@ -243,20 +243,27 @@ def validate(bench: dict, use_loads: bool = True, emulation: dict | None = None,
             pooled = m == "dp" and dp_pooled is not None
             if pooled:
                 measured = dp_pooled["seconds"]
-            out.append({"link": link, "mode": m, "measured": measured, "predicted": sec,
-                        "error_pct": 100 * (sec - measured) / measured,
-                        "measured_link_row": meas["seconds"], "measured_pooled": pooled,
-                        "speedup_measured": meas.get("speedup"),
+            out.append({"link": link, "mode": m, **compared(p, meas, measured),
+                        "measured_pooled": pooled,
                         "speedup_predicted": t_sync / sec if t_sync else None,
-                        "comm_share": p["comm_share"], "bytes_predicted": p["bytes_per_rank"],
-                        "bytes_measured": max(meas.get("bytes_remote_per_rank") or [0]),
-                        "cache_predicted": p["memory"]["stale_cache"] + p["memory"]["kv_cache"],
-                        "cache_measured": meas.get("cache_peak_bytes"),
                         "calibration": m == "dp" and calib is None, "loads": loads is not None,
                         "link_from": "bench" if link_from_bench else "calibration",
                         "link_mbit": lk.bandwidth * 8 / 1e6, "ranks": world,
                         "cpu_share": scale})
     return out
+
+
+def compared(p: dict, meas: dict, measured: float) -> dict:
+    """A validation row's prediction ``p`` against the bench row ``meas`` (``measured``: the
+    seconds it is compared with): time, error, speed-up, exposed comm, bytes and cache."""
+    sec = p["batch_seconds"]
+    return {"measured": measured, "predicted": sec,
+            "error_pct": 100 * (sec - measured) / measured,
+            "measured_link_row": meas["seconds"], "speedup_measured": meas.get("speedup"),
+            "comm_share": p["comm_share"], "bytes_predicted": p["bytes_per_rank"],
+            "bytes_measured": max(meas.get("bytes_remote_per_rank") or [0]),
+            "cache_predicted": p["memory"]["stale_cache"] + p["memory"]["kv_cache"],
+            "cache_measured": meas.get("cache_peak_bytes")}
 
 
 CPU_PER_BYTE_GRID = tuple(i * 2.5e-9 for i in range(81))

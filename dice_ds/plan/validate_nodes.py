@@ -20,6 +20,7 @@ from dice_ds.plan.costs import costs_from_phases
 from dice_ds.plan.fabric import Fabric, predict_layout
 from dice_ds.plan.presets import Link
 from dice_ds.plan.validate import (
+    compared,
     config_modes,
     cpu_share,
     link_of,
@@ -72,15 +73,8 @@ def validate_nodes(bench: dict, use_loads: bool = True, emulation: dict | None =
                 preds.append({"link": name, "mode": r["mode"], "error": str(e)})
                 continue
             preds.append({"link": name, "rate": rate, "arrangement": arr, "layout": order,
-                          "mode": r["mode"], "measured": r["seconds"],
-                          "predicted": p["batch_seconds"],
-                          "error_pct": 100 * (p["batch_seconds"] - r["seconds"]) / r["seconds"],
-                          "measured_link_row": r["seconds"], "measured_pooled": False,
-                          "speedup_measured": r.get("speedup"), "comm_share": p["comm_share"],
-                          "bytes_predicted": p["bytes_per_rank"],
-                          "bytes_measured": max(r.get("bytes_remote_per_rank") or [0]),
-                          "cache_predicted": p["memory"]["stale_cache"] + p["memory"]["kv_cache"],
-                          "cache_measured": r.get("cache_peak_bytes"), "calibration": False,
+                          "mode": r["mode"], **compared(p, r, r["seconds"]),
+                          "measured_pooled": False, "calibration": False,
                           "loads": loads is not None, "link_from": "calibration",
                           "link_mbit": inter.bandwidth * 8 / 1e6, "ranks": ranks_of(bench),
                           "cpu_share": scale, "crossing_nodes": p["crossing_nodes"]})
