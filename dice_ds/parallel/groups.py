@@ -23,6 +23,13 @@ is fixed by ``init_distributed`` and applies to EVERY group of the run: the defa
 ``new_group`` here. A collective whose peer is stopped raises after that time; one whose peer died
 usually raises at once (gloo: connection closed).
 
+Teardown: a default group that ``init_distributed`` started is destroyed at interpreter exit
+(``_destroy_at_exit``, registered once when it starts one), unless the caller destroyed it first. A
+gloo group left to the C++ destructors at exit can abort a finished process ("terminate called
+without an active exception", seen under torchrun on a user's script that ends without
+``destroy_process_group``, tests/multirank/test_diffusers_example.py). A group the caller started
+is the caller's to destroy.
+
 Invariant: ``build_groups`` is a collective: all ranks of the world call it, with the same
 arguments, in the same order; it creates the groups in one fixed order (single-rank, EP, expert-DP,
 EP counts, SP).
@@ -30,6 +37,7 @@ EP counts, SP).
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,6 +63,12 @@ def group_timeout() -> timedelta:
 
 def _new_group(ranks) -> dist.ProcessGroup:
     return dist.new_group(list(ranks), timeout=group_timeout())
+
+
+def _destroy_at_exit() -> None:
+    """The at-exit teardown of the default group ``init_distributed`` started (module docstring)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def default_backend(device: torch.device | str) -> str:
@@ -93,6 +107,8 @@ def init_distributed(device: torch.device | str = "cpu", init_method: str | None
             else:
                 dist.init_process_group(backend, init_method="env://", rank=r, world_size=w,
                                         timeout=_timeout)
+    atexit.unregister(_destroy_at_exit)  # once, however often a group is started and destroyed
+    atexit.register(_destroy_at_exit)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -66,11 +66,15 @@ def test_build_model_starts_nothing_and_names_the_entry_point_call():
                 "except RuntimeError as e:\n"
                 "    assert 'local_model_groups' in str(e), e\n"
                 "assert not dist.is_initialized()\n"
+                "import atexit\n"  # runs after the groups' own at-exit teardown (LIFO)
+                "atexit.register(lambda: print('at exit, initialized:', dist.is_initialized()))\n"
                 "from dice_ds.parallel.groups import init_distributed\n"
                 "init_distributed('cpu')\n"
                 "m = build_model(get_flavor('debug'))\n"
                 "assert m.moe_layers()[0].experts.__class__.__module__ == 'dice_ds.mcore.experts'\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # the group init_distributed started is destroyed at exit (dice_ds/parallel/groups.py)
+    assert "at exit, initialized: False" in proc.stdout, proc.stdout
 
 
 def test_version_check_names_the_pin(monkeypatch):
