@@ -28,11 +28,17 @@ def job_of(a) -> Settings:
     return from_overrides(given(parse_options(list(a.extra))), base=from_overrides(job))
 
 
+WEIGHTS = ("ckpt", "init")
+"""The settings naming where the weights come from: the job's pair replaces a mode file's."""
+
+
 def run_settings(a, job: Settings, m: str) -> Settings:
     """What mode ``m``'s runs sample: the mode's settings over the job, or the job over a
-    ``--mode-config`` file's settings."""
+    ``--mode-config`` file's settings (the job's weights source replacing the file's: a file made
+    for random weights runs a ``--ckpt`` job too)."""
     if m in getattr(a, "custom", {}):
-        return from_overrides(given(job), base=from_tree(load_tree(a.custom[m]), a.custom[m]))
+        over = {**given(job), **{k: getattr(job, k) for k in WEIGHTS}}
+        return from_overrides(over, base=from_tree(load_tree(a.custom[m]), a.custom[m]))
     return from_overrides(by_key(m).settings, base=job)
 
 

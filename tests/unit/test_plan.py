@@ -4,6 +4,7 @@ cases (no process group)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -329,6 +330,22 @@ def test_calibrated_link_reads_the_probes_own_cpu_per_byte():
     assert (link.bandwidth, link.lone_rate) == (10.0, 5.0)
     del probe["cpu_seconds_rank"]              # a bench from before the CPU-aware probe
     assert calibrated_link("100mbit", probe).cpu_own_per_byte == 0.0
+
+
+def test_bench_mode_config_takes_the_jobs_weights(tmp_path):
+    """A ``--mode-config`` file written for random weights (``init: random``) runs a ``--ckpt``
+    job on the job's checkpoint, and a random job on random weights."""
+    from dice_ds.bench import cli
+    from dice_ds.options import parse_options
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = os.path.join(root, "configs", "ds", "bench_interweaved_balanced.json")
+    p = cli._parser()
+    for extra, ckpt, init in ((["--ckpt", "digits"], "digits", None), ([], None, "random")):
+        a = p.parse_args(["--ranks", "2", "--mode-config", f"bal={cfg}", *extra])
+        cli._check(a, p)
+        ran = parse_options(cli.run_config(cli.run_settings(a, a.job, "bal"), tmp_path / "bal"))
+        assert (ran.ckpt, ran.init, ran.expert_placement) == (ckpt, init, "balanced")
 
 
 def test_bench_extra_flags_set_the_workload_that_is_sampled_and_predicted(tmp_path):
