@@ -239,3 +239,28 @@ def test_balanced_is_a_valid_placement_for_any_rows_and_budget():
         # never worse than megatron's contiguous placement
         for got, base in zip(rank_rows(placement, rows), rank_rows(contiguous(e, w, 2), rows)):
             assert max(got) <= max(base) + 1e-9
+
+
+@pytest.mark.parametrize("sampler", ["rf", "ddpm"])
+def test_calibration_counts_the_rows_of_a_short_trajectory(sampler):
+    """The start-up calibration (dice_ds/pipeline/calibrate.py) routes the job's first batch
+    through ``CALIBRATION_STEPS`` denoising steps of its sampler (DDPM runs as DDIM: no noise
+    draws), not one forward: every call's rows are counted."""
+    from dice_ds.config import get_flavor
+    from dice_ds.models import build_model, init_weights
+    from dice_ds.options import from_overrides
+    from dice_ds.pipeline.calibrate import CALIBRATION_STEPS, balanced_placement, calibration_rows
+
+    cfg = get_flavor("debug")
+    model = init_weights(build_model(cfg), "random", seed=3)
+    opts = from_overrides({"model": "debug", "sampler": sampler, "num_sampling_steps": 10,
+                           "per_proc_batch_size": 2, "cfg_scale": 1.5, "global_seed": 0,
+                           "init": "random"})
+    rows = calibration_rows(model, opts, rank=0, world=1)
+    tokens = (cfg.input_size // cfg.patch_size) ** 2
+    per_forward = 2 * 2 * tokens * cfg.top_k  # 2 samples, CFG doubles them, top-k slots each
+    assert [sum(layer) for layer in rows] == [CALIBRATION_STEPS * per_forward] * cfg.depth
+    first = calibration_rows(model, from_overrides({"num_sampling_steps": 1}, base=opts), 0, 1)
+    assert [sum(layer) for layer in first] == [per_forward] * cfg.depth
+    placement = balanced_placement(model, opts, ep_size=2, rank=0, world=1)
+    assert placement.source.startswith(f"start-up calibration: {CALIBRATION_STEPS} ")
