@@ -35,9 +35,12 @@ CALIBRATION_STEPS = 4
 """Forwards of the calibration trajectory (module docstring)."""
 
 
-def _deterministic(sampler: str) -> str:
-    """The sampler the calibration runs: the job's, without noise draws."""
-    return "ddim" if sampler == "ddpm" else sampler
+def calibration_rule(opts):
+    """The step rule the calibration runs: the job's sampler without noise draws (DDPM as DDIM),
+    ``CALIBRATION_STEPS`` steps or the job's fewer."""
+    sampler = sampler_of(opts)
+    return step_rule("ddim" if sampler == "ddpm" else sampler,
+                     min(CALIBRATION_STEPS, steps_of(opts)))
 
 
 @torch.no_grad()
@@ -48,7 +51,7 @@ def calibration_rows(model, opts, rank: int, world: int) -> list[list[float]]:
     indices = [i * world + rank for i in range(opts.per_proc_batch_size)]
     z, y, _ = draw_conditions(opts.global_seed, indices, cfg.in_channels, cfg.input_size,
                               cfg.num_classes)
-    rule = step_rule(_deterministic(sampler_of(opts)), min(CALIBRATION_STEPS, steps_of(opts)))
+    rule = calibration_rule(opts)
     device = next(model.parameters()).device
     layers = model.moe_layers()
     for layer in layers:
@@ -68,8 +71,7 @@ def balanced_placement(model, opts, ep_size: int, rank: int, world: int) -> Plac
     """The balanced placement of the job's routing over the calibration trajectory (module doc;
     collective)."""
     rows = calibration_rows(model, opts, rank, world)
-    steps = min(CALIBRATION_STEPS, steps_of(opts))
+    rule = calibration_rule(opts)
     return balanced(rows, ep_size, opts.expert_replicas,
-                    source=f"start-up calibration: {steps} {_deterministic(sampler_of(opts))} "
-                           f"steps of {opts.per_proc_batch_size} samples per rank on {world} "
-                           f"ranks")
+                    source=f"start-up calibration: {rule.num_steps} {rule.name} steps of "
+                           f"{opts.per_proc_batch_size} samples per rank on {world} ranks")
